@@ -1,0 +1,117 @@
+"""The remote part of a model: all its blocks, served by whoever holds them in the swarm.
+
+:class:`RemoteSequence` owns the client's DHT peer, finds servers, builds chains
+(:mod:`swarm.routing`) and runs no-grad forward passes through them. Retries happen only in
+:meth:`RemoteSequence.retrying`, on retryable errors, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import torch
+
+from swarm.config import ClientConfig
+from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable
+from swarm.routing import Bans, ChainLink, make_chain, missing_blocks
+from swarm.wire import ForwardRequest, ForwardResponse, expect
+
+from client import transport
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RemoteSequence:
+    def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, model_name: str):
+        self.config, self.prefix, self.num_blocks, self.model_name = config, prefix, num_blocks, model_name
+        self.bans = Bans()
+        self._peer: Peer | None = None
+        self._peer_lock: asyncio.Lock | None = None
+
+    async def peer(self) -> Peer:
+        if self._peer is None:
+            if self._peer_lock is None:
+                self._peer_lock = asyncio.Lock()
+            async with self._peer_lock:
+                if self._peer is None:
+                    self._peer = await Peer.start(NetworkConfig(
+                        initial_peers=self.config.initial_peers, host_maddrs=self.config.host_maddrs,
+                        client_mode=True))
+        return self._peer
+
+    async def shutdown(self) -> None:
+        if self._peer is not None:
+            peer, self._peer = self._peer, None
+            await peer.shutdown()
+
+    async def chain(self, start: int, end: int, min_cache_tokens: int = 0) -> list[ChainLink]:
+        """A chain covering ``start:end``; waits up to ``missing_blocks_timeout`` for missing blocks."""
+        peer = await self.peer()
+        deadline = time.monotonic() + self.config.missing_blocks_timeout
+        delay = 0.1
+        while True:
+            servers = await fetch_servers(peer, self.prefix, list(range(start, end)))
+            banned = self.bans.banned(time.monotonic())
+            try:
+                return make_chain(servers, start, end, banned=banned, min_cache_tokens=min_cache_tokens,
+                                  model=repr(self.model_name))
+            except MissingBlocksError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
+                logger.info("Waiting for servers of blocks %s", missing)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Runs ``attempt`` until it succeeds, retrying only retryable errors, at most ``max_retries`` times."""
+        errors: list[str] = []
+        for _ in range(self.config.max_retries + 1):
+            try:
+                return await attempt()
+            except RetryableError as e:
+                errors.append(str(e))
+                logger.warning("%s failed (%s); retrying through other servers", what, e)
+        raise ServerUnavailable(f"{what} failed {len(errors)} times; errors: " + " | ".join(errors))
+
+    def ban(self, peer_id: str) -> None:
+        delay = self.bans.ban(peer_id, time.monotonic())
+        logger.info("Not using server %s for %.0fs after a failure", peer_id, delay)
+
+    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden``: [batch, seq, hidden] -> the same after every block (no grad)."""
+        position = 0
+        while position < self.num_blocks:
+            start = position
+
+            async def attempt() -> tuple[torch.Tensor, int]:
+                link = (await self.chain(start, self.num_blocks))[0]
+                peer = await self.peer()
+                try:
+                    reply = await transport.call(
+                        peer.p2p, link.peer_id, "forward", ForwardRequest(start=link.start, end=link.end, hidden=hidden),
+                        self.config.connect_timeout, self.config.request_timeout)
+                    out = expect(reply, ForwardResponse).hidden
+                    check_output(out, hidden, link.peer_id)
+                except RetryableError:
+                    self.ban(link.peer_id)
+                    raise
+                self.bans.succeeded(link.peer_id)
+                return out, link.end
+
+            out, position = await self.retrying(f"forward through blocks {start}:{self.num_blocks}", attempt)
+            hidden = out.to(hidden.dtype)
+        return hidden
+
+
+def check_output(out: torch.Tensor, sent: torch.Tensor, peer_id: str) -> None:
+    """A server must answer with hidden states of the shape it was sent; anything else is its fault."""
+    if out.shape != sent.shape or not out.is_floating_point():
+        raise ServerUnavailable(f"server {peer_id} returned {out.dtype} {list(out.shape)} for hidden states "
+                                f"{list(sent.shape)}; not using it")

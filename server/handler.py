@@ -1,0 +1,256 @@
+"""The server's RPC surface: ``info``, ``forward`` and ``inference`` stream handlers.
+
+Every request is validated (:meth:`SpanHandler._check_*`) before it touches the model; a bad
+request gets an :class:`~swarm.wire.ErrorReply` and the server goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+
+import torch
+from transformers import DynamicCache
+
+from swarm import __version__
+from swarm.blocks import Span
+from swarm.errors import BadRequest, SessionLengthExceeded, SwarmError, UnknownSession
+from swarm.wire import (
+    HANDLERS,
+    PROTOCOL_VERSION,
+    ForwardRequest,
+    ForwardResponse,
+    InferenceStep,
+    InfoRequest,
+    InfoResponse,
+    OpenSession,
+    SessionOpened,
+    StepOutput,
+    WireLimits,
+    read_message,
+    write_error,
+    write_message,
+)
+
+from server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeExecutor
+from server.kv_cache import CacheBudget
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FIRST_MESSAGE_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HandlerLimits:
+    max_session_length: int
+    max_batch_size: int
+    max_forward_tokens: int
+    session_timeout: float
+
+
+@dataclasses.dataclass
+class Session:
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    cache: DynamicCache
+    position: int = 0
+    last_used: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class SpanHandler:
+    """Serves one :class:`Span`; register with :meth:`add_to` and remove with :meth:`remove_from`."""
+
+    def __init__(self, span: Span, *, model_name: str, dtype: torch.dtype, device: torch.device,
+                 budget: CacheBudget, limits: HandlerLimits, executor: ComputeExecutor, public_name: str = ""):
+        self.span, self.model_name, self.dtype, self.device = span, model_name, dtype, device
+        self.budget, self.limits, self.executor, self.public_name = budget, limits, executor, public_name
+        self.hidden_size = span.config.hidden_size
+        self.sessions: dict[str, Session] = {}
+        self._streams: set[asyncio.Task] = set()
+        self._wire_limits = WireLimits(max_message_bytes=self._max_message_bytes())
+
+    def _max_message_bytes(self) -> int:
+        per_token = self.hidden_size * 4
+        return max(self.limits.max_forward_tokens, self.limits.max_batch_size * 1024) * per_token + (1 << 20)
+
+    async def add_to(self, p2p) -> None:
+        await p2p.add_binary_stream_handler(HANDLERS["info"], self._guard(self._handle_info))
+        await p2p.add_binary_stream_handler(HANDLERS["forward"], self._guard(self._handle_forward))
+        await p2p.add_binary_stream_handler(HANDLERS["inference"], self._guard(self._handle_inference))
+
+    async def remove_from(self, p2p) -> None:
+        for name in HANDLERS.values():
+            with contextlib.suppress(Exception):
+                await p2p.remove_binary_stream_handler(name)
+
+    async def close_all(self) -> None:
+        """Ends every open stream (and so every session); called on shutdown."""
+        for task in list(self._streams):
+            task.cancel()
+        if self._streams:
+            await asyncio.wait(list(self._streams), timeout=5)
+
+    def _guard(self, handler):
+        async def guarded(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            self._streams.add(task)
+            try:
+                await handler(reader, writer)
+            except (EOFError, ConnectionError, asyncio.IncompleteReadError):
+                pass  # the peer went away; its sessions are freed by the handler's finally blocks
+            except SwarmError as e:
+                with contextlib.suppress(Exception):
+                    await write_error(writer, e)
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:
+                logger.exception("handler %s failed", handler.__name__)
+                with contextlib.suppress(Exception):
+                    await write_error(writer, e)
+            finally:
+                self._streams.discard(task)
+                with contextlib.suppress(Exception):
+                    writer.close()
+
+        return guarded
+
+    # ---------------------------------------------------------------- info
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            protocol_version=PROTOCOL_VERSION, version=__version__, model=self.model_name,
+            start=self.span.start, end=self.span.end, hidden_size=self.hidden_size,
+            dtype=str(self.dtype).removeprefix("torch."), max_session_length=self.limits.max_session_length,
+            max_batch_size=self.limits.max_batch_size, cache_tokens_left=self.budget.tokens_left,
+            public_name=self.public_name,
+        )
+
+    async def _handle_info(self, reader, writer) -> None:
+        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+        if not isinstance(msg, InfoRequest):
+            raise BadRequest(f"the info handler expects InfoRequest, got {type(msg).__name__}")
+        await write_message(writer, self.info())
+
+    # ---------------------------------------------------------------- forward
+
+    async def _handle_forward(self, reader, writer) -> None:
+        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+        if not isinstance(msg, ForwardRequest):
+            raise BadRequest(f"the forward handler expects ForwardRequest, got {type(msg).__name__}")
+        self._check_blocks(msg.start, msg.end)
+        hidden = self._check_hidden(msg.hidden, "ForwardRequest.hidden")
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens > self.limits.max_forward_tokens:
+            raise BadRequest(f"forward of {tokens} tokens exceeds this server's --max-forward-tokens "
+                             f"{self.limits.max_forward_tokens}; split the batch")
+        out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end)
+        await write_message(writer, ForwardResponse(hidden=out))
+
+    @torch.inference_mode()
+    def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        return self.span(hidden, None, 0, start, end).cpu()
+
+    # ---------------------------------------------------------------- inference
+
+    async def _handle_inference(self, reader, writer) -> None:
+        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+        if not isinstance(msg, OpenSession):
+            raise BadRequest(f"an inference stream must start with OpenSession, got {type(msg).__name__}")
+        self._check_blocks(msg.start, msg.end)
+        if not 0 < msg.max_length <= self.limits.max_session_length:
+            raise SessionLengthExceeded(f"max_length {msg.max_length} is outside 1..{self.limits.max_session_length} "
+                                        "(this server's --max-session-length)")
+        if not 0 < msg.batch_size <= self.limits.max_batch_size:
+            raise BadRequest(f"batch_size {msg.batch_size} is outside 1..{self.limits.max_batch_size} "
+                             "(this server's --max-batch-size)")
+        if msg.session_id in self.sessions or not msg.session_id or len(msg.session_id) > 128:
+            raise BadRequest(f"session id {msg.session_id[:128]!r} is empty, too long or already open here")
+        with self.budget.reserve(msg.max_length * msg.batch_size, msg.end - msg.start):
+            session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
+                              self.span.new_cache())
+            self.sessions[session.session_id] = session
+            try:
+                await write_message(writer, SessionOpened(session.session_id, self.budget.tokens_left))
+                await self._serve_session(session, reader, writer)
+            finally:
+                del self.sessions[session.session_id]
+
+    async def _serve_session(self, session: Session, reader, writer) -> None:
+        while True:
+            try:
+                msg = await asyncio.wait_for(read_message(reader, self._wire_limits), self.limits.session_timeout)
+            except asyncio.TimeoutError:
+                logger.info("session %s idle for %.0fs: closed", session.session_id[:8], self.limits.session_timeout)
+                return
+            try:
+                step = self._check_step(session, msg)
+                out = await self.executor.run(PRIORITY_INFERENCE, self._step, session, step)
+            except (BadRequest, ValueError) as e:
+                # the session stays usable: the client may correct the request and go on
+                await write_error(writer, e if isinstance(e, SwarmError) else BadRequest(str(e)))
+                continue
+            await write_message(writer, StepOutput(hidden=out, position=session.position))
+
+    def _check_step(self, session: Session, msg) -> InferenceStep:
+        if not isinstance(msg, InferenceStep):
+            raise BadRequest(f"expected InferenceStep, got {type(msg).__name__}")
+        if msg.session_id != session.session_id:
+            known = "another stream" if msg.session_id in self.sessions else "no stream on this server"
+            raise UnknownSession(f"session {msg.session_id[:40]!r} is not the one open on this stream "
+                                 f"({session.session_id[:40]!r}); it belongs to {known}")
+        hidden = self._check_hidden(msg.hidden, "InferenceStep.hidden")
+        batch, new_tokens = hidden.shape[0], hidden.shape[1]
+        if batch != session.batch_size:
+            raise BadRequest(f"step batch {batch} differs from the session's batch_size {session.batch_size}")
+        if not 0 <= msg.start_position <= session.position:
+            raise BadRequest(f"start_position {msg.start_position} must be within 0..{session.position} "
+                             "(the tokens this session holds)")
+        if msg.start_position + new_tokens > session.max_length:
+            raise SessionLengthExceeded(
+                f"the session would hold {msg.start_position + new_tokens} tokens, more than its max_length "
+                f"{session.max_length}; open a session with a larger max_length")
+        if msg.hypo_ids is not None:
+            ids = msg.hypo_ids
+            if ids.dtype != torch.int64 or ids.shape != (batch,) or (ids.numel() and not (
+                    0 <= int(ids.min()) and int(ids.max()) < batch)):
+                raise BadRequest(f"hypo_ids must be int64 of shape [{batch}] with values in 0..{batch - 1}")
+        return dataclasses.replace(msg, hidden=hidden)
+
+    @torch.inference_mode()
+    def _step(self, session: Session, step: InferenceStep) -> torch.Tensor:
+        if step.start_position < session.position:
+            session.cache.crop(step.start_position)
+        if step.hypo_ids is not None:
+            session.cache.reorder_cache(step.hypo_ids.to(self.device))
+        hidden = step.hidden.to(self.device, self.dtype)
+        out = self.span(hidden, session.cache, step.start_position, session.start, session.end)
+        session.position = step.start_position + hidden.shape[1]
+        session.last_used = time.monotonic()
+        return out.cpu()
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_blocks(self, start: int, end: int) -> None:
+        if not self.span.start <= start < end <= self.span.end:
+            raise BadRequest(f"blocks {start}:{end} are not all served here; this server holds "
+                             f"{self.span.start}:{self.span.end}")
+
+    def _check_hidden(self, hidden: torch.Tensor, what: str) -> torch.Tensor:
+        if hidden.dtype not in FLOAT_DTYPES:
+            raise BadRequest(f"{what} has dtype {hidden.dtype}; send float32, float16 or bfloat16")
+        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
+            raise BadRequest(f"{what} has shape {list(hidden.shape)}; expected [batch, seq, {self.hidden_size}] "
+                             f"(this model's hidden size)")
+        if hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise BadRequest(f"{what} is empty: shape {list(hidden.shape)}")
+        if hidden.shape[0] > self.limits.max_batch_size:
+            raise BadRequest(f"{what} batch {hidden.shape[0]} exceeds --max-batch-size {self.limits.max_batch_size}")
+        return hidden

@@ -1,0 +1,59 @@
+"""Swarm: run and fine-tune large language models over a swarm of mismatched machines.
+
+Map of the shared package (``server/``, ``client/`` and ``health/`` import from here, never the
+other way; the CLI imports them lazily):
+
+- ``errors``   the exception tree, retryable vs fatal, and its wire form
+- ``records``  DHT records (ServerRecord, ModelRecord) and key names
+- ``codec``    typed dataclasses <-> msgpack maps, tensors <-> raw buffers
+- ``wire``     RPC messages and stream framing
+- ``dht``      starting a peer, announcing and fetching records
+- ``routing``  pure span/chain computation over records
+- ``config``   one frozen config dataclass per component
+- ``models``   family adapters (the only family-specific code)
+- ``blocks``   the generic block runtime (a span of a model's own decoder layers)
+- ``weights``  reading only the needed tensors/shards of a checkpoint
+- ``cli``      the ``swarm`` command
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoDistributedModelForCausalLM",
+    "ClientConfig",
+    "ModelRecord",
+    "ServerConfig",
+    "ServerRecord",
+    "ServerState",
+    "SwarmError",
+    "__version__",
+]
+
+_LAZY = {
+    "AutoDistributedModelForCausalLM": ("client.model", "AutoDistributedModelForCausalLM"),
+    "ClientConfig": ("swarm.config", "ClientConfig"),
+    "ServerConfig": ("swarm.config", "ServerConfig"),
+    "ModelRecord": ("swarm.records", "ModelRecord"),
+    "ServerRecord": ("swarm.records", "ServerRecord"),
+    "ServerState": ("swarm.records", "ServerState"),
+    "SwarmError": ("swarm.errors", "SwarmError"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'swarm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

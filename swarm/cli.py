@@ -1,0 +1,152 @@
+"""The ``swarm`` command: ``dht``, ``serve``, ``demo``, ``models``.
+
+Flags of ``dht`` and ``serve`` are derived from :class:`~swarm.config.DHTConfig` and
+:class:`~swarm.config.ServerConfig`; the roles are imported only when their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import types
+import typing
+from typing import Any
+
+from swarm.config import DHTConfig, ServerConfig
+from swarm.errors import SwarmError
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata.get("help", "")}
+        base = hint
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
+        if typing.get_origin(base) is tuple:
+            kwargs["nargs"] = field.metadata.get("nargs", "*")
+            kwargs["type"] = str
+        elif base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = base
+        if field.default is not dataclasses.MISSING and field.default not in ((), None, ""):
+            kwargs["help"] += f" (default: {field.default})"
+        kwargs["default"] = argparse.SUPPRESS  # unset flags keep the dataclass default
+        if field.name == "model":
+            kwargs["required"] = True
+        parser.add_argument(flag, **kwargs)
+
+
+def _build_config(cls: type, args: argparse.Namespace) -> Any:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    return cls(**values)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    if not verbose:
+        for noisy in ("hivemind", "httpx", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        from hivemind.utils.logging import use_hivemind_log_handler
+
+        use_hivemind_log_handler("in_root_logger")
+    except Exception:  # older hivemind: its own handler stays
+        pass
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm", description="Run and fine-tune LLMs over a swarm of machines.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dht", help="run a bootstrap-only peer that others join")
+    _add_dataclass_flags(p, DHTConfig)
+
+    from swarm.models import supported_families
+
+    p = sub.add_parser("serve", help="serve a span of a model's blocks",
+                       description=f"Serve blocks of a model. Supported families: {', '.join(supported_families())}")
+    _add_dataclass_flags(p, ServerConfig)
+
+    p = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and stream a generation through it")
+    p.add_argument("--model", default=None,
+                   help="hub id or local directory (default: a small random-weight Llama built on the fly)")
+    p.add_argument("--servers", type=int, default=2, help="number of servers to split the blocks between")
+    p.add_argument("--prompt", default="A swarm of small machines", help="prompt (real models only)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+
+    sub.add_parser("models", help="list the supported model families")
+    return parser
+
+
+def run_dht(config: DHTConfig) -> int:
+    from swarm.dht import NetworkConfig, Peer
+
+    async def main() -> None:
+        peer = await Peer.start(NetworkConfig(host_maddrs=config.listen_maddrs(),
+                                              announce_maddrs=config.announce_maddrs,
+                                              identity_path=config.identity_path,
+                                              initial_peers=config.initial_peers))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            print("DHT peer running. Others join with:", flush=True)
+            for maddr in await peer.visible_maddrs():
+                print(f"  {maddr}", flush=True)
+            await stop.wait()
+        finally:
+            try:
+                await asyncio.wait_for(peer.shutdown(), 5)
+            except Exception:  # p2pd may already be gone (Ctrl+C signals the whole process group)
+                pass
+
+    asyncio.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "dht":
+            return run_dht(_build_config(DHTConfig, args))
+        if args.command == "serve":
+            from server.server import serve
+
+            return serve(_build_config(ServerConfig, args))
+        if args.command == "demo":
+            from swarm.demo import run_demo
+
+            return run_demo(model=args.model, num_servers=args.servers, prompt=args.prompt,
+                            max_new_tokens=args.max_new_tokens)
+        if args.command == "models":
+            from swarm.models import supported_families
+
+            print("Supported model families (transformers model_type):")
+            for name in supported_families():
+                print(f"  {name}")
+            return 0
+    except SwarmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""One frozen config dataclass per component; the CLI flags are derived from their fields.
+
+Each field's ``metadata`` holds its help text (and optionally ``flag``/``nargs``), so every default
+and help string exists once. Validation lives in ``__post_init__`` and names the flag to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from swarm.errors import ConfigError
+
+INITIAL_PEERS_ENV = "SWARM_INITIAL_PEERS"
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def env_initial_peers() -> tuple[str, ...]:
+    return tuple(p for p in re.split(r"[\s,]+", os.environ.get(INITIAL_PEERS_ENV, "")) if p)
+
+
+def parse_span(text: str, num_blocks: int | None = None) -> tuple[int, int]:
+    """``"START:END"`` -> (start, end), end exclusive; checks bounds against ``num_blocks`` if given."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
+    if not match:
+        raise ConfigError(f"--blocks {text!r} is not START:END (e.g. 0:16; END is exclusive)")
+    start, end = int(match[1]), int(match[2])
+    if start >= end:
+        raise ConfigError(f"--blocks {text!r}: START must be less than END")
+    if num_blocks is not None and end > num_blocks:
+        raise ConfigError(f"--blocks {text!r}: the model has {num_blocks} blocks (0:{num_blocks})")
+    return start, end
+
+
+def default_prefix(model: str) -> str:
+    """The DHT namespace of a model: its repository or directory name, e.g. ``Qwen2.5-7B-Instruct``."""
+    name = os.path.basename(os.path.normpath(model)) or model
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkFlags:
+    initial_peers: tuple[str, ...] = dataclasses.field(
+        default_factory=env_initial_peers,
+        metadata=_help(f"multiaddrs of peers to join (default: ${INITIAL_PEERS_ENV}); none starts a new swarm",
+                       nargs="*"))
+    host_maddrs: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("multiaddrs to listen on (default: all interfaces, --port or a free port)",
+                                   nargs="+"))
+    announce_maddrs: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("multiaddrs others should use to reach this peer (e.g. a public IP)", nargs="+"))
+    port: int | None = dataclasses.field(default=None, metadata=_help("TCP port: shorthand for --host-maddrs "
+                                                                      "/ip4/0.0.0.0/tcp/PORT"))
+    identity_path: str | None = dataclasses.field(
+        default=None, metadata=_help("file with this peer's private key (created if missing) for a stable peer id"))
+
+    def listen_maddrs(self) -> tuple[str, ...]:
+        if self.host_maddrs:
+            return self.host_maddrs
+        return (f"/ip4/0.0.0.0/tcp/{self.port or 0}",)
+
+    def check_network(self) -> None:
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port (1..65535)")
+        if self.port is not None and self.host_maddrs:
+            raise ConfigError("give either --port or --host-maddrs, not both")
+
+
+@dataclasses.dataclass(frozen=True)
+class DHTConfig(NetworkFlags):
+    """``swarm dht``: a bootstrap-only peer."""
+
+    def __post_init__(self) -> None:
+        self.check_network()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(NetworkFlags):
+    """``swarm serve``: one server holding a span of blocks."""
+
+    model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model", flag="--model"))
+    blocks: str | None = dataclasses.field(
+        default=None, metadata=_help("span to serve as START:END, END exclusive (default: every block)"))
+    device: str = dataclasses.field(default="auto", metadata=_help("cpu, cuda, cuda:1, mps, xpu, npu... or auto"))
+    dtype: str = dataclasses.field(
+        default="auto", metadata=_help("auto, float32, bfloat16 or float16 (auto: checkpoint dtype on "
+                                       "accelerators, float32 on cpu)"))
+    public_name: str = dataclasses.field(default="", metadata=_help("a name shown on the health page"))
+    cache_tokens: int = dataclasses.field(
+        default=16384, metadata=_help("KV cache budget: tokens (summed over sessions and their batch) this server "
+                                      "keeps for every block of its span"))
+    max_session_length: int = dataclasses.field(
+        default=8192, metadata=_help("the most tokens one inference session may hold"))
+    max_batch_size: int = dataclasses.field(default=64, metadata=_help("the largest batch one request may carry"))
+    max_forward_tokens: int = dataclasses.field(
+        default=65536, metadata=_help("the most tokens (batch x length) one forward request may carry"))
+    prefix: str | None = dataclasses.field(
+        default=None, metadata=_help("DHT namespace of the model (default: the model's repository or dir name)"))
+    revision: str | None = dataclasses.field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
+    cache_dir: str | None = dataclasses.field(default=None, metadata=_help("hub cache directory"))
+    token: str | None = dataclasses.field(default=None, metadata=_help("hub access token for gated models"))
+    update_period: float = dataclasses.field(
+        default=60.0, metadata=_help("seconds between re-announcements in the DHT (records live 2.5x this)"))
+    session_timeout: float = dataclasses.field(
+        default=300.0, metadata=_help("an inference session idle this many seconds is closed and its cache freed"))
+    num_threads: int | None = dataclasses.field(
+        default=None, metadata=_help("torch CPU threads for compute (default: torch's choice)"))
+
+    def __post_init__(self) -> None:
+        self.check_network()
+        if not self.model:
+            raise ConfigError("--model is required: a hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a local directory")
+        if self.blocks is not None:
+            parse_span(self.blocks)
+        for name in ("cache_tokens", "max_session_length", "max_batch_size", "max_forward_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.update_period <= 0 or self.session_timeout <= 0:
+            raise ConfigError("--update-period and --session-timeout must be positive")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ConfigError(f"--num-threads must be positive, got {self.num_threads}")
+
+    @property
+    def dht_prefix(self) -> str:
+        return self.prefix or default_prefix(self.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """How a client finds and talks to servers (``from_pretrained(..., **fields)`` sets them)."""
+
+    initial_peers: tuple[str, ...] = dataclasses.field(default_factory=env_initial_peers)
+    dht_prefix: str | None = None
+    connect_timeout: float = 15.0  # seconds to wait for a server to open a stream
+    request_timeout: float = 60.0  # seconds one forward or inference step may take
+    missing_blocks_timeout: float = 10.0  # how long to wait for servers of missing blocks before failing
+    max_retries: int = 3  # attempts after the first one, on retryable errors only
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+
+    def __post_init__(self) -> None:
+        if not self.initial_peers:
+            raise ConfigError(f"the client needs initial_peers=[...] (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
+                              "`swarm serve` or `swarm dht` printed")
+        for name in ("connect_timeout", "request_timeout", "missing_blocks_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")

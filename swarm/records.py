@@ -1,0 +1,102 @@
+"""DHT records: what a server says about itself and what the model index says about a model.
+
+Every record is a frozen dataclass encoded with msgpack in one place (:func:`encode_record`,
+:func:`decode_record`). Decoding ignores unknown fields (newer peers may add some), rejects a
+record that lacks a required field or has a field of the wrong type, and rejects a newer major
+``schema_version``.
+
+DHT layout (see DESIGN.md):
+
+- block key ``"{prefix}.{block}"``, subkey = the server's peer id (+ its signing key), value = ServerRecord
+- model index key :data:`MODEL_INDEX_KEY`, subkey = prefix, value = ModelRecord
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import TypeVar
+
+import msgpack
+
+from swarm.codec import build_dataclass, dataclass_to_map
+from swarm.errors import BadRequest
+
+SCHEMA_VERSION = 1
+MODEL_INDEX_KEY = "_swarm.models"
+
+
+class ServerState(enum.IntEnum):
+    """A server's lifecycle, in the order it goes through it."""
+
+    OFFLINE = 0
+    JOINING = 1
+    ONLINE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerRecord:
+    """What one server announces under each block key of its span."""
+
+    state: ServerState
+    start: int  # first block it holds
+    end: int  # one past the last block it holds
+    throughput: float = 0.0  # tokens/s it offers the swarm
+    inference_rps: float = 0.0
+    forward_rps: float = 0.0
+    network_rps: float = 0.0
+    dtype: str = "float32"
+    quant: str = "none"
+    device: str = "cpu"
+    device_name: str = ""
+    cache_tokens_left: int = 0
+    max_session_length: int = 0
+    adapters: tuple[str, ...] = ()
+    public_name: str = ""
+    version: str = ""
+    using_relay: bool = False
+    next_pings: dict[str, float] = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise BadRequest(f"a server record needs 0 <= start < end, got {self.start}:{self.end}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """One entry of the model index: enough for a crawler to find every block key of a model."""
+
+    name: str  # repository id or local name the servers were started with
+    num_blocks: int
+    family: str  # transformers model_type, e.g. "llama"
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.num_blocks <= 0:
+            raise BadRequest(f"a model record needs num_blocks > 0, got {self.num_blocks}")
+
+
+R = TypeVar("R", ServerRecord, ModelRecord)
+
+
+def encode_record(record: ServerRecord | ModelRecord) -> bytes:
+    return msgpack.packb(dataclass_to_map(record), use_bin_type=True)
+
+
+def decode_record(cls: type[R], data: bytes) -> R:
+    """Decodes bytes from the DHT into ``cls``; raises :class:`BadRequest` on anything malformed."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise BadRequest(f"{cls.__name__} is not valid msgpack: {e}") from None
+    if not isinstance(raw, dict):
+        raise BadRequest(f"{cls.__name__} must be a map, got {type(raw).__name__}")
+    version = raw.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise BadRequest(f"{cls.__name__} has schema_version {version!r}; this peer reads <= {SCHEMA_VERSION}")
+    return build_dataclass(cls, raw)
+
+
+def block_key(prefix: str, block: int) -> str:
+    return f"{prefix}.{block}"

@@ -1,0 +1,110 @@
+"""Pure routing: which servers a request goes through. No I/O; the clock is passed in.
+
+- :func:`missing_blocks` — blocks no usable server holds
+- :func:`make_chain` — a chain of spans covering ``start:end`` with as few hops as possible
+- :class:`Bans` — exponential backoff for peers that failed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Set
+
+from swarm.errors import MissingBlocksError
+from swarm.records import ServerRecord, ServerState
+
+ServersByBlock = Mapping[int, Mapping[str, ServerRecord]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainLink:
+    """Blocks ``start:end`` served by ``peer_id`` (a sub-span of what the server holds)."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+def _usable(record: ServerRecord, peer_id: str, banned: Set[str], min_cache_tokens: int) -> bool:
+    return (record.state == ServerState.ONLINE and peer_id not in banned
+            and record.cache_tokens_left >= min_cache_tokens)
+
+
+def missing_blocks(servers: ServersByBlock, start: int, end: int, banned: Set[str] = frozenset(),
+                   min_cache_tokens: int = 0) -> list[int]:
+    return [b for b in range(start, end)
+            if not any(_usable(r, p, banned, min_cache_tokens) for p, r in servers.get(b, {}).items())]
+
+
+def format_blocks(blocks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0:3, 5:6"`` (spans, end exclusive)."""
+    spans: list[str] = []
+    for b in blocks:
+        if spans and int(spans[-1].split(":")[1]) == b:
+            spans[-1] = f"{spans[-1].split(':')[0]}:{b + 1}"
+        else:
+            spans.append(f"{b}:{b + 1}")
+    return ", ".join(spans)
+
+
+def make_chain(servers: ServersByBlock, start: int, end: int, *, banned: Set[str] = frozenset(),
+               min_cache_tokens: int = 0, model: str = "the model") -> list[ChainLink]:
+    """Greedy fewest-hops chain: from each block, the usable server that reaches farthest.
+
+    Ties go to the higher throughput, then the smaller peer id, so equal inputs give equal chains.
+    Raises :class:`MissingBlocksError` naming every block without a usable server.
+    """
+    missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
+    if missing:
+        known = {p for b in range(start, end) for p in servers.get(b, {})}
+        raise MissingBlocksError(
+            f"blocks {format_blocks(missing)} of {model} have no online server"
+            + (f" with {min_cache_tokens} free cache tokens" if min_cache_tokens else "")
+            + f" ({len(known)} server(s) seen, {len(banned & known)} temporarily banned after failures); "
+            f"start one with `swarm serve --model ... --blocks {missing[0]}:{missing[-1] + 1}`"
+        )
+    chain: list[ChainLink] = []
+    position = start
+    while position < end:
+        best: tuple[int, float, str] | None = None
+        for peer_id, record in servers[position].items():
+            if not _usable(record, peer_id, banned, min_cache_tokens):
+                continue
+            reach = min(record.end, end)
+            key = (reach, record.throughput, _neg(peer_id))
+            if best is None or key > best:
+                best = key
+        assert best is not None  # guaranteed by the missing_blocks check
+        reach, _, neg_peer = best
+        chain.append(ChainLink(peer_id=_neg(neg_peer), start=position, end=reach))
+        position = reach
+    return chain
+
+
+def _neg(peer_id: str) -> str:
+    """An order-reversing (and self-inverse) transform, so that max() prefers the smaller peer id."""
+    return "".join(chr(0x10FFFF - ord(c)) for c in peer_id)
+
+
+@dataclasses.dataclass
+class Bans:
+    """Peers that failed, each banned until ``now + min_backoff * 2**(failures-1)`` (capped)."""
+
+    min_backoff: float = 1.0
+    max_backoff: float = 60.0
+    _until: dict[str, float] = dataclasses.field(default_factory=dict)
+    _failures: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def ban(self, peer_id: str, now: float) -> float:
+        failures = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = failures
+        delay = min(self.max_backoff, self.min_backoff * 2 ** (failures - 1))
+        self._until[peer_id] = now + delay
+        return delay
+
+    def succeeded(self, peer_id: str) -> None:
+        self._failures.pop(peer_id, None)
+        self._until.pop(peer_id, None)
+
+    def banned(self, now: float) -> frozenset[str]:
+        return frozenset(p for p, until in self._until.items() if until > now)

@@ -1,0 +1,106 @@
+"""Reading only the tensors a role needs from a safetensors checkpoint (local directory or hub id).
+
+A server for blocks 20:40 downloads only the shards that hold those blocks and reads only their
+tensors; a client reads only the embeddings, final norm and LM head. Hub downloads go through
+``huggingface_hub`` (its cache, its progress bars, ``HF_HUB_OFFLINE``), so a directory laid out
+like the hub cache works with no network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from swarm.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class Checkpoint:
+    """A checkpoint's tensor index; fetches shard files only when their tensors are read."""
+
+    def __init__(self, name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None,
+                 token: str | bool | None = None):
+        self.name_or_path = name_or_path
+        self._revision, self._cache_dir, self._token = revision, cache_dir, token
+        self.is_local = os.path.isdir(name_or_path)
+        self.weight_map = self._read_weight_map()  # tensor name -> shard file name
+
+    def _fetch(self, filename: str, *, required: bool = True) -> str | None:
+        if self.is_local:
+            path = os.path.join(self.name_or_path, filename)
+            return path if os.path.isfile(path) else None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        try:
+            return hf_hub_download(self.name_or_path, filename, revision=self._revision, cache_dir=self._cache_dir,
+                                   token=self._token)
+        except EntryNotFoundError:
+            return None
+        except LocalEntryNotFoundError as e:
+            if not required:
+                return None
+            raise ModelError(f"cannot download {filename} of {self.name_or_path!r} (offline, and not in the "
+                             f"hub cache): {e}") from None
+        except Exception as e:  # the hub raises many kinds; they all mean the same to the caller
+            if not required and "404" in str(e):
+                return None
+            raise ModelError(f"cannot download {filename} of {self.name_or_path!r}: {e}") from None
+
+    def _read_weight_map(self) -> dict[str, str]:
+        index_path = self._fetch(INDEX_FILE, required=False)
+        if index_path is not None:
+            with open(index_path) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ModelError(f"{INDEX_FILE} of {self.name_or_path!r} has no weight_map")
+            return weight_map
+        single = self._fetch(SINGLE_FILE, required=False)
+        if single is None:
+            raise ModelError(
+                f"{self.name_or_path!r} has no {SINGLE_FILE} or {INDEX_FILE}; Swarm reads safetensors checkpoints "
+                "only (convert with `model.save_pretrained(path, safe_serialization=True)`)"
+            )
+        with safe_open(single, framework="pt") as f:
+            return {name: SINGLE_FILE for name in f.keys()}
+
+    def names_with_prefix(self, prefixes: Iterable[str]) -> list[str]:
+        prefixes = tuple(prefixes)
+        return [name for name in self.weight_map if name.startswith(prefixes)]
+
+    def shards_for(self, names: Iterable[str]) -> list[str]:
+        return sorted({self.weight_map[n] for n in names})
+
+    def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
+             on_tensor: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+        """Reads ``names`` (converting floating tensors to ``dtype``), fetching only their shards."""
+        names = list(names)
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise ModelError(f"checkpoint {self.name_or_path!r} lacks tensors {missing[:5]}")
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for shard, shard_names in sorted(by_shard.items()):
+            path = self._fetch(shard)
+            if path is None:
+                raise ModelError(f"shard {shard} of {self.name_or_path!r} is missing")
+            with safe_open(path, framework="pt") as f:
+                for name in shard_names:
+                    tensor = f.get_tensor(name)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    out[name] = tensor
+                    if on_tensor is not None:
+                        on_tensor(name)
+        return out

@@ -1,0 +1,217 @@
+"""The Swarm wire protocol: typed messages and their framing on a libp2p stream.
+
+One servicer, three stream handlers (names in :data:`HANDLERS`):
+
+- ``info``: one :class:`InfoRequest` -> one :class:`InfoResponse`
+- ``forward``: one :class:`ForwardRequest` -> one :class:`ForwardResponse` (no-grad, any length)
+- ``inference``: a session. :class:`OpenSession` -> :class:`SessionOpened`, then any number of
+  :class:`InferenceStep` -> :class:`StepOutput`. Closing the stream frees the session's cache.
+
+Any request may be answered with :class:`ErrorReply` (code + message, see :mod:`swarm.errors`).
+
+A frame is ``u32 header length | msgpack header | raw tensor buffers``. The header names the
+message type, carries its fields, and describes each tensor (dtype, shape); tensor bytes follow
+unencoded, so a tensor is serialized once per hop and large tensors stream without a size cap
+of the transport. Header and buffer sizes are checked against limits before anything is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import struct
+from typing import Any
+
+import msgpack
+import torch
+
+from swarm.codec import build_dataclass, buffer_to_tensor, dataclass_to_map, tensor_nbytes, tensor_to_buffer
+from swarm.errors import BadRequest, ProtocolVersionError, SwarmError, from_wire, to_wire
+
+PROTOCOL_VERSION = 1
+HANDLERS = {
+    "info": f"swarm.v{PROTOCOL_VERSION}.info",
+    "forward": f"swarm.v{PROTOCOL_VERSION}.forward",
+    "inference": f"swarm.v{PROTOCOL_VERSION}.inference",
+}
+MAX_HEADER_BYTES = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 31  # 2 GiB of tensor data per message unless the server says less
+
+_HEADER_LEN = struct.Struct("<I")
+_MESSAGES: dict[str, type] = {}
+
+
+def message(cls: type) -> type:
+    """Registers a frozen dataclass as a wire message under its class name."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    _MESSAGES[cls.__name__] = cls
+    return cls
+
+
+@message
+class InfoRequest:
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@message
+class InfoResponse:
+    protocol_version: int
+    version: str
+    model: str
+    start: int
+    end: int
+    hidden_size: int
+    dtype: str
+    max_session_length: int
+    max_batch_size: int
+    cache_tokens_left: int
+    public_name: str = ""
+
+
+@message
+class ForwardRequest:
+    start: int  # global index of the first block to run
+    end: int
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@message
+class ForwardResponse:
+    hidden: torch.Tensor  # [batch, seq, hidden]
+
+
+@message
+class OpenSession:
+    session_id: str
+    start: int
+    end: int
+    max_length: int  # the most tokens this session will ever hold
+    batch_size: int = 1
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@message
+class SessionOpened:
+    session_id: str
+    cache_tokens_left: int
+
+
+@message
+class InferenceStep:
+    session_id: str
+    hidden: torch.Tensor  # [batch, new_tokens, hidden]
+    start_position: int  # position of hidden[:, 0]; < the cached length rolls the cache back to it
+    hypo_ids: torch.Tensor | None = None  # [batch] int64: reorder cached hypotheses first (beam search)
+
+
+@message
+class StepOutput:
+    hidden: torch.Tensor  # [batch, new_tokens, hidden]
+    position: int  # tokens the session holds after this step
+
+
+@message
+class ErrorReply:
+    code: str
+    message: str
+
+    def to_exception(self) -> SwarmError:
+        return from_wire(self.code, self.message)
+
+
+@dataclasses.dataclass
+class WireLimits:
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+
+def encode(msg: Any) -> list[bytes | memoryview]:
+    """Returns the parts of one frame; write them in order."""
+    fields = dataclass_to_map(msg)
+    buffers: list[memoryview] = []
+    sizes: list[int] = []
+    for key, value in fields.items():
+        if isinstance(value, torch.Tensor):
+            meta, buf = tensor_to_buffer(value)
+            meta["__tensor__"] = len(buffers)
+            fields[key] = meta
+            buffers.append(buf)
+            sizes.append(buf.nbytes)
+    header = msgpack.packb({"type": type(msg).__name__, "fields": fields, "sizes": sizes}, use_bin_type=True)
+    return [_HEADER_LEN.pack(len(header)) + header, *buffers]
+
+
+async def write_message(writer: asyncio.StreamWriter, msg: Any) -> None:
+    for part in encode(msg):
+        writer.write(part)
+    await writer.drain()
+
+
+async def read_message(reader: asyncio.StreamReader, limits: WireLimits | None = None) -> Any:
+    """Reads one frame; raises :class:`BadRequest` on a malformed one, EOFError on a closed stream."""
+    limits = limits or WireLimits()
+    try:
+        (header_len,) = _HEADER_LEN.unpack(await reader.readexactly(_HEADER_LEN.size))
+    except asyncio.IncompleteReadError as e:
+        raise EOFError("the stream was closed") from e
+    if header_len > MAX_HEADER_BYTES:
+        raise BadRequest(f"message header is {header_len} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        header_bytes = await reader.readexactly(header_len)
+    except asyncio.IncompleteReadError as e:
+        raise EOFError("the stream was closed mid-message") from e
+    try:
+        header = msgpack.unpackb(header_bytes, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise BadRequest(f"message header is not valid msgpack: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("fields"), dict):
+        raise BadRequest("message header must be a map with 'type' and 'fields'")
+    cls = _MESSAGES.get(header.get("type"))
+    if cls is None:
+        raise BadRequest(f"unknown message type {header.get('type')!r}; known: {sorted(_MESSAGES)}")
+    sizes = header.get("sizes", [])
+    if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes):
+        raise BadRequest("message 'sizes' must be a list of non-negative ints")
+    if sum(sizes) > limits.max_message_bytes:
+        raise BadRequest(f"message carries {sum(sizes)} bytes of tensors; this peer accepts at most "
+                         f"{limits.max_message_bytes}")
+    fields = header["fields"]
+    tensor_metas = {k: v for k, v in fields.items() if isinstance(v, dict) and "__tensor__" in v}
+    for key, meta in tensor_metas.items():
+        index = meta["__tensor__"]
+        if not isinstance(index, int) or not 0 <= index < len(sizes):
+            raise BadRequest(f"field {key!r} refers to tensor buffer {index!r}, which the message lacks")
+        if tensor_nbytes(meta) != sizes[index]:
+            raise BadRequest(f"field {key!r}: dtype {meta['dtype']} and shape {meta['shape']} need "
+                             f"{tensor_nbytes(meta)} bytes, the message declares {sizes[index]}")
+    buffers = []
+    for size in sizes:
+        try:
+            buffers.append(bytearray(await reader.readexactly(size)) if size else bytearray())
+        except asyncio.IncompleteReadError as e:
+            raise EOFError("the stream was closed mid-message") from e
+    for key, meta in tensor_metas.items():
+        fields[key] = buffer_to_tensor(meta, buffers[meta["__tensor__"]])
+    msg = build_dataclass(cls, fields)
+    version = getattr(msg, "protocol_version", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolVersionError(f"peer speaks swarm protocol v{version}, this peer speaks "
+                                   f"v{PROTOCOL_VERSION}; upgrade the older side (pip install -U swarm-llm)")
+    return msg
+
+
+async def write_error(writer: asyncio.StreamWriter, error: BaseException) -> None:
+    code, text = to_wire(error)
+    await write_message(writer, ErrorReply(code=code, message=text))
+
+
+def expect(msg: Any, cls: type[Any]) -> Any:
+    """Returns ``msg`` if it is a ``cls``; raises the peer's error if it is an :class:`ErrorReply`."""
+    if isinstance(msg, ErrorReply):
+        raise msg.to_exception()
+    if not isinstance(msg, cls):
+        raise BadRequest(f"expected {cls.__name__}, got {type(msg).__name__}")
+    return msg
+
+
+MESSAGE_TYPES = _MESSAGES
