@@ -31,7 +31,20 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 
 def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    loop.call_soon_threadsafe(loop.stop)
+    """At exit: cancel what is still running on the loop (hivemind's background tasks), then stop it."""
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(5)
+        except Exception:  # exiting anyway
+            pass
+        loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
 
 

@@ -87,6 +87,14 @@ class DistributedModelMixin:
     remote: RemoteSequence
     _cache_kwarg: str
 
+    def shutdown(self) -> None:
+        """Stops this client's DHT peer (its ``p2pd``); the model cannot reach the swarm afterwards."""
+        run_sync(self.remote.shutdown(), timeout=30)
+
+    def remote_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Runs [batch, seq, hidden] states through every remote block (no grad, no session)."""
+        return run_sync(self.remote.forward(hidden.detach()))
+
     def inference_session(self, max_length: int) -> "_SessionContext":
         """A session holding up to ``max_length`` tokens (prompt + generated) in the servers' caches."""
         return _SessionContext(InferenceSession(self.remote, max_length))

@@ -227,7 +227,11 @@ class SpanHandler:
     @torch.inference_mode()
     def _step(self, session: Session, step: InferenceStep) -> torch.Tensor:
         if step.start_position < session.position:
-            session.cache.crop(step.start_position)
+            try:  # transformers crops by a negative count of tokens to drop
+                session.cache.crop(step.start_position - session.position)
+            except (RuntimeError, ValueError) as e:
+                raise BadRequest(f"cannot roll this session back to position {step.start_position}: {e}") from None
+            session.position = step.start_position
         if step.hypo_ids is not None:
             session.cache.reorder_cache(step.hypo_ids.to(self.device))
         hidden = step.hidden.to(self.device, self.dtype)

@@ -127,12 +127,13 @@ def tensor_to_buffer(tensor: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
 
 def tensor_nbytes(meta: dict[str, Any]) -> int:
     """Validates tensor metadata from a peer and returns the number of bytes its data must have."""
-    dtype = WIRE_DTYPES.get(meta.get("dtype")) if isinstance(meta, dict) else None
+    name = meta.get("dtype") if isinstance(meta, dict) else None
+    dtype = WIRE_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise BadRequest(f"tensor dtype {meta.get('dtype') if isinstance(meta, dict) else meta!r} is not one of "
                          f"{sorted(WIRE_DTYPES)}")
     shape = meta.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**31 for d in shape):
         raise BadRequest(f"tensor shape must be a list of non-negative ints, got {shape!r}")
     if len(shape) > 8:
         raise BadRequest(f"tensor has {len(shape)} dimensions; at most 8 are accepted")

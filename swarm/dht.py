@@ -7,9 +7,11 @@ hivemind's :class:`RSASignatureValidator` rejects anyone else's writes to it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
+import socket
 import tempfile
 from collections.abc import Sequence
 
@@ -172,27 +174,28 @@ async def fetch_models(peer: Peer) -> dict[str, ModelRecord]:
     return models
 
 
-def clean_peer_sockets() -> int:
-    """Removes ``hivemind-*.sock`` files that no live p2pd daemon or client listens on.
+def peer_sockets() -> set[str]:
+    """The ``hivemind-*.sock`` files now in the temp dir (hivemind hard-codes /tmp)."""
+    return {p for d in {"/tmp", tempfile.gettempdir()} for p in glob.glob(os.path.join(d, "hivemind-*.sock"))}
+
+
+def clean_peer_sockets(keep: set[str] = frozenset()) -> int:
+    """Removes ``hivemind-*.sock`` files that no live p2pd daemon or client listens on, except ``keep``
+    (pass :func:`peer_sockets` taken before starting your peers, to touch only what they left).
 
     hivemind names its unix sockets by random id, not pid; a socket is stale when nobody listens on
     it. Returns how many files were removed.
     """
-    import socket
-
     removed = 0
-    for directory in {"/tmp", tempfile.gettempdir()}:  # hivemind hard-codes /tmp for its sockets
-        for path in glob.glob(os.path.join(directory, "hivemind-*.sock")):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.settimeout(0.2)
-                probe.connect(path)
-            except OSError:
-                try:
-                    os.remove(path)
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-            finally:
-                probe.close()
+    for path in sorted(peer_sockets() - set(keep)):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(0.2)
+            probe.connect(path)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                removed += 1
+        finally:
+            probe.close()
     return removed

@@ -166,9 +166,10 @@ async def read_message(reader: asyncio.StreamReader, limits: WireLimits | None =
         raise BadRequest(f"message header is not valid msgpack: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("fields"), dict):
         raise BadRequest("message header must be a map with 'type' and 'fields'")
-    cls = _MESSAGES.get(header.get("type"))
+    msg_type = header.get("type")
+    cls = _MESSAGES.get(msg_type) if isinstance(msg_type, str) else None
     if cls is None:
-        raise BadRequest(f"unknown message type {header.get('type')!r}; known: {sorted(_MESSAGES)}")
+        raise BadRequest(f"unknown message type {msg_type!r}; known: {sorted(_MESSAGES)}")
     sizes = header.get("sizes", [])
     if not isinstance(sizes, list) or not all(isinstance(s, int) and s >= 0 for s in sizes):
         raise BadRequest("message 'sizes' must be a list of non-negative ints")

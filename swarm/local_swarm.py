@@ -1,0 +1,116 @@
+"""A whole swarm on 127.0.0.1 as child processes: for ``swarm demo``, tests and benchmarks.
+
+Each peer is a real ``swarm dht`` / ``swarm serve`` process (with its own ``p2pd``) in its own
+process group. Readiness is a line the process prints once it is ready (the DHT peer's address,
+``Server ONLINE``); every wait is bounded, and :meth:`LocalSwarm.close` stops every process it
+started (SIGTERM, then SIGKILL to the group) and removes the sockets they left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from swarm.dht import clean_peer_sockets, peer_sockets
+from swarm.errors import SwarmError
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+
+
+@dataclasses.dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: str
+    started: float
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        """Returns the first log line containing ``text``; raises if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if text in line:
+                    return line
+            if self.popen.poll() is not None:
+                raise SwarmError(f"{self.name} exited with code {self.popen.returncode} before printing "
+                                 f"{text!r}; its log:\n{self.log()[-3000:]}")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+        raise SwarmError(f"{self.name} did not print {text!r} within {timeout:.0f}s; its log:\n{self.log()[-3000:]}")
+
+
+class LocalSwarm:
+    """``with LocalSwarm() as swarm: peer = swarm.start_dht(); swarm.start_server(model, "0:2")``."""
+
+    def __init__(self, log_dir: str | None = None, env: dict[str, str] | None = None):
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-local-")
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.procs: list[Proc] = []
+        self.initial_peers: list[str] = []
+        self._sockets_before = peer_sockets()
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log_path = os.path.join(self.log_dir, f"{name}.log")
+        with open(log_path, "w") as log:
+            popen = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                                     start_new_session=True)
+        proc = Proc(name, popen, log_path, time.monotonic())
+        self.procs.append(proc)
+        return proc
+
+    def start_dht(self, timeout: float = 60) -> str:
+        proc = self._spawn(f"dht{len(self.procs)}", ["dht", "--host-maddrs", LOOPBACK])
+        maddr = proc.wait_for("/p2p/", timeout).strip()
+        self.initial_peers.append(maddr)
+        return maddr
+
+    def start_server(self, model: str, blocks: str | None, *extra: str, wait: bool = True,
+                     timeout: float = 180, name: str | None = None) -> Proc:
+        args = ["serve", "--model", model, "--host-maddrs", LOOPBACK, *extra]
+        if blocks is not None:
+            args += ["--blocks", blocks]
+        if self.initial_peers:
+            args += ["--initial-peers", *self.initial_peers]
+        proc = self._spawn(name or f"server{len(self.procs)}_{(blocks or 'all').replace(':', '_')}", args)
+        if wait:
+            proc.wait_for("Server ONLINE", timeout)
+        return proc
+
+    def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Stops one process (by pid first, so it can announce OFFLINE), then its whole group."""
+        if proc.popen.poll() is None:
+            try:
+                proc.popen.send_signal(sig)
+                proc.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.popen.pid, signal.SIGKILL)  # p2pd children, or the process itself if it hung
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            return proc.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            return -9
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+        clean_peer_sockets(keep=self._sockets_before)
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
