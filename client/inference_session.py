@@ -19,7 +19,7 @@ from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, ex
 
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
-from client.transport import Stream
+from swarm.transport import Stream
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable
 from swarm.routing import Bans, ChainLink, make_chain, missing_blocks
 from swarm.wire import ForwardRequest, ForwardResponse, expect
 
-from client import transport
+from swarm import transport
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,6 +8,7 @@ other way; the CLI imports them lazily):
 - ``codec``    typed dataclasses <-> msgpack maps, tensors <-> raw buffers
 - ``wire``     RPC messages and stream framing
 - ``dht``      starting a peer, announcing and fetching records
+- ``transport`` one stream to a server: send/receive messages with timeouts
 - ``routing``  pure span/chain computation over records
 - ``config``   one frozen config dataclass per component
 - ``models``   family adapters (the only family-specific code)

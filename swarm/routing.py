@@ -25,15 +25,15 @@ class ChainLink:
     end: int
 
 
-def _usable(record: ServerRecord, peer_id: str, banned: Set[str], min_cache_tokens: int) -> bool:
-    return (record.state == ServerState.ONLINE and peer_id not in banned
+def _usable(record: ServerRecord, peer_id: str, block: int, banned: Set[str], min_cache_tokens: int) -> bool:
+    return (record.state == ServerState.ONLINE and record.start <= block < record.end and peer_id not in banned
             and record.cache_tokens_left >= min_cache_tokens)
 
 
 def missing_blocks(servers: ServersByBlock, start: int, end: int, banned: Set[str] = frozenset(),
                    min_cache_tokens: int = 0) -> list[int]:
     return [b for b in range(start, end)
-            if not any(_usable(r, p, banned, min_cache_tokens) for p, r in servers.get(b, {}).items())]
+            if not any(_usable(r, p, b, banned, min_cache_tokens) for p, r in servers.get(b, {}).items())]
 
 
 def format_blocks(blocks: list[int]) -> str:
@@ -66,24 +66,19 @@ def make_chain(servers: ServersByBlock, start: int, end: int, *, banned: Set[str
     chain: list[ChainLink] = []
     position = start
     while position < end:
-        best: tuple[int, float, str] | None = None
+        best: tuple[int, float] | None = None
+        best_peer = ""
         for peer_id, record in servers[position].items():
-            if not _usable(record, peer_id, banned, min_cache_tokens):
+            if not _usable(record, peer_id, position, banned, min_cache_tokens):
                 continue
-            reach = min(record.end, end)
-            key = (reach, record.throughput, _neg(peer_id))
-            if best is None or key > best:
-                best = key
+            key = (min(record.end, end), record.throughput)
+            if best is None or key > best or (key == best and peer_id < best_peer):
+                best, best_peer = key, peer_id
         assert best is not None  # guaranteed by the missing_blocks check
-        reach, _, neg_peer = best
-        chain.append(ChainLink(peer_id=_neg(neg_peer), start=position, end=reach))
+        reach = best[0]
+        chain.append(ChainLink(peer_id=best_peer, start=position, end=reach))
         position = reach
     return chain
-
-
-def _neg(peer_id: str) -> str:
-    """An order-reversing (and self-inverse) transform, so that max() prefers the smaller peer id."""
-    return "".join(chr(0x10FFFF - ord(c)) for c in peer_id)
 
 
 @dataclasses.dataclass
@@ -98,7 +93,7 @@ class Bans:
     def ban(self, peer_id: str, now: float) -> float:
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
-        delay = min(self.max_backoff, self.min_backoff * 2 ** (failures - 1))
+        delay = min(self.max_backoff, self.min_backoff * 2 ** min(failures - 1, 64))  # no float overflow
         self._until[peer_id] = now + delay
         return delay
 

@@ -44,13 +44,13 @@ class Checkpoint:
         try:
             return hf_hub_download(self.name_or_path, filename, revision=self._revision, cache_dir=self._cache_dir,
                                    token=self._token)
-        except EntryNotFoundError:
-            return None
-        except LocalEntryNotFoundError as e:
+        except LocalEntryNotFoundError as e:  # first: it subclasses EntryNotFoundError
             if not required:
                 return None
             raise ModelError(f"cannot download {filename} of {self.name_or_path!r} (offline, and not in the "
                              f"hub cache): {e}") from None
+        except EntryNotFoundError:
+            return None
         except Exception as e:  # the hub raises many kinds; they all mean the same to the caller
             if not required and "404" in str(e):
                 return None
@@ -64,7 +64,8 @@ class Checkpoint:
             if not isinstance(weight_map, dict):
                 raise ModelError(f"{INDEX_FILE} of {self.name_or_path!r} has no weight_map")
             return weight_map
-        single = self._fetch(SINGLE_FILE, required=False)
+        # required: not finding it in the cache with no hub to ask is "cannot download", not "no safetensors"
+        single = self._fetch(SINGLE_FILE)
         if single is None:
             raise ModelError(
                 f"{self.name_or_path!r} has no {SINGLE_FILE} or {INDEX_FILE}; Swarm reads safetensors checkpoints "

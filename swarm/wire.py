@@ -177,6 +177,11 @@ async def read_message(reader: asyncio.StreamReader, limits: WireLimits | None =
         raise BadRequest(f"message carries {sum(sizes)} bytes of tensors; this peer accepts at most "
                          f"{limits.max_message_bytes}")
     fields = header["fields"]
+    version = fields.get("protocol_version", PROTOCOL_VERSION)
+    if "protocol_version" in getattr(cls, "__dataclass_fields__", {}) and version != PROTOCOL_VERSION:
+        # checked before the fields: another version's message may not fit this version's classes
+        raise ProtocolVersionError(f"peer speaks swarm protocol v{version}, this peer speaks "
+                                   f"v{PROTOCOL_VERSION}; upgrade the older side (pip install -U swarm-llm)")
     tensor_metas = {k: v for k, v in fields.items() if isinstance(v, dict) and "__tensor__" in v}
     for key, meta in tensor_metas.items():
         index = meta["__tensor__"]
@@ -193,12 +198,7 @@ async def read_message(reader: asyncio.StreamReader, limits: WireLimits | None =
             raise EOFError("the stream was closed mid-message") from e
     for key, meta in tensor_metas.items():
         fields[key] = buffer_to_tensor(meta, buffers[meta["__tensor__"]])
-    msg = build_dataclass(cls, fields)
-    version = getattr(msg, "protocol_version", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolVersionError(f"peer speaks swarm protocol v{version}, this peer speaks "
-                                   f"v{PROTOCOL_VERSION}; upgrade the older side (pip install -U swarm-llm)")
-    return msg
+    return build_dataclass(cls, fields)
 
 
 async def write_error(writer: asyncio.StreamWriter, error: BaseException) -> None:

@@ -20,7 +20,7 @@ from hub_layout import make_hub_cache, remove_from_hub_cache
 from server.loading import load_span
 from swarm.errors import ModelError
 from swarm.models import load_config
-from swarm.tiny import TINY_LLAMA, make_tiny_model
+from swarm.tiny import TINY_LLAMA
 from swarm.weights import INDEX_FILE, SINGLE_FILE, Checkpoint
 
 REPO = "tiny-org/tiny-llama"
@@ -214,10 +214,10 @@ def test_load_config_unknown_repo_offline(tmp_path, offline):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """make_tiny_model's single-file checkpoint; (dir, its tensors)."""
-    path = make_tiny_model(str(tmp_path_factory.mktemp("single") / "model"))
-    return path, load_file(os.path.join(path, SINGLE_FILE))
+def single(tiny_llama):
+    """make_tiny_model's single-file checkpoint (conftest's ``tiny_llama``); (dir, its tensors)."""
+    assert not os.path.exists(os.path.join(tiny_llama, INDEX_FILE))
+    return tiny_llama, load_file(os.path.join(tiny_llama, SINGLE_FILE))
 
 
 def _copy_without(src: str, dst, drop) -> str:

@@ -398,3 +398,18 @@ def test_expect():
         expect(opened, StepOutput)
     with pytest.raises(errors.UnknownSession, match="no session 's'"):
         expect(ErrorReply(code="unknown_session", message="no session 's'"), StepOutput)
+
+
+def test_protocol_version_is_checked_before_the_fields():
+    # a future version may drop or retype fields: the reader must say "version", not "bad field"
+    header = msgpack.packb({"type": "OpenSession", "fields": {"protocol_version": PROTOCOL_VERSION + 1,
+                                                                "session_id": 5}, "sizes": []})
+
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(struct.pack("<I", len(header)) + header)
+        reader.feed_eof()
+        return await read_message(reader)
+
+    with pytest.raises(ProtocolVersionError):
+        asyncio.run(read())

@@ -1,0 +1,156 @@
+"""Bad requests to a real server get clear errors, and every other session goes on unharmed."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+
+import msgpack
+import pytest
+import torch
+
+from swarm.transport import Stream
+from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.errors import BadRequest, SessionLengthExceeded, UnknownSession
+from swarm.wire import (
+    ForwardRequest,
+    ForwardResponse,
+    InferenceStep,
+    InfoRequest,
+    InfoResponse,
+    OpenSession,
+    SessionOpened,
+    StepOutput,
+    expect,
+)
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 30
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def _client(swarm) -> tuple[Peer, str]:
+    """A client peer and the id of the server holding blocks 1:3."""
+    peer = await Peer.start(NetworkConfig(initial_peers=tuple(swarm.initial_peers),
+                                          host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+    servers = await fetch_servers(peer, "tiny-llama", [1])
+    (server_id,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
+    return peer, server_id
+
+
+async def _open(peer: Peer, server_id: str, max_length: int = 8, start: int = 1, end: int = 3,
+                session_id: str | None = None) -> tuple[Stream, str]:
+    stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
+    session_id = session_id or uuid.uuid4().hex
+    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=max_length))
+    expect(await stream.receive(TIMEOUT), SessionOpened)
+    return stream, session_id
+
+
+async def _step(stream: Stream, session_id: str, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    await stream.send(InferenceStep(session_id=session_id, hidden=hidden, start_position=position))
+    return expect(await stream.receive(TIMEOUT), StepOutput).hidden
+
+
+def test_bad_requests_get_clear_errors_and_other_sessions_carry_on(llama_swarm):
+    async def scenario():
+        peer, server_id = await _client(llama_swarm)
+        try:
+            hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(0))
+            # a healthy session runs alongside every bad request below
+            good, good_id = await _open(peer, server_id, max_length=16)
+            reference = await _step(good, good_id, hidden[:, :3], 0)
+
+            # 1. a session that exceeds its max_length
+            bad, bad_id = await _open(peer, server_id, max_length=4)
+            await _step(bad, bad_id, hidden[:, :3], 0)
+            with pytest.raises(SessionLengthExceeded, match="more than its max_length 4"):
+                await _step(bad, bad_id, hidden[:, 3:5], 3)
+            # the same session is still usable within its limit
+            await _step(bad, bad_id, hidden[:, 3:4], 3)
+
+            # 2. an unknown session id on an open stream
+            with pytest.raises(UnknownSession, match="not the one open on this stream"):
+                await _step(bad, "no-such-session", hidden[:, :1], 0)
+
+            # 3. a wrong hidden size, then a wrong dtype
+            with pytest.raises(BadRequest, match=r"expected \[batch, seq, 64\]"):
+                await _step(bad, bad_id, torch.zeros(1, 1, 32), 0)
+            with pytest.raises(BadRequest, match="dtype torch.int64"):
+                await _step(bad, bad_id, torch.zeros(1, 1, 64, dtype=torch.int64), 0)
+            # a start position past what the session holds
+            with pytest.raises(BadRequest, match="start_position 9"):
+                await _step(bad, bad_id, hidden[:, :1], 9)
+            bad.close()
+
+            # 4. blocks the server does not hold: in a session and in a forward pass
+            with pytest.raises(BadRequest, match="server holds 1:3"):
+                await _open(peer, server_id, start=0, end=3)
+            stream = await Stream.open(peer.p2p, server_id, "forward", TIMEOUT)
+            await stream.send(ForwardRequest(start=2, end=4, hidden=hidden))
+            with pytest.raises(BadRequest, match="blocks 2:4 are not all served here"):
+                expect(await stream.receive(TIMEOUT), ForwardResponse)
+            stream.close()
+
+            # 5. a session asking for more than the server allows
+            with pytest.raises(SessionLengthExceeded, match="max-session-length"):
+                await _open(peer, server_id, max_length=10**9)
+
+            # 6. malformed frames: garbage header, unknown message type
+            for payload in (b"\xc1\xc1\xc1 not msgpack",
+                            msgpack.packb({"type": "Nonsense", "fields": {}, "sizes": []})):
+                stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
+                stream.writer.write(struct.pack("<I", len(payload)) + payload)
+                await stream.writer.drain()
+                with pytest.raises(BadRequest, match="not valid msgpack|unknown message type"):
+                    expect(await stream.receive(TIMEOUT), SessionOpened)
+                stream.close()
+
+            # the healthy session goes on and still computes the same states as a fresh one
+            continued = await _step(good, good_id, hidden[:, 3:], 3)
+            fresh, fresh_id = await _open(peer, server_id, max_length=16)
+            expected = await _step(fresh, fresh_id, hidden, 0)
+            assert torch.allclose(torch.cat([reference, continued], dim=1), expected, atol=1e-5)
+            good.close()
+            fresh.close()
+
+            # and the server still answers info
+            stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
+            await stream.send(InfoRequest())
+            info = expect(await stream.receive(TIMEOUT), InfoResponse)
+            stream.close()
+            assert (info.start, info.end, info.hidden_size) == (1, 3, 64)
+        finally:
+            await peer.shutdown()
+
+    run(scenario())
+
+
+def test_closing_the_stream_frees_the_cache(llama_swarm):
+    async def scenario():
+        peer, server_id = await _client(llama_swarm)
+        try:
+            async def tokens_left() -> int:
+                stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
+                await stream.send(InfoRequest())
+                info = expect(await stream.receive(TIMEOUT), InfoResponse)
+                stream.close()
+                return info.cache_tokens_left
+
+            before = await tokens_left()
+            stream, _ = await _open(peer, server_id, max_length=1000)
+            assert await tokens_left() == before - 1000
+            stream.close()
+            for _ in range(100):  # the server notices the closed stream asynchronously
+                if await tokens_left() == before:
+                    break
+                await asyncio.sleep(0.05)
+            assert await tokens_left() == before
+        finally:
+            await peer.shutdown()
+
+    run(scenario())

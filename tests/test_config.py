@@ -1,0 +1,265 @@
+"""Configs (swarm/config.py, NetworkConfig in swarm/dht.py) and the CLI parser (swarm/cli.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import swarm.cli
+from swarm.config import (
+    INITIAL_PEERS_ENV,
+    ClientConfig,
+    DHTConfig,
+    ServerConfig,
+    default_prefix,
+    env_initial_peers,
+    parse_span,
+)
+from swarm.errors import ConfigError
+
+PEER = "/ip4/1.2.3.4/tcp/5/p2p/QmPeer"
+PEER2 = "/ip4/5.6.7.8/tcp/31337/p2p/12D3KooWabc"
+
+
+@pytest.fixture(autouse=True)
+def no_env_peers(monkeypatch):
+    monkeypatch.delenv(INITIAL_PEERS_ENV, raising=False)
+
+
+# ---------------------------------------------------------------- parse_span
+
+
+@pytest.mark.parametrize("text, span", [("0:16", (0, 16)), (" 2 : 5 ", (2, 5)), ("7:8", (7, 8)),
+                                        ("010:012", (10, 12))])
+def test_parse_span_good(text, span):
+    assert parse_span(text) == span
+
+
+@pytest.mark.parametrize("text", ["", "5", "a:b", "0-4", "0:16:2", "-1:2", "1:-2", ":4", "4:", "1.5:3", None])
+def test_parse_span_malformed(text):
+    with pytest.raises(ConfigError, match=r"--blocks .* is not START:END"):
+        parse_span(text)
+
+
+@pytest.mark.parametrize("text", ["1:1", "3:2"])
+def test_parse_span_start_not_below_end(text):
+    with pytest.raises(ConfigError, match=r"--blocks .*START must be less than END"):
+        parse_span(text)
+
+
+def test_parse_span_bounds():
+    assert parse_span("0:16", num_blocks=16) == (0, 16)
+    assert parse_span("15:16", num_blocks=16) == (15, 16)
+    with pytest.raises(ConfigError, match=r"--blocks '0:17': the model has 16 blocks \(0:16\)"):
+        parse_span("0:17", num_blocks=16)
+    with pytest.raises(ConfigError, match="--blocks"):
+        parse_span("16:20", num_blocks=16)
+
+
+# ---------------------------------------------------------------- default_prefix
+
+
+@pytest.mark.parametrize("model, prefix", [
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen2.5-7B-Instruct"),
+    ("meta-llama/Llama-3.1-8B", "Llama-3.1-8B"),
+    ("gpt2", "gpt2"),
+    ("/models/llama-3/", "llama-3"),
+    ("/models/llama-3", "llama-3"),
+    ("./checkpoints/my model//", "my_model"),
+    ("relative/dir/tiny+llama@v2", "tiny_llama_v2"),
+])
+def test_default_prefix(model, prefix):
+    assert default_prefix(model) == prefix
+
+
+def test_server_config_dht_prefix():
+    assert ServerConfig(model="Qwen/Qwen2.5-7B-Instruct").dht_prefix == "Qwen2.5-7B-Instruct"
+    assert ServerConfig(model="Qwen/Qwen2.5-7B-Instruct", prefix="custom").dht_prefix == "custom"
+
+
+# ---------------------------------------------------------------- ServerConfig / DHTConfig
+
+
+def test_server_config_defaults():
+    config = ServerConfig(model="x")
+    assert config.initial_peers == () and config.host_maddrs == () and config.port is None
+    assert config.blocks is None and config.cache_tokens > 0 and config.max_session_length > 0
+    assert config.listen_maddrs() == ("/ip4/0.0.0.0/tcp/0",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model = "y"
+
+
+def test_listen_maddrs():
+    assert ServerConfig(model="x", port=31337).listen_maddrs() == ("/ip4/0.0.0.0/tcp/31337",)
+    assert ServerConfig(model="x", host_maddrs=("/ip4/127.0.0.1/tcp/0",)).listen_maddrs() == ("/ip4/127.0.0.1/tcp/0",)
+
+
+def test_server_config_requires_model():
+    with pytest.raises(ConfigError, match="--model is required"):
+        ServerConfig()
+
+
+@pytest.mark.parametrize("port", [0, -1, 65536, 100000])
+def test_bad_port(port):
+    with pytest.raises(ConfigError, match=f"--port {port} is not a TCP port"):
+        ServerConfig(model="x", port=port)
+    with pytest.raises(ConfigError, match="--port"):
+        DHTConfig(port=port)
+
+
+def test_port_and_host_maddrs_conflict():
+    with pytest.raises(ConfigError, match="either --port or --host-maddrs"):
+        ServerConfig(model="x", port=1234, host_maddrs=("/ip4/0.0.0.0/tcp/1",))
+    with pytest.raises(ConfigError, match="either --port or --host-maddrs"):
+        DHTConfig(port=1234, host_maddrs=("/ip4/0.0.0.0/tcp/1",))
+
+
+@pytest.mark.parametrize("field, flag", [
+    ("cache_tokens", "--cache-tokens"),
+    ("max_session_length", "--max-session-length"),
+    ("max_batch_size", "--max-batch-size"),
+    ("max_forward_tokens", "--max-forward-tokens"),
+    ("update_period", "--update-period"),
+    ("session_timeout", "--session-timeout"),
+    ("num_threads", "--num-threads"),
+])
+@pytest.mark.parametrize("value", [0, -5])
+def test_non_positive_limits(field, flag, value):
+    with pytest.raises(ConfigError, match=flag):
+        ServerConfig(model="x", **{field: value})
+
+
+def test_server_config_checks_blocks():
+    assert ServerConfig(model="x", blocks="0:2").blocks == "0:2"
+    with pytest.raises(ConfigError, match="--blocks"):
+        ServerConfig(model="x", blocks="2:0")
+    with pytest.raises(ConfigError, match="--blocks"):
+        ServerConfig(model="x", blocks="all")
+
+
+def test_server_config_reads_env_peers(monkeypatch):
+    monkeypatch.setenv(INITIAL_PEERS_ENV, f"{PEER},{PEER2}")
+    assert ServerConfig(model="x").initial_peers == (PEER, PEER2)
+    assert DHTConfig().initial_peers == (PEER, PEER2)
+    assert ServerConfig(model="x", initial_peers=()).initial_peers == ()  # explicit wins
+
+
+# ---------------------------------------------------------------- ClientConfig
+
+
+def test_client_config_requires_initial_peers():
+    with pytest.raises(ConfigError, match=rf"initial_peers.*\${INITIAL_PEERS_ENV}"):
+        ClientConfig()
+    with pytest.raises(ConfigError, match="initial_peers"):
+        ClientConfig(initial_peers=())
+
+
+@pytest.mark.parametrize("value", [f"{PEER} {PEER2}", f"{PEER},{PEER2}", f" {PEER}, \n{PEER2} ,"])
+def test_client_config_reads_env(monkeypatch, value):
+    monkeypatch.setenv(INITIAL_PEERS_ENV, value)
+    assert env_initial_peers() == (PEER, PEER2)
+    assert ClientConfig().initial_peers == (PEER, PEER2)
+    assert ClientConfig(initial_peers=(PEER2,)).initial_peers == (PEER2,)
+
+
+def test_client_config_empty_env_is_no_peers(monkeypatch):
+    monkeypatch.setenv(INITIAL_PEERS_ENV, " , ")
+    assert env_initial_peers() == ()
+    with pytest.raises(ConfigError, match="initial_peers"):
+        ClientConfig()
+
+
+@pytest.mark.parametrize("field", ["connect_timeout", "request_timeout", "missing_blocks_timeout"])
+def test_client_config_timeouts_positive(field):
+    with pytest.raises(ConfigError, match=f"{field} must be positive"):
+        ClientConfig(initial_peers=(PEER,), **{field: 0})
+
+
+def test_client_config_max_retries():
+    assert ClientConfig(initial_peers=(PEER,), max_retries=0).max_retries == 0
+    with pytest.raises(ConfigError, match="max_retries must be >= 0"):
+        ClientConfig(initial_peers=(PEER,), max_retries=-1)
+
+
+# ---------------------------------------------------------------- NetworkConfig
+
+
+def test_network_config_initial_peers():
+    from swarm.dht import NetworkConfig
+
+    assert NetworkConfig(initial_peers=(PEER, PEER2)).initial_peers == (PEER, PEER2)
+    assert NetworkConfig().initial_peers == ()
+    for bad in ("1.2.3.4:5", "/ip4/1.2.3.4/tcp/5", "QmPeer", "ip4/1.2.3.4/tcp/5/p2p/QmPeer"):
+        with pytest.raises(ConfigError, match=f"initial peer '{bad}' is not a full multiaddr"):
+            NetworkConfig(initial_peers=(PEER, bad))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_serve_builds_server_config():
+    args = swarm.cli.make_parser().parse_args(
+        ["serve", "--model", "x", "--blocks", "0:2", "--initial-peers", PEER])
+    assert args.command == "serve"
+    config = swarm.cli._build_config(ServerConfig, args)
+    assert isinstance(config, ServerConfig)
+    assert config.initial_peers == (PEER,) and isinstance(config.initial_peers, tuple)
+    assert config == ServerConfig(model="x", blocks="0:2", initial_peers=(PEER,))
+    defaults = ServerConfig(model="x")
+    for field in dataclasses.fields(ServerConfig):
+        if field.name not in ("model", "blocks", "initial_peers"):
+            assert getattr(config, field.name) == getattr(defaults, field.name), field.name
+
+
+def test_cli_typed_flags():
+    args = swarm.cli.make_parser().parse_args(
+        ["serve", "--model", "m", "--cache-tokens", "100", "--update-period", "2.5", "--port", "4000",
+         "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0", "--num-threads", "3"])
+    assert args.cache_tokens == 100 and args.update_period == 2.5 and args.port == 4000 and args.num_threads == 3
+    assert args.host_maddrs == ["/ip4/127.0.0.1/tcp/0", "/ip6/::1/tcp/0"]
+    with pytest.raises(ConfigError, match="either --port or --host-maddrs"):
+        swarm.cli._build_config(ServerConfig, args)
+
+
+def test_cli_unset_env_peers_default(monkeypatch):
+    monkeypatch.setenv(INITIAL_PEERS_ENV, PEER2)
+    args = swarm.cli.make_parser().parse_args(["serve", "--model", "x"])
+    assert swarm.cli._build_config(ServerConfig, args).initial_peers == (PEER2,)
+    args = swarm.cli.make_parser().parse_args(["serve", "--model", "x", "--initial-peers"])
+    assert swarm.cli._build_config(ServerConfig, args).initial_peers == ()
+
+
+def test_cli_every_config_field_has_a_flag():
+    parser = swarm.cli.make_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    dests = {action.dest for action in serve._actions}
+    assert {f.name for f in dataclasses.fields(ServerConfig)} <= dests
+
+
+def test_cli_serve_requires_model(capsys):
+    with pytest.raises(SystemExit) as info:
+        swarm.cli.make_parser().parse_args(["serve", "--blocks", "0:2"])
+    assert info.value.code == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_int(capsys):
+    with pytest.raises(SystemExit):
+        swarm.cli.make_parser().parse_args(["serve", "--model", "x", "--port", "http"])
+    assert "--port" in capsys.readouterr().err
+
+
+def test_cli_models(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(swarm.cli, "_setup_logging", calls.append)  # keep the test's logging untouched
+    assert swarm.cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "llama" in out.split()
+    assert calls == [False]
+
+
+def test_cli_config_error_exit_code(monkeypatch, capsys):
+    monkeypatch.setattr(swarm.cli, "_setup_logging", lambda verbose: None)
+    assert swarm.cli.main(["dht", "--port", "0"]) == 2
+    assert "error: --port 0 is not a TCP port" in capsys.readouterr().err

@@ -1,0 +1,246 @@
+"""Pure routing over synthetic swarms (swarm/routing.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from swarm.errors import FatalError, MissingBlocksError
+from swarm.records import ServerRecord, ServerState
+from swarm.routing import Bans, ChainLink, format_blocks, make_chain, missing_blocks
+
+
+def rec(start: int, end: int, *, state: ServerState = ServerState.ONLINE, throughput: float = 1.0,
+        cache: int = 1000) -> ServerRecord:
+    return ServerRecord(state=state, start=start, end=end, throughput=throughput, cache_tokens_left=cache)
+
+
+def swarm_of(servers: dict[str, ServerRecord], num_blocks: int | None = None) -> dict[int, dict[str, ServerRecord]]:
+    """``{peer_id: record}`` -> ``{block: {peer_id: record}}``, the shape fetch_servers returns."""
+    num_blocks = num_blocks if num_blocks is not None else max(r.end for r in servers.values())
+    out: dict[int, dict[str, ServerRecord]] = {b: {} for b in range(num_blocks)}
+    for peer_id, record in servers.items():
+        for b in range(record.start, record.end):
+            out[b][peer_id] = record
+    return out
+
+
+def links(chain: list[ChainLink]) -> list[tuple[str, int, int]]:
+    return [(link.peer_id, link.start, link.end) for link in chain]
+
+
+def assert_covers(chain: list[ChainLink], start: int, end: int) -> None:
+    assert chain[0].start == start and chain[-1].end == end
+    for a, b in zip(chain, chain[1:]):
+        assert a.end == b.start
+
+
+# ---------------------------------------------------------------- make_chain
+
+
+def test_single_server_covers_all():
+    servers = swarm_of({"A": rec(0, 8)})
+    assert links(make_chain(servers, 0, 8)) == [("A", 0, 8)]
+
+
+def test_two_servers_split():
+    servers = swarm_of({"A": rec(0, 3), "B": rec(3, 8)})
+    assert links(make_chain(servers, 0, 8)) == [("A", 0, 3), ("B", 3, 8)]
+
+
+def test_overlapping_servers_fewest_hops():
+    # greedy-farthest: A(0:4) then C(2:8) is 2 hops; B(0:2)->D(2:5)->... would be more
+    servers = swarm_of({"A": rec(0, 4), "B": rec(0, 2, throughput=100), "C": rec(2, 8), "D": rec(2, 5, throughput=100),
+                        "E": rec(4, 6, throughput=100)})
+    chain = make_chain(servers, 0, 8)
+    assert links(chain) == [("A", 0, 4), ("C", 4, 8)]
+    assert_covers(chain, 0, 8)
+
+
+def test_longest_reach_beats_throughput():
+    servers = swarm_of({"fast": rec(0, 4, throughput=1000.0), "slow": rec(0, 8, throughput=1.0)})
+    assert links(make_chain(servers, 0, 8)) == [("slow", 0, 8)]
+
+
+def test_tie_on_reach_goes_to_higher_throughput():
+    servers = swarm_of({"A": rec(0, 4, throughput=5.0), "B": rec(0, 4, throughput=9.0), "C": rec(0, 4, throughput=7.0)})
+    assert links(make_chain(servers, 0, 4)) == [("B", 0, 4)]
+
+
+def test_tie_on_throughput_goes_to_smaller_peer_id():
+    records = {"QmZ": rec(0, 4), "QmB": rec(0, 4), "QmC": rec(0, 4)}
+    assert links(make_chain(swarm_of(records), 0, 4)) == [("QmB", 0, 4)]
+
+
+def test_tie_break_with_peer_id_prefix():
+    # "Qm1" < "Qm12": the smaller id must win even when one id is a prefix of the other
+    records = {"Qm12": rec(0, 4), "Qm1": rec(0, 4)}
+    assert links(make_chain(swarm_of(records), 0, 4)) == [("Qm1", 0, 4)]
+    records = {"Qm1": rec(0, 4), "Qm12": rec(0, 4)}
+    assert links(make_chain(swarm_of(records), 0, 4)) == [("Qm1", 0, 4)]
+
+
+def test_chain_is_deterministic_regardless_of_dict_order():
+    records = {"A": rec(0, 3), "B": rec(0, 3), "C": rec(2, 6, throughput=2.0), "D": rec(3, 6, throughput=2.0),
+               "E": rec(1, 6, throughput=0.5)}
+    results = set()
+    for order in itertools.permutations(records):
+        servers = swarm_of({p: records[p] for p in order})
+        results.add(tuple(links(make_chain(servers, 0, 6))))
+    assert results == {(("A", 0, 3), ("C", 3, 6))}
+
+
+def test_joining_and_offline_servers_are_ignored():
+    servers = swarm_of({"joining": rec(0, 8, state=ServerState.JOINING),
+                        "offline": rec(0, 8, state=ServerState.OFFLINE),
+                        "A": rec(0, 4), "B": rec(4, 8)})
+    assert links(make_chain(servers, 0, 8)) == [("A", 0, 4), ("B", 4, 8)]
+
+
+def test_only_joining_servers_means_missing():
+    servers = swarm_of({"joining": rec(0, 4, state=ServerState.JOINING)})
+    with pytest.raises(MissingBlocksError, match="blocks 0:4 "):
+        make_chain(servers, 0, 4)
+
+
+def test_banned_peers_are_ignored():
+    servers = swarm_of({"big": rec(0, 8, throughput=100), "A": rec(0, 4), "B": rec(4, 8)})
+    assert links(make_chain(servers, 0, 8)) == [("big", 0, 8)]
+    assert links(make_chain(servers, 0, 8, banned={"big"})) == [("A", 0, 4), ("B", 4, 8)]
+    with pytest.raises(MissingBlocksError, match=r"blocks 4:8 .*3 server\(s\) seen, 2 temporarily banned"):
+        make_chain(servers, 0, 8, banned={"big", "B"})
+
+
+def test_min_cache_tokens_respected():
+    servers = swarm_of({"small": rec(0, 8, cache=100, throughput=100), "A": rec(0, 4, cache=500),
+                        "B": rec(4, 8, cache=500)})
+    assert links(make_chain(servers, 0, 8, min_cache_tokens=100)) == [("small", 0, 8)]
+    assert links(make_chain(servers, 0, 8, min_cache_tokens=101)) == [("A", 0, 4), ("B", 4, 8)]
+    with pytest.raises(MissingBlocksError, match="blocks 0:8 .* with 501 free cache tokens"):
+        make_chain(servers, 0, 8, min_cache_tokens=501)
+
+
+def test_missing_blocks_error_names_the_spans():
+    servers = swarm_of({"A": rec(0, 2), "B": rec(4, 5), "C": rec(7, 8)}, num_blocks=8)
+    with pytest.raises(MissingBlocksError) as info:
+        make_chain(servers, 0, 8, model="tiny-llama")
+    message = str(info.value)
+    assert "blocks 2:4, 5:7 of tiny-llama have no online server" in message
+    assert "3 server(s) seen, 0 temporarily banned" in message
+    assert "--blocks 2:7" in message  # the span a new server should cover
+    assert isinstance(info.value, FatalError)
+
+
+def test_missing_blocks_beyond_known_keys():
+    # blocks the lookup did not even return (no key at all) count as missing
+    servers = {0: {"A": rec(0, 2)}, 1: {"A": rec(0, 2)}}
+    with pytest.raises(MissingBlocksError, match="blocks 2:4 "):
+        make_chain(servers, 0, 4)
+
+
+def test_sub_range_start_end():
+    servers = swarm_of({"A": rec(0, 5), "B": rec(3, 10), "C": rec(8, 12)})
+    assert links(make_chain(servers, 2, 4)) == [("A", 2, 4)]  # link end clipped to the request
+    assert links(make_chain(servers, 4, 9)) == [("B", 4, 9)]
+    assert links(make_chain(servers, 6, 12)) == [("B", 6, 10), ("C", 10, 12)]
+    # a missing block outside the requested range does not matter
+    servers = swarm_of({"A": rec(0, 3), "B": rec(5, 8)})
+    assert links(make_chain(servers, 5, 7)) == [("B", 5, 7)]
+    with pytest.raises(MissingBlocksError, match="blocks 3:5 "):
+        make_chain(servers, 2, 7)
+
+
+def test_empty_range_gives_empty_chain():
+    assert make_chain({}, 3, 3) == []
+
+
+# ---------------------------------------------------------------- missing_blocks / format_blocks
+
+
+def test_missing_blocks():
+    servers = swarm_of({"A": rec(0, 2), "B": rec(3, 4, state=ServerState.JOINING), "C": rec(4, 6, cache=10)},
+                       num_blocks=7)
+    assert missing_blocks(servers, 0, 7) == [2, 3, 6]
+    assert missing_blocks(servers, 0, 7, banned={"A"}) == [0, 1, 2, 3, 6]
+    assert missing_blocks(servers, 0, 7, min_cache_tokens=11) == [2, 3, 4, 5, 6]
+    assert missing_blocks(servers, 4, 6) == []
+    assert missing_blocks({}, 0, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("blocks, text", [
+    ([], ""),
+    ([2], "2:3"),
+    ([2, 3], "2:4"),
+    ([0, 1, 2, 5], "0:3, 5:6"),
+    ([0, 2, 4], "0:1, 2:3, 4:5"),
+    ([9, 10, 11, 12, 20, 21], "9:13, 20:22"),
+])
+def test_format_blocks(blocks, text):
+    assert format_blocks(blocks) == text
+
+
+# ---------------------------------------------------------------- Bans
+
+
+def test_bans_exponential_backoff():
+    bans = Bans(min_backoff=1.0, max_backoff=60.0)
+    assert bans.banned(now=0.0) == frozenset()
+    assert bans.ban("A", now=100.0) == 1.0
+    assert bans.banned(now=100.5) == {"A"}
+    assert bans.banned(now=101.0) == frozenset()  # banned until now + delay, exclusive
+    assert bans.ban("A", now=200.0) == 2.0  # the second failure waits longer
+    assert bans.banned(now=201.5) == {"A"}
+    assert bans.banned(now=202.0) == frozenset()
+    assert [bans.ban("A", now=300.0) for _ in range(3)] == [4.0, 8.0, 16.0]
+
+
+def test_bans_capped_at_max_backoff():
+    bans = Bans(min_backoff=0.5, max_backoff=10.0)
+    delays = [bans.ban("A", now=0.0) for _ in range(8)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert bans.banned(now=9.9) == {"A"} and bans.banned(now=10.0) == frozenset()
+
+
+def test_bans_survive_many_failures():
+    bans = Bans(min_backoff=1.0, max_backoff=60.0)
+    for _ in range(5000):  # a long-running client and a peer that keeps failing
+        delay = bans.ban("A", now=0.0)
+    assert delay == 60.0
+
+
+def test_bans_succeeded_clears():
+    bans = Bans(min_backoff=1.0, max_backoff=60.0)
+    for _ in range(4):
+        bans.ban("A", now=0.0)
+    bans.ban("B", now=0.0)
+    assert bans.banned(now=0.5) == {"A", "B"}
+    bans.succeeded("A")
+    assert bans.banned(now=0.5) == {"B"}
+    assert bans.ban("A", now=10.0) == 1.0  # failure count reset
+    bans.succeeded("never-banned")  # no error
+
+
+def test_bans_are_per_peer():
+    bans = Bans(min_backoff=1.0, max_backoff=60.0)
+    bans.ban("A", now=0.0)
+    bans.ban("A", now=0.0)
+    assert bans.ban("B", now=0.0) == 1.0
+    assert bans.banned(now=1.5) == {"A"}
+
+
+def test_bans_feed_make_chain():
+    servers = swarm_of({"A": rec(0, 4, throughput=10), "B": rec(0, 4)})
+    bans = Bans()
+    bans.ban("A", now=0.0)
+    assert links(make_chain(servers, 0, 4, banned=bans.banned(now=0.5))) == [("B", 0, 4)]
+    assert links(make_chain(servers, 0, 4, banned=bans.banned(now=5.0))) == [("A", 0, 4)]
+
+
+def test_record_filed_under_a_block_it_does_not_cover_is_ignored():
+    # a hand-built or hostile map: "bad" claims 0:1 but sits under block 1 too; it must neither be
+    # chosen for block 1 nor stall the chain
+    servers = {0: {"bad": rec(0, 1)}, 1: {"bad": rec(0, 1), "good": rec(1, 2)}}
+    assert links(make_chain(servers, 0, 2)) == [("bad", 0, 1), ("good", 1, 2)]
+    with pytest.raises(MissingBlocksError, match="blocks 1:2"):
+        make_chain({0: {"bad": rec(0, 1)}, 1: {"bad": rec(0, 1)}}, 0, 2)
