@@ -3,7 +3,8 @@
     python benchmarks/bench_generation.py                 # Swarm only, tiny Llama (hidden 64, 4 layers)
     python benchmarks/bench_generation.py --petals        # also ../shared/bench/petals_baseline.sh, same model
 
-Measures: generate tokens/s (64 new tokens, greedy, median of 3 after a warm-up), 1-token
+Measures: generate tokens/s (64 new tokens, greedy, median of 10 after a warm-up; this machine is
+noisy, so the per-run times are printed too), 1-token
 inference step latency (median of 50), 8x128 forward time (median of 5), server start to ONLINE,
 and exactness against local transformers. With --petals the Petals baseline runs first in the
 same invocation on the same model directory, and the ratios are reported.
@@ -40,7 +41,8 @@ def run_petals(workdir: str, model_dir: str | None) -> tuple[dict, str]:
     return result, model_dir or os.path.join(workdir, "models", "petals-tiny-llama")
 
 
-def run_swarm(model_dir: str, spans: list[str], server_threads: int | None, client_threads: int | None) -> dict:
+def run_swarm(model_dir: str, spans: list[str], server_threads: int | None, client_threads: int | None,
+              repeats: int = 10) -> dict:
     from transformers import AutoModelForCausalLM
 
     from swarm import AutoDistributedModelForCausalLM
@@ -66,7 +68,7 @@ def run_swarm(model_dir: str, spans: list[str], server_threads: int | None, clie
         kwargs = dict(do_sample=False, pad_token_id=0)
         model.generate(prompt, max_new_tokens=16, **kwargs)  # warm-up: connections, caches
         times, outs = [], []
-        for _ in range(3):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             outs.append(model.generate(prompt, max_new_tokens=64, **kwargs))
             times.append(time.perf_counter() - t0)

@@ -31,6 +31,8 @@ class RemoteSequence:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, model_name: str):
         self.config, self.prefix, self.num_blocks, self.model_name = config, prefix, num_blocks, model_name
         self.bans = Bans()
+        self._servers: dict[int, dict] = {}  # the last DHT lookup: {block: {peer_id: ServerRecord}}
+        self._servers_time = -float("inf")
         self._peer: Peer | None = None
         self._peer_lock: asyncio.Lock | None = None
 
@@ -50,24 +52,34 @@ class RemoteSequence:
             peer, self._peer = self._peer, None
             await peer.shutdown()
 
+    async def servers(self, force: bool = False) -> dict[int, dict]:
+        """Records of every block's servers, looked up again at most every ``routing_refresh`` seconds."""
+        if force or time.monotonic() - self._servers_time > self.config.routing_refresh:
+            peer = await self.peer()
+            self._servers = await fetch_servers(peer, self.prefix, list(range(self.num_blocks)))
+            self._servers_time = time.monotonic()
+        return self._servers
+
     async def chain(self, start: int, end: int, min_cache_tokens: int = 0) -> list[ChainLink]:
         """A chain covering ``start:end``; waits up to ``missing_blocks_timeout`` for missing blocks."""
-        peer = await self.peer()
         deadline = time.monotonic() + self.config.missing_blocks_timeout
         delay = 0.1
+        force = False
         while True:
-            servers = await fetch_servers(peer, self.prefix, list(range(start, end)))
+            servers = await self.servers(force)
             banned = self.bans.banned(time.monotonic())
             try:
                 return make_chain(servers, start, end, banned=banned, min_cache_tokens=min_cache_tokens,
                                   model=repr(self.model_name))
             except MissingBlocksError:
-                if time.monotonic() + delay > deadline:
+                if force and time.monotonic() + delay > deadline:
                     raise
-                missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
-                logger.info("Waiting for servers of blocks %s", missing)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                if force:
+                    missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
+                    logger.info("Waiting for servers of blocks %s", missing)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                force = True  # the cached view may be stale: look again before waiting
 
     async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Runs ``attempt`` until it succeeds, retrying only retryable errors, at most ``max_retries`` times."""
@@ -82,6 +94,7 @@ class RemoteSequence:
 
     def ban(self, peer_id: str) -> None:
         delay = self.bans.ban(peer_id, time.monotonic())
+        self._servers_time = -float("inf")  # what we know about the swarm may be stale too
         logger.info("Not using server %s for %.0fs after a failure", peer_id, delay)
 
     async def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,12 @@
 
 Inference steps go before forward passes, so a long forward never stalls token generation for
 long. Torch releases the GIL inside kernels, so the event loop keeps serving I/O meanwhile.
+
+Small jobs skip the thread: when the executor is idle and a kind of job has been taking less than
+``inline_max_s`` (measured, per kind), it runs right in the event loop. Handing a 0.3 ms step to a
+thread and back costs ~0.1-0.2 ms of wake-ups, a large share of per-token latency for small
+spans; a job that grows slower than the limit goes back to the thread, so the loop is never held
+for long.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,36 +27,59 @@ PRIORITY_FORWARD = 1
 
 
 class ComputeExecutor:
-    def __init__(self, name: str = "swarm-compute", num_threads: int | None = None):
+    def __init__(self, name: str = "swarm-compute", num_threads: int | None = None, inline_max_s: float = 0.002):
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._counter = itertools.count()
         self._num_threads = num_threads
+        self._busy = 0  # jobs queued or running on the thread
+        self._inline_max_s = inline_max_s
+        self._durations: dict[str, float] = {}  # EMA of each kind's duration
+        if num_threads is not None:
+            import torch
+
+            torch.set_num_threads(num_threads)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        import torch
-
-        if self._num_threads is not None:
-            torch.set_num_threads(self._num_threads)
         while True:
             _priority, _order, job = self._queue.get()
             if job is None:
                 return
-            fn, args, loop, future = job
+            fn, args, loop, future, kind = job
             if future.cancelled():
+                loop.call_soon_threadsafe(self._done, kind, None)
                 continue
+            start = time.perf_counter()
             try:
                 result = fn(*args)
             except BaseException as e:  # delivered to the awaiting coroutine, never lost
                 loop.call_soon_threadsafe(_set_exception, future, e)
             else:
                 loop.call_soon_threadsafe(_set_result, future, result)
+            loop.call_soon_threadsafe(self._done, kind, time.perf_counter() - start)
 
-    async def run(self, priority: int, fn: Callable[..., T], *args: Any) -> T:
+    def _done(self, kind: str, duration: float | None) -> None:
+        self._busy -= 1
+        if duration is not None:
+            self._record(kind, duration)
+
+    def _record(self, kind: str, duration: float) -> None:
+        previous = self._durations.get(kind)
+        self._durations[kind] = duration if previous is None else 0.8 * previous + 0.2 * duration
+
+    async def run(self, priority: int, fn: Callable[..., T], *args: Any, kind: str = "") -> T:
+        """Runs ``fn(*args)``; ``kind`` groups jobs of similar cost (e.g. ``"step:1"``) for the inline rule."""
+        if self._busy == 0 and self._durations.get(kind, float("inf")) < self._inline_max_s:
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self._record(kind, time.perf_counter() - start)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((priority, next(self._counter), (fn, args, loop, future)))
+        self._busy += 1
+        self._queue.put((priority, next(self._counter), (fn, args, loop, future, kind)))
         return await future
 
     def shutdown(self) -> None:

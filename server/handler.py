@@ -150,7 +150,7 @@ class SpanHandler:
         if tokens > self.limits.max_forward_tokens:
             raise BadRequest(f"forward of {tokens} tokens exceeds this server's --max-forward-tokens "
                              f"{self.limits.max_forward_tokens}; split the batch")
-        out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end)
+        out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, kind="forward")
         await write_message(writer, ForwardResponse(hidden=out))
 
     @torch.inference_mode()
@@ -192,7 +192,8 @@ class SpanHandler:
                 return
             try:
                 step = self._check_step(session, msg)
-                out = await self.executor.run(PRIORITY_INFERENCE, self._step, session, step)
+                kind = f"step:{step.hidden.shape[0] * step.hidden.shape[1]}:{session.end - session.start}"
+                out = await self.executor.run(PRIORITY_INFERENCE, self._step, session, step, kind=kind)
             except (BadRequest, ValueError) as e:
                 # the session stays usable: the client may correct the request and go on
                 await write_error(writer, e if isinstance(e, SwarmError) else BadRequest(str(e)))

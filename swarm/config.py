@@ -139,13 +139,14 @@ class ClientConfig:
     request_timeout: float = 60.0  # seconds one forward or inference step may take
     missing_blocks_timeout: float = 10.0  # how long to wait for servers of missing blocks before failing
     max_retries: int = 3  # attempts after the first one, on retryable errors only
+    routing_refresh: float = 5.0  # seconds a DHT lookup of the model's servers is reused
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
             raise ConfigError(f"the client needs initial_peers=[...] (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
                               "`swarm serve` or `swarm dht` printed")
-        for name in ("connect_timeout", "request_timeout", "missing_blocks_timeout"):
+        for name in ("connect_timeout", "request_timeout", "missing_blocks_timeout", "routing_refresh"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
