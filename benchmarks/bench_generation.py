@@ -3,7 +3,8 @@
     python benchmarks/bench_generation.py                 # Swarm only, tiny Llama (hidden 64, 4 layers)
     python benchmarks/bench_generation.py --petals        # also ../shared/bench/petals_baseline.sh, same model
 
-Measures: generate tokens/s (64 new tokens, greedy, median of 10 after a warm-up; this machine is
+Measures: generate tokens/s (64 new tokens, greedy, median of 10 after a warm-up, with server-to-server
+push and without, interleaved; this machine is
 noisy, so the per-run times are printed too), 1-token
 inference step latency (median of 50), 8x128 forward time (median of 5), server start to ONLINE,
 and exactness against local transformers. With --petals the Petals baseline runs first in the
@@ -66,14 +67,24 @@ def run_swarm(model_dir: str, spans: list[str], server_threads: int | None, clie
         torch.manual_seed(0)
         prompt = torch.randint(3, 1000, (1, 8))
         kwargs = dict(do_sample=False, pad_token_id=0)
+        no_push = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers,
+                                                                  use_push=False)
+        no_push.generation_config.eos_token_id = None
         model.generate(prompt, max_new_tokens=16, **kwargs)  # warm-up: connections, caches
-        times, outs = [], []
-        for _ in range(repeats):
+        no_push.generate(prompt, max_new_tokens=16, **kwargs)
+        times, no_push_times, outs = [], [], []
+        for _ in range(repeats):  # interleaved, so that both see the same machine load
             t0 = time.perf_counter()
             outs.append(model.generate(prompt, max_new_tokens=64, **kwargs))
             times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            outs.append(no_push.generate(prompt, max_new_tokens=64, **kwargs))
+            no_push_times.append(time.perf_counter() - t0)
+        no_push.shutdown()
         res["generate_64_times_s"] = [round(t, 4) for t in times]
         res["generate_64_tokens_per_s_median"] = round(64 / statistics.median(times), 1)
+        res["generate_64_no_push_tokens_per_s_median"] = round(64 / statistics.median(no_push_times), 1)
+        res["all_runs_identical"] = all(torch.equal(o, outs[0]) for o in outs)
         with torch.inference_mode():
             res["generate_64_equal_local_hf"] = bool(torch.equal(
                 outs[0], local.generate(prompt, max_new_tokens=64, **kwargs)))
@@ -100,6 +111,7 @@ def run_swarm(model_dir: str, spans: list[str], server_threads: int | None, clie
                 fwd.append(time.perf_counter() - t0)
             res["forward_8x128_median_s"] = round(statistics.median(fwd), 4)
             res["forward_max_abs_diff_vs_local_hf"] = float((logits - local(x).logits).abs().max())
+        model.shutdown()
     return res
 
 

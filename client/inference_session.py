@@ -42,6 +42,7 @@ class InferenceSession:
         self.pending_hypo_ids: torch.Tensor | None = None  # beam reorder to apply with the next step
         self.batch_size: int | None = None
         self._spans: list[_SpanSession] = []
+        self._step_id = 0
         self.closed = False
 
     @property
@@ -94,14 +95,33 @@ class InferenceSession:
         hypo_ids, self.pending_hypo_ids = self.pending_hypo_ids, None
         dtype = hidden.dtype
         timeout = self.sequence.config.request_timeout
-        for span in self._spans:
-            await span.stream.send(InferenceStep(session_id=span.session_id, hidden=hidden,
-                                                 start_position=position, hypo_ids=hypo_ids))
-            out = expect(await span.stream.receive(timeout), StepOutput).hidden
-            check_output(out, hidden, span.link.peer_id)
-            hidden = out
+        push = self.sequence.config.use_push
+        self._step_id += 1
+        step_id = self._step_id
+        i = 0
+        while i < len(self._spans):
+            # send to span i; with push, each server passes its output straight on to the next one
+            rest = self._spans[i + 1:] if push else []
+            await self._spans[i].stream.send(InferenceStep(
+                session_id=self._spans[i].session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
+                step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest)))
+            while True:  # read span i's answer, then the next span's while outputs were pushed on
+                out = await self._receive(self._spans[i], step_id, timeout)
+                check_output(out.hidden, hidden, self._spans[i].link.peer_id)
+                hidden = out.hidden
+                i += 1
+                if i == len(self._spans) or not out.pushed:
+                    break
         self.position = position + hidden.shape[1]
         return hidden.to(dtype)
+
+    @staticmethod
+    async def _receive(span: _SpanSession, step_id: int, timeout: float) -> StepOutput:
+        for _ in range(1000):  # bounded: a server answers each step once, stale answers are rare
+            out = expect(await span.stream.receive(timeout), StepOutput)
+            if out.step_id == step_id:
+                return out
+        raise BadRequest(f"server {span.link.peer_id} keeps sending answers to old steps")
 
     def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
         return run_sync(self.astep(hidden, start_position))

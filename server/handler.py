@@ -37,6 +37,7 @@ from swarm.wire import (
 
 from server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeExecutor
 from server.kv_cache import CacheBudget
+from server.push import MAX_NEXT_SERVERS, PushSender
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,11 @@ class Session:
     max_length: int
     batch_size: int
     cache: DynamicCache
+    writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
     position: int = 0
+    last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # steps come from the client and pushes
 
 
 class SpanHandler:
@@ -73,6 +77,7 @@ class SpanHandler:
         self.budget, self.limits, self.executor, self.public_name = budget, limits, executor, public_name
         self.hidden_size = span.config.hidden_size
         self.sessions: dict[str, Session] = {}
+        self.pusher: PushSender | None = None
         self._streams: set[asyncio.Task] = set()
         self._wire_limits = WireLimits(max_message_bytes=self._max_message_bytes())
 
@@ -81,6 +86,8 @@ class SpanHandler:
         return max(self.limits.max_forward_tokens, self.limits.max_batch_size * 1024) * per_token + (1 << 20)
 
     async def add_to(self, p2p) -> None:
+        self.pusher = PushSender(p2p)
+        await p2p.add_binary_stream_handler(HANDLERS["push"], self._guard(self._handle_push))
         await p2p.add_binary_stream_handler(HANDLERS["info"], self._guard(self._handle_info))
         await p2p.add_binary_stream_handler(HANDLERS["forward"], self._guard(self._handle_forward))
         await p2p.add_binary_stream_handler(HANDLERS["inference"], self._guard(self._handle_inference))
@@ -92,6 +99,8 @@ class SpanHandler:
 
     async def close_all(self) -> None:
         """Ends every open stream (and so every session); called on shutdown."""
+        if self.pusher is not None:
+            self.pusher.close()
         for task in list(self._streams):
             task.cancel()
         if self._streams:
@@ -175,7 +184,7 @@ class SpanHandler:
             raise BadRequest(f"session id {msg.session_id[:128]!r} is empty, too long or already open here")
         with self.budget.reserve(msg.max_length * msg.batch_size, msg.end - msg.start):
             session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
-                              self.span.new_cache())
+                              self.span.new_cache(), writer)
             self.sessions[session.session_id] = session
             try:
                 await write_message(writer, SessionOpened(session.session_id, self.budget.tokens_left))
@@ -190,15 +199,43 @@ class SpanHandler:
             except asyncio.TimeoutError:
                 logger.info("session %s idle for %.0fs: closed", session.session_id[:8], self.limits.session_timeout)
                 return
+            await self._process_step(session, msg)
+
+    async def _handle_push(self, reader, writer) -> None:
+        """Steps pushed by the previous server of a chain, for any session open here."""
+        while True:
+            msg = await read_message(reader, self._wire_limits)
+            if not isinstance(msg, InferenceStep):
+                raise BadRequest(f"the push handler expects InferenceStep, got {type(msg).__name__}")
+            session = self.sessions.get(msg.session_id)
+            if session is None:  # closed meanwhile, or never here; the client's timeout covers it
+                logger.warning("push for unknown session %r ignored", msg.session_id[:40])
+                continue
+            await self._process_step(session, msg)
+
+    async def _process_step(self, session: Session, msg) -> None:
+        """Runs one step and answers on the session's stream; a bad step gets an error, the session lives on."""
+        async with session.lock:
+            step_id = getattr(msg, "step_id", 0)
+            if step_id and step_id <= session.last_step_id:
+                return  # already answered: it was pushed and then sent by the client too
             try:
                 step = self._check_step(session, msg)
                 kind = f"step:{step.hidden.shape[0] * step.hidden.shape[1]}:{session.end - session.start}"
                 out = await self.executor.run(PRIORITY_INFERENCE, self._step, session, step, kind=kind)
             except (BadRequest, ValueError) as e:
                 # the session stays usable: the client may correct the request and go on
-                await write_error(writer, e if isinstance(e, SwarmError) else BadRequest(str(e)))
-                continue
-            await write_message(writer, StepOutput(hidden=out, position=session.position))
+                await write_error(session.writer, e if isinstance(e, SwarmError) else BadRequest(str(e)))
+                return
+            session.last_step_id = max(session.last_step_id, step_id)
+            pushed = False
+            if step.next_servers and self.pusher is not None:
+                (peer_id, next_session_id), rest = step.next_servers[0], step.next_servers[1:]
+                pushed = await self.pusher.push(peer_id, InferenceStep(
+                    session_id=next_session_id, hidden=out, start_position=step.start_position,
+                    hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest))
+            await write_message(session.writer, StepOutput(hidden=out, position=session.position, step_id=step_id,
+                                                           pushed=pushed))
 
     def _check_step(self, session: Session, msg) -> InferenceStep:
         if not isinstance(msg, InferenceStep):
@@ -208,6 +245,10 @@ class SpanHandler:
             raise UnknownSession(f"session {msg.session_id[:40]!r} is not the one open on this stream "
                                  f"({session.session_id[:40]!r}); it belongs to {known}")
         hidden = self._check_hidden(msg.hidden, "InferenceStep.hidden")
+        if len(msg.next_servers) > MAX_NEXT_SERVERS or any(
+                len(peer) > 128 or len(sid) > 128 for peer, sid in msg.next_servers):
+            raise BadRequest(f"next_servers must list at most {MAX_NEXT_SERVERS} (peer id, session id) pairs "
+                             "of at most 128 characters each")
         batch, new_tokens = hidden.shape[0], hidden.shape[1]
         if batch != session.batch_size:
             raise BadRequest(f"step batch {batch} differs from the session's batch_size {session.batch_size}")

@@ -140,6 +140,7 @@ class ClientConfig:
     missing_blocks_timeout: float = 10.0  # how long to wait for servers of missing blocks before failing
     max_retries: int = 3  # attempts after the first one, on retryable errors only
     routing_refresh: float = 5.0  # seconds a DHT lookup of the model's servers is reused
+    use_push: bool = True  # servers pass step outputs straight to the next server of the chain
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
 
     def __post_init__(self) -> None:
@@ -151,3 +152,52 @@ class ClientConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+def _check_maddrs(flag: str, maddrs: tuple[str, ...]) -> None:
+    for addr in maddrs:
+        if not addr.startswith("/") or "/p2p/" not in addr:
+            raise ConfigError(f"{flag} {addr!r} is not a full multiaddr; expected e.g. "
+                              "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`")
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    """``swarm health``: a DHT client that crawls the swarm and serves its state over HTTP."""
+
+    initial_peers: tuple[str, ...] = dataclasses.field(
+        default_factory=env_initial_peers,
+        metadata=_help(f"multiaddrs of peers of the swarm to watch (default: ${INITIAL_PEERS_ENV})", nargs="+"))
+    host: str = dataclasses.field(
+        default="127.0.0.1", metadata=_help("address the web page listens on (0.0.0.0 to show it to your network)"))
+    port: int = dataclasses.field(default=8000, metadata=_help("TCP port of the web page (0: any free port)"))
+    host_maddrs: tuple[str, ...] = dataclasses.field(
+        default=("/ip4/0.0.0.0/tcp/0",), metadata=_help("multiaddrs the DHT client listens on", nargs="+"))
+    refresh_period: float = dataclasses.field(
+        default=15.0, metadata=_help("seconds between crawls of the DHT (the page polls as often)"))
+    probe_timeout: float = dataclasses.field(
+        default=5.0, metadata=_help("seconds a server has to answer the info probe before it counts as unreachable"))
+    probe_cache_ttl: float = dataclasses.field(
+        default=30.0, metadata=_help("seconds a probe result is reused before the server is asked again"))
+    max_probes: int = dataclasses.field(default=32, metadata=_help("probes in flight at once"))
+    show_ips: bool = dataclasses.field(
+        default=False, metadata=_help("show the network addresses of servers on the page and in the JSON"))
+
+    def __post_init__(self) -> None:
+        if not self.initial_peers:
+            raise ConfigError(f"swarm health needs --initial-peers (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
+                              "`swarm serve` or `swarm dht` printed")
+        _check_maddrs("--initial-peers", self.initial_peers)
+        if not self.host:
+            raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port (0..65535; 0 picks a free one)")
+        for name in ("refresh_period", "probe_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.probe_cache_ttl >= 0:
+            raise ConfigError(f"--probe-cache-ttl must be >= 0 (0: probe on every crawl), got {self.probe_cache_ttl}")
+        if self.max_probes < 1:
+            raise ConfigError(f"--max-probes must be at least 1, got {self.max_probes}")
+        if not self.host_maddrs:
+            raise ConfigError("--host-maddrs needs at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/0")

@@ -6,6 +6,8 @@ One servicer, three stream handlers (names in :data:`HANDLERS`):
 - ``forward``: one :class:`ForwardRequest` -> one :class:`ForwardResponse` (no-grad, any length)
 - ``inference``: a session. :class:`OpenSession` -> :class:`SessionOpened`, then any number of
   :class:`InferenceStep` -> :class:`StepOutput`. Closing the stream frees the session's cache.
+- ``push``: server to server. :class:`InferenceStep` messages for sessions open on the receiving
+  server, sent by the server before it in the chain; answers go to the session's own stream.
 
 Any request may be answered with :class:`ErrorReply` (code + message, see :mod:`swarm.errors`).
 
@@ -33,6 +35,7 @@ HANDLERS = {
     "info": f"swarm.v{PROTOCOL_VERSION}.info",
     "forward": f"swarm.v{PROTOCOL_VERSION}.forward",
     "inference": f"swarm.v{PROTOCOL_VERSION}.inference",
+    "push": f"swarm.v{PROTOCOL_VERSION}.push",
 }
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 31  # 2 GiB of tensor data per message unless the server says less
@@ -103,12 +106,17 @@ class InferenceStep:
     hidden: torch.Tensor  # [batch, new_tokens, hidden]
     start_position: int  # position of hidden[:, 0]; < the cached length rolls the cache back to it
     hypo_ids: torch.Tensor | None = None  # [batch] int64: reorder cached hypotheses first (beam search)
+    step_id: int = 0  # the client's step counter; a server answers each step id > 0 once
+    # (peer id, session id) of the spans after this one: push the output straight to the first
+    next_servers: tuple[tuple[str, str], ...] = ()
 
 
 @message
 class StepOutput:
     hidden: torch.Tensor  # [batch, new_tokens, hidden]
     position: int  # tokens the session holds after this step
+    step_id: int = 0
+    pushed: bool = False  # the output also went to the next server, which will answer the step itself
 
 
 @message

@@ -1,0 +1,91 @@
+"""Server-to-server push on real peers: outputs go straight to the next server; failures fall back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+
+from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.transport import Stream
+from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 30
+
+
+async def _open(peer: Peer, server_id: str, start: int, end: int) -> tuple[Stream, str]:
+    stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
+    session_id = uuid.uuid4().hex
+    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=16))
+    expect(await stream.receive(TIMEOUT), SessionOpened)
+    return stream, session_id
+
+
+def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
+    async def scenario():
+        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
+                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        try:
+            servers = await fetch_servers(peer, "tiny-llama", [1, 3])
+            (middle,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
+            (last,) = [p for p, r in servers[3].items() if (r.start, r.end) == (3, 4)]
+            hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
+
+            # reference: the client carries the states from one server to the next
+            a, a_id = await _open(peer, middle, 1, 3)
+            b, b_id = await _open(peer, last, 3, 4)
+            await a.send(InferenceStep(session_id=a_id, hidden=hidden, start_position=0, step_id=1))
+            mid = expect(await a.receive(TIMEOUT), StepOutput)
+            assert not mid.pushed
+            await b.send(InferenceStep(session_id=b_id, hidden=mid.hidden, start_position=0, step_id=1))
+            reference = expect(await b.receive(TIMEOUT), StepOutput).hidden
+
+            # push: the middle server sends its output to the last one, which answers on its own stream
+            c, c_id = await _open(peer, middle, 1, 3)
+            d, d_id = await _open(peer, last, 3, 4)
+            await c.send(InferenceStep(session_id=c_id, hidden=hidden, start_position=0, step_id=1,
+                                       next_servers=((last, d_id),)))
+            pushed_mid = expect(await c.receive(TIMEOUT), StepOutput)
+            assert pushed_mid.pushed and pushed_mid.step_id == 1
+            final = expect(await d.receive(TIMEOUT), StepOutput)
+            assert final.step_id == 1 and final.position == 4
+            assert torch.allclose(final.hidden, reference, atol=1e-6)
+
+            # the same step sent again by the client is a duplicate: answered once only
+            await d.send(InferenceStep(session_id=d_id, hidden=pushed_mid.hidden, start_position=0, step_id=1))
+            await d.send(InferenceStep(session_id=d_id, hidden=pushed_mid.hidden[:, :1], start_position=4,
+                                       step_id=2))
+            second = expect(await d.receive(TIMEOUT), StepOutput)
+            assert second.step_id == 2 and second.position == 5
+
+            # a push to a peer that does not exist fails; the server says so, and the client carries on
+            e, e_id = await _open(peer, middle, 1, 3)
+            await e.send(InferenceStep(session_id=e_id, hidden=hidden, start_position=0, step_id=1,
+                                       next_servers=(("12D3KooWNoSuchPeerNoSuchPeerNoSuchPeerNoSuchPeer1", "x"),)))
+            failed = expect(await e.receive(TIMEOUT), StepOutput)
+            assert not failed.pushed
+            assert torch.allclose(failed.hidden, mid.hidden, atol=1e-6)
+            for stream in (a, b, c, d, e):
+                stream.close()
+        finally:
+            await peer.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_generation_is_identical_with_and_without_push(tiny_llama, llama_swarm, local_llama):
+    from swarm import AutoDistributedModelForCausalLM
+
+    ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(11))
+    expected = local_llama.generate(ids, max_new_tokens=10, do_sample=False)
+    for use_push in (True, False):
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            tiny_llama, initial_peers=llama_swarm.initial_peers, use_push=use_push)
+        model.generation_config.eos_token_id = None
+        try:
+            assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
+        finally:
+            model.shutdown()
