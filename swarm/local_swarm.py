@@ -54,6 +54,7 @@ class LocalSwarm:
 
     def __init__(self, log_dir: str | None = None, env: dict[str, str] | None = None):
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-local-")
+        os.makedirs(self.log_dir, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.procs: list[Proc] = []
         self.initial_peers: list[str] = []
@@ -69,8 +70,9 @@ class LocalSwarm:
         self.procs.append(proc)
         return proc
 
-    def start_dht(self, timeout: float = 60) -> str:
-        proc = self._spawn(f"dht{len(self.procs)}", ["dht", "--host-maddrs", LOOPBACK])
+    def start_dht(self, *extra: str, timeout: float = 60) -> str:
+        """Starts ``swarm dht`` (plus ``extra`` flags); returns its full multiaddr."""
+        proc = self._spawn(f"dht{len(self.procs)}", ["dht", "--host-maddrs", LOOPBACK, *extra])
         maddr = proc.wait_for("/p2p/", timeout).strip()
         self.initial_peers.append(maddr)
         return maddr

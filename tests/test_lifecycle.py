@@ -1,0 +1,71 @@
+"""Peer lifecycles on real processes: stable identities, idle sessions, OFFLINE on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+
+import pytest
+
+from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.local_swarm import LocalSwarm
+from swarm.records import ServerState
+from swarm.transport import Stream
+from swarm.wire import InfoRequest, InfoResponse, OpenSession, SessionOpened, expect
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 30
+
+
+def test_dht_identity_path_gives_a_stable_peer_id(tmp_path):
+    identity = tmp_path / "dht.key"
+    peer_ids = []
+    for attempt in range(2):
+        with LocalSwarm(log_dir=str(tmp_path / f"run{attempt}")) as swarm:
+            maddr = swarm.start_dht("--identity-path", str(identity))
+            proc = swarm.procs[-1]
+            peer_ids.append(re.search(r"/p2p/(\w+)", maddr).group(1))
+            assert swarm.stop(proc) == 0
+    assert identity.exists()
+    assert peer_ids[0] == peer_ids[1]
+
+
+def test_idle_session_times_out_and_stopping_announces_offline(tiny_llama, llama_swarm):
+    proc = llama_swarm.start_server(tiny_llama, "0:4", "--prefix", "lifecycle-llama", "--session-timeout", "1",
+                                    "--num-threads", "1", "--update-period", "30")
+
+    async def scenario():
+        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
+                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        try:
+            servers = await fetch_servers(peer, "lifecycle-llama", [0])
+            (server_id,) = servers[0]
+
+            async def tokens_left() -> int:
+                stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
+                await stream.send(InfoRequest())
+                info = expect(await stream.receive(TIMEOUT), InfoResponse)
+                stream.close()
+                return info.cache_tokens_left
+
+            before = await tokens_left()
+            stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
+            await stream.send(OpenSession(session_id=uuid.uuid4().hex, start=0, end=4, max_length=100))
+            expect(await stream.receive(TIMEOUT), SessionOpened)
+            assert await tokens_left() == before - 100
+            # idle for more than --session-timeout: the server closes the stream and frees the cache
+            with pytest.raises(Exception, match="closed the stream"):
+                await stream.receive(15)
+            assert await tokens_left() == before
+            stream.close()
+
+            assert llama_swarm.stop(proc) == 0
+            log = proc.log()
+            assert "Traceback" not in log and "Shutting down" in log
+            servers = await fetch_servers(peer, "lifecycle-llama", [0])
+            assert servers[0][server_id].state == ServerState.OFFLINE
+        finally:
+            await peer.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
