@@ -12,6 +12,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from swarm import aio
+
 T = TypeVar("T")
 
 _lock = threading.Lock()
@@ -22,7 +24,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
-            loop = asyncio.new_event_loop()
+            loop = aio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, name="swarm-client-loop", daemon=True)
             thread.start()
             _loop = loop

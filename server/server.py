@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from swarm import __version__
+from swarm import __version__, aio
 from swarm.config import ServerConfig, parse_span
 from swarm.dht import NetworkConfig, Peer, declare_server
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
@@ -138,6 +138,7 @@ class Server:
             print("Started a new swarm. Others join it with:", flush=True)
             print(f"  --initial-peers {' '.join(maddrs)}", flush=True)
             print(f"  (or export SWARM_INITIAL_PEERS=\"{' '.join(maddrs)}\")", flush=True)
+        print(f"Status: swarm health --initial-peers {' '.join(self.config.initial_peers or maddrs)}", flush=True)
 
 
 def _quiet_shutdown_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -173,7 +174,7 @@ def serve(config: ServerConfig) -> int:
         await server.run()
 
     try:
-        asyncio.run(main())
+        aio.run(main())
     except KeyboardInterrupt:
         pass
     return 0

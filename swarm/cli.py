@@ -1,7 +1,8 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``demo``, ``models``.
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``demo``, ``models``.
 
-Flags of ``dht`` and ``serve`` are derived from :class:`~swarm.config.DHTConfig` and
-:class:`~swarm.config.ServerConfig`; the roles are imported only when their command runs.
+Flags of ``dht``, ``serve`` and ``health`` are derived from :class:`~swarm.config.DHTConfig`,
+:class:`~swarm.config.ServerConfig` and :class:`~swarm.config.HealthConfig`; the roles are imported
+only when their command runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import types
 import typing
 from typing import Any
 
-from swarm.config import DHTConfig, ServerConfig
+from swarm import aio
+from swarm.config import DHTConfig, HealthConfig, ServerConfig
 from swarm.errors import SwarmError
 
 
@@ -80,6 +82,11 @@ def make_parser() -> argparse.ArgumentParser:
                        description=f"Serve blocks of a model. Supported families: {', '.join(supported_families())}")
     _add_dataclass_flags(p, ServerConfig)
 
+    p = sub.add_parser("health", help="serve a web page, JSON API and metrics showing where every block lives",
+                       description="Crawl the swarm's DHT and serve its state: / (page), /api/v1/state (JSON, "
+                                   "docs/health.md), /metrics (Prometheus), /api/v1/is_reachable/PEER_ID")
+    _add_dataclass_flags(p, HealthConfig)
+
     p = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and stream a generation through it")
     p.add_argument("--model", default=None,
                    help="hub id or local directory (default: a small random-weight Llama built on the fly)")
@@ -114,7 +121,7 @@ def run_dht(config: DHTConfig) -> int:
             except Exception:  # p2pd may already be gone (Ctrl+C signals the whole process group)
                 pass
 
-    asyncio.run(main())
+    aio.run(main())
     return 0
 
 
@@ -128,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             from server.server import serve
 
             return serve(_build_config(ServerConfig, args))
+        if args.command == "health":
+            config = _build_config(HealthConfig, args)
+            try:
+                from health.app import run_health
+            except ImportError as e:
+                print(f"error: swarm health needs {e.name or 'its web stack'}: pip install 'swarm-llm[health]'",
+                      file=sys.stderr)
+                return 2
+            return run_health(config)
         if args.command == "demo":
             from swarm.demo import run_demo
 
