@@ -1,25 +1,33 @@
 """An inference session: server-side KV caches kept across steps along one chain of servers.
 
 The chain is chosen when the first step arrives (its batch size decides how much cache each server
-must have free). Each step sends ``[batch, new_tokens, hidden]`` through every span's stream and
-advances :attr:`InferenceSession.position`.
+must have free). Each step sends ``[batch, new_tokens, hidden]`` through every span and advances
+:attr:`InferenceSession.position`; with push, servers pass the states on themselves.
+
+Failover: the session keeps every span's inputs (its *history*). When a server fails (its stream
+closes, it stops answering, it lost the session), the session bans it, routes around the hole
+(possibly over several servers), replays the history to rebuild their caches, and retries the
+step, a bounded number of times. Outputs equal the fault-free run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import uuid
 
 import torch
 
-from swarm.errors import BadRequest, RetryableError, SessionLengthExceeded
+from swarm.errors import BadRequest, RetryableError, ServerUnavailable, SessionLengthExceeded
 from swarm.routing import ChainLink
+from swarm.transport import Stream
 from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
 
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
-from swarm.transport import Stream
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -27,6 +35,17 @@ class _SpanSession:
     link: ChainLink
     stream: Stream
     session_id: str
+    history: torch.Tensor | None = None  # [batch, position, hidden]: every input this span has cached
+
+    def remember(self, hidden: torch.Tensor, start_position: int) -> None:
+        kept = self.history[:, :start_position] if self.history is not None else hidden[:, :0]
+        self.history = torch.cat([kept, hidden], dim=1)
+
+
+class _SpanFailed(Exception):
+    def __init__(self, index: int, cause: RetryableError):
+        super().__init__(str(cause))
+        self.index, self.cause = index, cause
 
 
 class InferenceSession:
@@ -41,6 +60,7 @@ class InferenceSession:
         self.token_ids: torch.Tensor | None = None  # [batch, tokens] generated so far, for generate(session=)
         self.pending_hypo_ids: torch.Tensor | None = None  # beam reorder to apply with the next step
         self.batch_size: int | None = None
+        self.failovers = 0  # how many times a failed server was routed around
         self._spans: list[_SpanSession] = []
         self._step_id = 0
         self.closed = False
@@ -49,23 +69,24 @@ class InferenceSession:
     def chain(self) -> list[ChainLink]:
         return [s.link for s in self._spans]
 
-    async def _open(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        position = 0
-        n = self.sequence.num_blocks
+    async def _open_spans(self, start: int, end: int) -> list[_SpanSession]:
+        """Opens sessions on a chain covering ``start:end`` (retrying around servers that fail)."""
+        spans: list[_SpanSession] = []
         config = self.sequence.config
-        while position < n:
-            start = position
+        position = start
+        while position < end:
+            begin = position
 
             async def attempt() -> _SpanSession:
-                link = (await self.sequence.chain(start, n, min_cache_tokens=self.max_length * batch_size))[0]
+                chain = await self.sequence.chain(begin, end, min_cache_tokens=self.max_length * self.batch_size)
+                link = chain[0]
                 peer = await self.sequence.peer()
                 try:
                     stream = await Stream.open(peer.p2p, link.peer_id, "inference", config.connect_timeout)
                     session_id = uuid.uuid4().hex
                     try:
                         await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
-                                                      max_length=self.max_length, batch_size=batch_size))
+                                                      max_length=self.max_length, batch_size=self.batch_size))
                         expect(await stream.receive(config.request_timeout), SessionOpened)
                     except BaseException:
                         stream.close()
@@ -75,9 +96,10 @@ class InferenceSession:
                     raise
                 return _SpanSession(link, stream, session_id)
 
-            span = await self.sequence.retrying(f"opening a session on blocks {start}:{n}", attempt)
-            self._spans.append(span)
+            span = await self.sequence.retrying(f"opening a session on blocks {begin}:{end}", attempt)
+            spans.append(span)
             position = span.link.end
+        return spans
 
     async def astep(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
         """``hidden``: [batch, new_tokens, hidden] -> [batch, new_tokens, hidden] after every block."""
@@ -86,34 +108,109 @@ class InferenceSession:
         if hidden.ndim != 3:
             raise BadRequest(f"hidden states must be [batch, new_tokens, hidden], got {list(hidden.shape)}")
         position = self.position if start_position is None else start_position
+        if not 0 <= position <= self.position:
+            raise BadRequest(f"start_position {position} must be within 0..{self.position}")
         if position + hidden.shape[1] > self.max_length:
             raise SessionLengthExceeded(f"this step would make the session hold {position + hidden.shape[1]} "
                                         f"tokens, more than its max_length {self.max_length}; open the session "
                                         "with a larger max_length")
         if not self._spans:
-            await self._open(hidden.shape[0])
+            self.batch_size = hidden.shape[0]
+            self._spans = await self._open_spans(0, self.sequence.num_blocks)
         hypo_ids, self.pending_hypo_ids = self.pending_hypo_ids, None
+        if hypo_ids is not None:
+            for span in self._spans:  # the servers reorder their caches; the histories must follow
+                if span.history is not None:
+                    span.history = span.history[hypo_ids]
         dtype = hidden.dtype
+        first = 0
+        for _attempt in range(self.sequence.config.max_retries + 1):
+            try:
+                hidden = await self._run_from(first, hidden, position, hypo_ids)
+                break
+            except _SpanFailed as failed:
+                first, hidden = await self._replace(failed, position)
+                hypo_ids = None  # applied to the histories the replacements were rebuilt from
+        else:
+            raise ServerUnavailable(f"the inference step failed {self.sequence.config.max_retries + 1} times; "
+                                    f"last chain: {self._describe()}")
+        self.position = position + hidden.shape[1]
+        return hidden.to(dtype)
+
+    async def _run_from(self, first: int, hidden: torch.Tensor, position: int,
+                        hypo_ids: torch.Tensor | None) -> torch.Tensor:
+        """Runs the step from span ``first`` on; a retryable failure of span i raises _SpanFailed(i)."""
         timeout = self.sequence.config.request_timeout
         push = self.sequence.config.use_push
-        self._step_id += 1
+        self._step_id += 1  # a fresh id: after a failover, servers must not take the retry for a duplicate
         step_id = self._step_id
-        i = 0
+        i = first
         while i < len(self._spans):
-            # send to span i; with push, each server passes its output straight on to the next one
+            span = self._spans[i]
             rest = self._spans[i + 1:] if push else []
-            await self._spans[i].stream.send(InferenceStep(
-                session_id=self._spans[i].session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
-                step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest)))
-            while True:  # read span i's answer, then the next span's while outputs were pushed on
-                out = await self._receive(self._spans[i], step_id, timeout)
-                check_output(out.hidden, hidden, self._spans[i].link.peer_id)
+            span.remember(hidden, position)
+            try:
+                await span.stream.send(InferenceStep(
+                    session_id=span.session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
+                    step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest)))
+            except RetryableError as e:
+                raise _SpanFailed(i, e) from None
+            while True:  # span i's answer, then the next span's while outputs were pushed on
+                try:
+                    out = await self._receive(self._spans[i], step_id, timeout)
+                    check_output(out.hidden, hidden, self._spans[i].link.peer_id)
+                except RetryableError as e:
+                    raise _SpanFailed(i, e) from None
                 hidden = out.hidden
                 i += 1
                 if i == len(self._spans) or not out.pushed:
                     break
-        self.position = position + hidden.shape[1]
-        return hidden.to(dtype)
+                self._spans[i].remember(hidden, position)
+        return hidden
+
+    async def _replace(self, failed: _SpanFailed, position: int) -> tuple[int, torch.Tensor]:
+        """Routes around span ``failed.index`` and rebuilds its caches; returns (span to resume at, its input)."""
+        broken = self._spans[failed.index]
+        logger.warning("Server %s failed on blocks %d:%d (%s); routing around it", broken.link.peer_id,
+                       broken.link.start, broken.link.end, failed.cause)
+        self.sequence.ban(broken.link.peer_id)
+        broken.stream.close()
+        history = broken.history  # [batch, position + new, hidden]: inputs up to and including this step
+        prefix, current = history[:, :position], history[:, position:]
+        errors = []
+        for _attempt in range(self.sequence.config.max_retries + 1):
+            replacements = await self._open_spans(broken.link.start, broken.link.end)
+            try:
+                await self._replay(replacements, prefix)
+            except RetryableError as e:  # a replacement failed too: route around it as well
+                errors.append(str(e))
+                for span in replacements:
+                    span.stream.close()
+                continue
+            self._spans[failed.index:failed.index + 1] = replacements
+            self.failovers += 1
+            logger.info("Session now goes through %s", self._describe())
+            return failed.index, current
+        raise ServerUnavailable(f"could not rebuild blocks {broken.link.start}:{broken.link.end} on other servers: "
+                                + " | ".join(errors))
+
+    async def _replay(self, spans: list[_SpanSession], states: torch.Tensor) -> None:
+        """Sends the cached prefix through new spans so they hold what the failed server held."""
+        if states.shape[1] == 0:
+            return
+        for span in spans:
+            span.remember(states, 0)
+            try:
+                await span.stream.send(InferenceStep(session_id=span.session_id, hidden=states, start_position=0))
+                out = await self._receive(span, 0, self.sequence.config.request_timeout)
+                check_output(out.hidden, states, span.link.peer_id)
+            except RetryableError:
+                self.sequence.ban(span.link.peer_id)
+                raise
+            states = out.hidden
+
+    def _describe(self) -> str:
+        return " -> ".join(f"{s.link.start}:{s.link.end}@{s.link.peer_id[-8:]}" for s in self._spans)
 
     @staticmethod
     async def _receive(span: _SpanSession, step_id: int, timeout: float) -> StepOutput:

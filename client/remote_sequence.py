@@ -90,7 +90,8 @@ class RemoteSequence:
             except RetryableError as e:
                 errors.append(str(e))
                 logger.warning("%s failed (%s); retrying through other servers", what, e)
-        raise ServerUnavailable(f"{what} failed {len(errors)} times; errors: " + " | ".join(errors))
+        raise ServerUnavailable(f"{what} failed {len(errors)} times (the servers may have left the swarm; check "
+                                f"which are online with `swarm health`, or start more); errors: " + " | ".join(errors))
 
     def ban(self, peer_id: str) -> None:
         delay = self.bans.ban(peer_id, time.monotonic())
