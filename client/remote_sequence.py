@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -17,20 +18,26 @@ import torch
 
 from swarm.config import ClientConfig
 from swarm.dht import NetworkConfig, Peer, fetch_servers
-from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable
-from swarm.routing import Bans, ChainLink, make_chain, missing_blocks
-from swarm.wire import ForwardRequest, ForwardResponse, expect
+from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable, SwarmError
+from swarm.records import ServerState
+from swarm.routing import Bans, ChainLink, make_forward_chain, make_latency_chain, missing_blocks
+from swarm.wire import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, expect
 
 from swarm import transport
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+PING_TIMEOUT = 5.0  # seconds for a ping (an info call) before the server is banned
+PING_MAX_AGE = 60.0  # seconds a measured ping is trusted
+
 
 class RemoteSequence:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, model_name: str):
         self.config, self.prefix, self.num_blocks, self.model_name = config, prefix, num_blocks, model_name
         self.bans = Bans()
+        self.pings: dict[str, tuple[float, float]] = {}  # peer id -> (round-trip seconds, when measured)
+        self._rng = random.Random()
         self._servers: dict[int, dict] = {}  # the last DHT lookup: {block: {peer_id: ServerRecord}}
         self._servers_time = -float("inf")
         self._peer: Peer | None = None
@@ -60,26 +67,62 @@ class RemoteSequence:
             self._servers_time = time.monotonic()
         return self._servers
 
-    async def chain(self, start: int, end: int, min_cache_tokens: int = 0) -> list[ChainLink]:
-        """A chain covering ``start:end``; waits up to ``missing_blocks_timeout`` for missing blocks."""
+    async def chain(self, start: int, end: int, min_cache_tokens: int = 0,
+                    purpose: str = "inference") -> list[ChainLink]:
+        """A chain covering ``start:end``: least latency for inference, throughput-spread for forward.
+
+        Waits up to ``missing_blocks_timeout`` for servers of missing blocks, then raises
+        :class:`MissingBlocksError` naming them.
+        """
         deadline = time.monotonic() + self.config.missing_blocks_timeout
         delay = 0.1
         force = False
         while True:
             servers = await self.servers(force)
-            banned = self.bans.banned(time.monotonic())
             try:
-                return make_chain(servers, start, end, banned=banned, min_cache_tokens=min_cache_tokens,
-                                  model=repr(self.model_name))
+                if purpose == "forward":
+                    return make_forward_chain(servers, start, end, rng=self._rng,
+                                              banned=self.bans.banned(time.monotonic()), model=repr(self.model_name))
+                await self._ping_candidates(servers, start, end)
+                pings = {peer: rtt for peer, (rtt, _) in self.pings.items()}
+                return make_latency_chain(servers, start, end, pings=pings, min_cache_tokens=min_cache_tokens,
+                                          banned=self.bans.banned(time.monotonic()), model=repr(self.model_name))
             except MissingBlocksError:
                 if force and time.monotonic() + delay > deadline:
                     raise
                 if force:
-                    missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
-                    logger.info("Waiting for servers of blocks %s", missing)
+                    banned = self.bans.banned(time.monotonic())
+                    logger.info("Waiting for servers of blocks %s",
+                                missing_blocks(servers, start, end, banned, min_cache_tokens))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                 force = True  # the cached view may be stale: look again before waiting
+
+    async def _ping_candidates(self, servers: dict[int, dict], start: int, end: int) -> None:
+        """Measures round trips to online servers of ``start:end`` not pinged in the last ``PING_MAX_AGE`` s."""
+        now = time.monotonic()
+        candidates = {peer for b in range(start, end) for peer, record in servers.get(b, {}).items()
+                      if record.state == ServerState.ONLINE
+                      and now - self.pings.get(peer, (0.0, -float("inf")))[1] > PING_MAX_AGE}
+        candidates -= self.bans.banned(now)
+        if candidates:
+            await asyncio.gather(*(self.ping(peer) for peer in sorted(candidates)))
+
+    async def ping(self, peer_id: str) -> float | None:
+        """Round trip of an ``info`` call to ``peer_id`` (smoothed); a server that does not answer is banned."""
+        peer = await self.peer()
+        t0 = time.perf_counter()
+        try:
+            reply = await transport.call(peer.p2p, peer_id, "info", InfoRequest(), PING_TIMEOUT, PING_TIMEOUT)
+            expect(reply, InfoResponse)
+        except SwarmError:
+            self.ban(peer_id)
+            return None
+        rtt = time.perf_counter() - t0
+        previous = self.pings.get(peer_id)
+        smoothed = rtt if previous is None else 0.7 * previous[0] + 0.3 * rtt
+        self.pings[peer_id] = (smoothed, time.monotonic())
+        return smoothed
 
     async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """Runs ``attempt`` until it succeeds, retrying only retryable errors, at most ``max_retries`` times."""
@@ -105,7 +148,7 @@ class RemoteSequence:
             start = position
 
             async def attempt() -> tuple[torch.Tensor, int]:
-                link = (await self.chain(start, self.num_blocks))[0]
+                link = (await self.chain(start, self.num_blocks, purpose="forward"))[0]
                 peer = await self.peer()
                 try:
                     reply = await transport.call(

@@ -2,12 +2,16 @@
 
 - :func:`missing_blocks` — blocks no usable server holds
 - :func:`make_chain` — a chain of spans covering ``start:end`` with as few hops as possible
+- :func:`make_latency_chain` — the chain with the least expected step latency (inference)
+- :func:`make_forward_chain` — a chain drawn at random, weighted by throughput (forward passes)
 - :class:`Bans` — exponential backoff for peers that failed
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import random
 from collections.abc import Mapping, Set
 
 from swarm.errors import MissingBlocksError
@@ -54,15 +58,7 @@ def make_chain(servers: ServersByBlock, start: int, end: int, *, banned: Set[str
     Ties go to the higher throughput, then the smaller peer id, so equal inputs give equal chains.
     Raises :class:`MissingBlocksError` naming every block without a usable server.
     """
-    missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
-    if missing:
-        known = {p for b in range(start, end) for p in servers.get(b, {})}
-        raise MissingBlocksError(
-            f"blocks {format_blocks(missing)} of {model} have no online server"
-            + (f" with {min_cache_tokens} free cache tokens" if min_cache_tokens else "")
-            + f" ({len(known)} server(s) seen, {len(banned & known)} temporarily banned after failures); "
-            f"start one with `swarm serve --model ... --blocks {missing[0]}:{missing[-1] + 1}`"
-        )
+    _check_coverage(servers, start, end, banned, min_cache_tokens, model)
     chain: list[ChainLink] = []
     position = start
     while position < end:
@@ -77,6 +73,73 @@ def make_chain(servers: ServersByBlock, start: int, end: int, *, banned: Set[str
         assert best is not None  # guaranteed by the missing_blocks check
         reach = best[0]
         chain.append(ChainLink(peer_id=best_peer, start=position, end=reach))
+        position = reach
+    return chain
+
+
+def _check_coverage(servers: ServersByBlock, start: int, end: int, banned: Set[str], min_cache_tokens: int,
+                    model: str) -> None:
+    missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
+    if missing:
+        known = {p for b in range(start, end) for p in servers.get(b, {})}
+        raise MissingBlocksError(
+            f"blocks {format_blocks(missing)} of {model} have no online server"
+            + (f" with {min_cache_tokens} free cache tokens" if min_cache_tokens else "")
+            + f" ({len(known)} server(s) seen, {len(banned & known)} temporarily banned after failures); "
+            f"start one with `swarm serve --model ... --blocks {missing[0]}:{missing[-1] + 1}`"
+        )
+
+
+DEFAULT_PING = 0.05  # seconds, for a server not pinged yet
+DEFAULT_BLOCK_STEP = 0.01  # seconds per block per step, for a server that published no speed
+
+
+def make_latency_chain(servers: ServersByBlock, start: int, end: int, *, pings: Mapping[str, float],
+                       banned: Set[str] = frozenset(), min_cache_tokens: int = 0,
+                       model: str = "the model") -> list[ChainLink]:
+    """The chain with the least expected time per inference step (Dijkstra over block boundaries).
+
+    Entering server ``s`` at block ``b`` costs its ping (client-measured, :data:`DEFAULT_PING` if
+    unknown) plus one step through its blocks ``b..min(s.end, end)`` at its published
+    ``inference_rps`` (steps/s per block). Equal costs prefer fewer hops, then smaller peer ids.
+    """
+    _check_coverage(servers, start, end, banned, min_cache_tokens, model)
+    # best[b] = (cost, hops, path as a tuple of links) to reach boundary b
+    best: dict[int, tuple[float, int, tuple[ChainLink, ...]]] = {start: (0.0, 0, ())}
+    heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
+    while heap:
+        cost, hops, position = heapq.heappop(heap)
+        if position == end:
+            break
+        if best[position][:2] != (cost, hops):
+            continue
+        for peer_id in sorted(servers.get(position, {})):
+            record = servers[position][peer_id]
+            if not _usable(record, peer_id, position, banned, min_cache_tokens):
+                continue
+            reach = min(record.end, end)
+            per_block = 1.0 / record.inference_rps if record.inference_rps > 0 else DEFAULT_BLOCK_STEP
+            new = (cost + pings.get(peer_id, DEFAULT_PING) + (reach - position) * per_block, hops + 1)
+            if reach not in best or new < best[reach][:2]:
+                best[reach] = (*new, best[position][2] + (ChainLink(peer_id, position, reach),))
+                heapq.heappush(heap, (*new, reach))
+    return list(best[end][2])
+
+
+def make_forward_chain(servers: ServersByBlock, start: int, end: int, *, rng: random.Random,
+                       banned: Set[str] = frozenset(), model: str = "the model") -> list[ChainLink]:
+    """A chain for a forward pass: at each block, a usable server drawn with probability ∝ its throughput,
+    so that concurrent forward passes spread over the swarm's capacity."""
+    _check_coverage(servers, start, end, banned, 0, model)
+    chain: list[ChainLink] = []
+    position = start
+    while position < end:
+        options = sorted((peer_id, record) for peer_id, record in servers[position].items()
+                         if _usable(record, peer_id, position, banned, 0))
+        weights = [max(record.throughput, 1e-3) for _, record in options]
+        peer_id, record = rng.choices(options, weights=weights)[0]
+        reach = min(record.end, end)
+        chain.append(ChainLink(peer_id, position, reach))
         position = reach
     return chain
 

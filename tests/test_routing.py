@@ -8,7 +8,15 @@ import pytest
 
 from swarm.errors import FatalError, MissingBlocksError
 from swarm.records import ServerRecord, ServerState
-from swarm.routing import Bans, ChainLink, format_blocks, make_chain, missing_blocks
+from swarm.routing import (
+    Bans,
+    ChainLink,
+    format_blocks,
+    make_chain,
+    make_forward_chain,
+    make_latency_chain,
+    missing_blocks,
+)
 
 
 def rec(start: int, end: int, *, state: ServerState = ServerState.ONLINE, throughput: float = 1.0,
@@ -244,3 +252,54 @@ def test_record_filed_under_a_block_it_does_not_cover_is_ignored():
     assert links(make_chain(servers, 0, 2)) == [("bad", 0, 1), ("good", 1, 2)]
     with pytest.raises(MissingBlocksError, match="blocks 1:2"):
         make_chain({0: {"bad": rec(0, 1)}, 1: {"bad": rec(0, 1)}}, 0, 2)
+
+
+# ---------------------------------------------------------------- make_latency_chain / make_forward_chain
+
+def fast(start: int, end: int, rps: float, **kwargs) -> ServerRecord:
+    return ServerRecord(state=ServerState.ONLINE, start=start, end=end, inference_rps=rps, cache_tokens_left=1000,
+                        throughput=kwargs.get("throughput", 1.0))
+
+
+def test_latency_chain_prefers_the_faster_route_over_fewer_hops():
+    servers = swarm_of({"slow_all": fast(0, 4, rps=10), "a": fast(0, 2, rps=1000), "b": fast(2, 4, rps=1000)})
+    pings = {"slow_all": 0.001, "a": 0.001, "b": 0.001}
+    # slow_all: 0.001 + 4 * 0.1 = 0.401 s; a + b: 2 * (0.001 + 2 * 0.001) = 0.006 s
+    assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("a", 0, 2), ("b", 2, 4)]
+
+
+def test_latency_chain_avoids_a_far_away_server():
+    servers = swarm_of({"near": fast(0, 4, rps=100), "far": fast(0, 4, rps=100)})
+    assert links(make_latency_chain(servers, 0, 4, pings={"near": 0.002, "far": 0.3})) == [("near", 0, 4)]
+    # an unknown ping counts as DEFAULT_PING, worse than a measured near one
+    assert links(make_latency_chain(servers, 0, 4, pings={"far": 0.002})) == [("far", 0, 4)]
+
+
+def test_latency_chain_equal_costs_prefer_fewer_hops_then_smaller_peer_id():
+    servers = swarm_of({"z": fast(0, 4, rps=100), "y": fast(0, 4, rps=100), "a": fast(0, 2, rps=100),
+                        "b": fast(2, 4, rps=100)})
+    pings = dict.fromkeys("zyab", 0.0)
+    assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("y", 0, 4)]
+
+
+def test_latency_chain_respects_bans_cache_and_missing_blocks():
+    servers = swarm_of({"a": fast(0, 4, rps=100), "b": fast(0, 2, rps=10), "c": fast(2, 4, rps=10)})
+    pings = dict.fromkeys("abc", 0.01)
+    assert links(make_latency_chain(servers, 0, 4, pings=pings, banned={"a"})) == [("b", 0, 2), ("c", 2, 4)]
+    with pytest.raises(MissingBlocksError, match="blocks 2:4"):
+        make_latency_chain(servers, 0, 4, pings=pings, banned={"a", "c"})
+    assert_covers(make_latency_chain(servers, 1, 3, pings=pings), 1, 3)
+
+
+def test_forward_chain_spreads_by_throughput_and_is_reproducible():
+    import random
+
+    servers = swarm_of({"big": fast(0, 4, rps=1, throughput=300.0), "small": fast(0, 4, rps=1, throughput=100.0)})
+    rng = random.Random(0)
+    picks = [make_forward_chain(servers, 0, 4, rng=rng)[0].peer_id for _ in range(2000)]
+    share = picks.count("big") / len(picks)
+    assert 0.7 < share < 0.8  # 300 / (300 + 100) = 0.75
+    again = random.Random(0)
+    assert picks[:50] == [make_forward_chain(servers, 0, 4, rng=again)[0].peer_id for _ in range(50)]
+    with pytest.raises(MissingBlocksError):
+        make_forward_chain(servers, 0, 4, rng=rng, banned={"big", "small"})
