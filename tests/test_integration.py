@@ -164,3 +164,17 @@ def test_serve_alone_starts_a_joinable_swarm(tiny_llama, local_llama, tmp_path):
         code = swarm.stop(proc)
         assert code == 0
         assert "Traceback" not in proc.log()
+
+
+def test_num_return_sequences_and_beam_search_match_local(swarm_llama, local_llama):
+    ids = _prompt(seed=10)
+    torch.manual_seed(7)
+    remote = swarm_llama.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3)
+    torch.manual_seed(7)
+    local = local_llama.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3)
+    assert remote.shape == (3, ids.shape[1] + 8)
+    assert torch.equal(remote, local)
+    # beam search reorders the servers' caches (hypo_ids) between steps
+    remote = swarm_llama.generate(ids, max_new_tokens=8, do_sample=False, num_beams=3)
+    local = local_llama.generate(ids, max_new_tokens=8, do_sample=False, num_beams=3)
+    assert torch.equal(remote, local)
