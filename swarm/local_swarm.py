@@ -49,6 +49,16 @@ class Proc:
         raise SwarmError(f"{self.name} did not print {text!r} within {timeout:.0f}s; its log:\n{self.log()[-3000:]}")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the launcher dies, however it dies (a test
+    run killed by a timeout must not leave servers behind). Elsewhere :meth:`LocalSwarm.close` does it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class LocalSwarm:
     """``with LocalSwarm() as swarm: peer = swarm.start_dht(); swarm.start_server(model, "0:2")``."""
 
@@ -65,7 +75,7 @@ class LocalSwarm:
         with open(log_path, "w") as log:
             popen = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         proc = Proc(name, popen, log_path, time.monotonic())
         self.procs.append(proc)
         return proc
