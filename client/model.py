@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from swarm.config import ClientConfig, default_prefix
 from swarm.errors import BadRequest, ModelError
 from swarm.models import causal_lm_class, config_without_layers, family_of, load_config
+from swarm.translate import to_native
 from swarm.weights import Checkpoint
 
 from client.inference_session import InferenceSession
@@ -32,6 +33,7 @@ _active_session: contextvars.ContextVar[InferenceSession | None] = contextvars.C
     "swarm_active_session", default=None)
 
 _CLIENT_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")  # what base models call the cache they pass layers
 
 
 class _SessionLayer(DynamicLayer):
@@ -65,20 +67,29 @@ class RemoteCache(Cache):
 
 
 class RemoteLayers(torch.nn.Module):
-    """Stands where the decoder layers were: sends hidden states through every remote block."""
+    """Stands where the decoder layers were: sends hidden states through every remote block.
+
+    The base model calls it like one of its layers (masks, rotary, alibi and all); those inputs are
+    ignored, since servers rebuild them for their own spans. It answers the way the family's layers
+    do: a tensor, or a tuple whose first item is the tensor (Falcon, Bloom).
+    """
 
     attention_type = "full_attention"  # some families index masks by their layers' attention type
 
-    def __init__(self, sequence: RemoteSequence):
+    def __init__(self, sequence: RemoteSequence, returns_tuple: bool = False):
         super().__init__()
         self.sequence = sequence
+        self.returns_tuple = returns_tuple
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    def forward(self, hidden_states: torch.Tensor, *args: Any,
+                **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, None]:
+        cache = next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
         # [batch, seq, hidden] in, the same out
         if isinstance(cache, RemoteCache):
-            return cache.session.step(hidden_states)
-        return run_sync(self.sequence.forward(hidden_states.detach()))
+            out = cache.session.step(hidden_states)
+        else:
+            out = run_sync(self.sequence.forward(hidden_states.detach()))
+        return (out, None) if self.returns_tuple else out
 
 
 class DistributedModelMixin:
@@ -99,12 +110,17 @@ class DistributedModelMixin:
         """A session holding up to ``max_length`` tokens (prompt + generated) in the servers' caches."""
         return _SessionContext(InferenceSession(self.remote, max_length))
 
-    def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 \
-                and not bool(attention_mask.all()):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # the model's own signature: families order their arguments differently (Falcon, Bloom: cache second)
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None and args:
+            names = list(inspect.signature(super().forward).parameters)
+            if "attention_mask" in names[:len(args)]:
+                attention_mask = args[names.index("attention_mask")]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise BadRequest("padded batches (attention_mask with zeros) are not supported yet; "
                              "send prompts of equal length or one at a time")
-        return super().forward(input_ids, attention_mask, *args, **kwargs)
+        return super().forward(*args, **kwargs)
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  **kwargs):
@@ -175,11 +191,13 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(cls, name_or_path: str, *, initial_peers: list[str] | tuple[str, ...] | None = None,
                         dtype: torch.dtype | str | None = None, torch_dtype: torch.dtype | str | None = None,
                         revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None,
-                        **client_kwargs: Any):
+                        trust_remote_code: bool = False, **client_kwargs: Any):
         """Builds the model's own HF class with its blocks served by the swarm.
 
         ``dtype`` (or ``torch_dtype``) is the dtype of the local embeddings/head and of the hidden
-        states sent to servers (default float32). Other keywords set :class:`~swarm.config.ClientConfig`.
+        states sent to servers (default float32). ``trust_remote_code=True`` allows a model that
+        ships its own modeling code to run it here (refused otherwise). Other keywords set
+        :class:`~swarm.config.ClientConfig`.
         """
         unknown = set(client_kwargs) - _CLIENT_FIELDS
         if unknown:
@@ -190,7 +208,8 @@ class AutoDistributedModelForCausalLM:
         config = ClientConfig(**client_kwargs)
         dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
 
-        model_config = load_config(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        model_config = load_config(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
+                                   trust_remote_code=trust_remote_code)
         family = family_of(model_config)
         lm_class = _distributed_class(causal_lm_class(model_config))
         local_config = config_without_layers(model_config)
@@ -201,7 +220,9 @@ class AutoDistributedModelForCausalLM:
         checkpoint = Checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
         block_re = re.compile(re.escape(family.block_prefix).replace(r"\{\}", r"\d+"))
         names = [n for n in checkpoint.weight_map if not block_re.match(n)]
-        state = checkpoint.load(names, dtype)
+        state = to_native(causal_lm_class(model_config), model_config, checkpoint.load(names, dtype))
+        if family.translation is not None:  # a renamed checkpoint: its names/values -> the native model's
+            state = family.translation.top(state, model_config)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ModelError(f"checkpoint tensors {result.unexpected_keys[:5]} do not fit {lm_class.__name__}")
@@ -217,7 +238,8 @@ class AutoDistributedModelForCausalLM:
         params = inspect.signature(causal_lm_class(model_config).forward).parameters
         model._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         base = getattr(model, family.base_model_attr)
-        setattr(base, family.layers_attr, torch.nn.ModuleList([RemoteLayers(model.remote)]))
+        setattr(base, family.layers_attr,
+                torch.nn.ModuleList([RemoteLayers(model.remote, returns_tuple=family.layer_returns_tuple)]))
         return model.eval()
 
 

@@ -1,0 +1,11 @@
+"""One server process (``swarm serve``). Imports ``swarm/`` only, never ``client/`` or ``health/``.
+
+- ``server``      the lifecycle: place, announce JOINING, load, measure, serve ONLINE, move, leave OFFLINE
+- ``rebalancer``  placement at startup and the periodic check whether to move (I/O around ``swarm.placement``)
+- ``throughput``  measuring compute speed on the loaded blocks, and its cache
+- ``loading``     picking the device, how many blocks fit it, loading (and re-spanning) blocks
+- ``handler``     the RPC handlers: info, forward, inference sessions, push
+- ``push``        sending a step's output straight to the next server of a chain
+- ``compute``     the compute executor: one thread per device, inference before forward
+- ``kv_cache``    the KV cache budget sessions reserve from
+"""

@@ -1,8 +1,15 @@
-"""Choosing the device and loading a span's blocks onto it."""
+"""Choosing the device, how many blocks fit on it, and loading a span's blocks onto it.
+
+- :func:`pick_device` — ``--device auto`` and its checks
+- :func:`load_span` — reads blocks ``start:end`` of a checkpoint (and nothing else)
+- :func:`shared_blocks` / :func:`respan` — another span that keeps the blocks two spans share, loading only the new ones
+- :func:`default_num_blocks` — ``--num-blocks`` when it is not given: what fits the device's memory
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
 
@@ -12,7 +19,8 @@ from transformers import PretrainedConfig
 
 from swarm.blocks import Span
 from swarm.errors import ConfigError, ModelError
-from swarm.models import family_of
+from swarm.models import causal_lm_class, decoder_layer_class, family_of, kv_bytes_per_token
+from swarm.translate import to_native
 from swarm.weights import Checkpoint
 
 logger = logging.getLogger(__name__)
@@ -54,6 +62,7 @@ def load_span(checkpoint: Checkpoint, config: PretrainedConfig, start: int, end:
               device: torch.device, should_stop: Callable[[], bool] = lambda: False) -> Span:
     """Reads blocks ``start:end`` (and nothing else) from ``checkpoint`` onto ``device``."""
     family = family_of(config)
+    lm_class = causal_lm_class(config)
     span = Span.empty(config, start, end, dtype)
     progress = tqdm(total=end - start, desc=f"Loading blocks {start}:{end}", unit="block")
     try:
@@ -65,8 +74,11 @@ def load_span(checkpoint: Checkpoint, config: PretrainedConfig, start: int, end:
             if not names:
                 raise ModelError(f"checkpoint {checkpoint.name_or_path!r} has no tensors for block {i} "
                                  f"(expected names starting with {prefix!r})")
-            tensors = checkpoint.load(names, dtype)
-            state = {name[len(prefix):]: tensor.to(device) for name, tensor in tensors.items()}
+            tensors = to_native(lm_class, config, checkpoint.load(names, dtype))
+            state = {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+            if family.translation is not None:  # a renamed checkpoint: its names/layout -> the native block's
+                state = family.translation.block(state, config)
+            state = {name: tensor.to(device) for name, tensor in state.items()}
             block = span.blocks[i - start]
             result = block.load_state_dict(state, strict=False, assign=True)
             if result.unexpected_keys:
@@ -80,3 +92,122 @@ def load_span(checkpoint: Checkpoint, config: PretrainedConfig, start: int, end:
         progress.close()
     span.to(device)
     return span.eval().requires_grad_(False)
+
+
+def shared_blocks(old: Span, start: int, end: int) -> dict[int, torch.nn.Module]:
+    """The blocks of ``old`` that span ``start:end`` also holds, by global index."""
+    return {i: old.blocks[i - old.start] for i in range(max(start, old.start), min(end, old.end))}
+
+
+def respan(config: PretrainedConfig, kept: dict[int, torch.nn.Module], checkpoint: Checkpoint, start: int, end: int,
+           dtype: torch.dtype, device: torch.device, should_stop: Callable[[], bool] = lambda: False) -> Span:
+    """Blocks ``start:end`` from the ``kept`` blocks (reused as they are, never reloaded: see
+    :func:`shared_blocks`) plus the others read from ``checkpoint``."""
+    missing = [i for i in range(start, end) if i not in kept]
+    runs: list[tuple[int, int]] = []  # contiguous runs of missing blocks
+    for i in missing:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    blocks = {i: block for i, block in kept.items() if start <= i < end}
+    for run_start, run_end in runs:
+        loaded = load_span(checkpoint, config, run_start, run_end, dtype, device, should_stop)
+        blocks.update({run_start + k: block for k, block in enumerate(loaded.blocks)})
+    span = Span(config, start, end, [blocks[i] for i in range(start, end)])
+    span.to(device)
+    return span.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- how many blocks fit
+
+HEADROOM_BYTES = 2**30  # activations, allocator slack, the runtime itself
+USABLE_FRACTION = {"cpu": 0.8, "mps": 0.8}  # RAM is shared with everything else on the machine
+ACCELERATOR_FRACTION = 0.9
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _cgroup_ram_left() -> int | None:
+    """RAM this process's cgroup (v2) may still use, if it has a limit: containers see the host's meminfo."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" or not limit.isdigit() else max(0, int(limit) - used)
+
+
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations: ``MemAvailable`` of /proc/meminfo (capped by a cgroup
+    limit), else ``os.sysconf``'s available pages, else half the physical RAM."""
+    available: int | None = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        available = None
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # macOS has no SC_AVPHYS_PAGES
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    cgroup_left = _cgroup_ram_left()
+    return available if cgroup_left is None else min(available, cgroup_left)
+
+
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes free for this server, where they are): accelerator memory from ``mem_get_info``, else RAM."""
+    backend = getattr(torch, device.type, None)
+    mem_get_info = getattr(backend, "mem_get_info", None)
+    if device.type not in ("cpu", "mps") and callable(mem_get_info):
+        free, _total = mem_get_info(device)
+        return int(free), f"free memory on {device}"
+    return available_ram(), "available RAM"
+
+
+def block_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Bytes one block's parameters and buffers take in ``dtype`` (counted on the meta device, no memory used)."""
+    with torch.device("meta"):
+        block = decoder_layer_class(config)(config, layer_idx=0)
+    block.to(dtype=dtype)
+    return sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+
+
+def blocks_that_fit(free_bytes: int, fraction: float, bytes_per_block: int, model_blocks: int) -> int:
+    """How many blocks (each ``bytes_per_block`` with its KV cache) fit ``fraction`` of ``free_bytes``
+    minus :data:`HEADROOM_BYTES`; never more than ``model_blocks``, maybe 0."""
+    usable = int(free_bytes * fraction) - HEADROOM_BYTES
+    return max(0, min(model_blocks, usable // max(bytes_per_block, 1)))
+
+
+def default_num_blocks(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, cache_tokens: int) -> int:
+    """As many blocks as fit this device's free memory after each block's KV cache budget; prints the budget.
+
+    Raises ConfigError if not even one block fits.
+    """
+    free, where = device_memory(device)
+    fraction = USABLE_FRACTION.get(device.type, ACCELERATOR_FRACTION)
+    weights = block_bytes(config, dtype)
+    cache = cache_tokens * kv_bytes_per_token(config, dtype)
+    fit = blocks_that_fit(free, fraction, weights + cache, config.num_hidden_layers)
+    print(f"Memory budget: {human_bytes(max(0, free * fraction - HEADROOM_BYTES))} for blocks "
+          f"({fraction:.0%} of {human_bytes(free)} {where}, less {human_bytes(HEADROOM_BYTES)} headroom); "
+          f"a block takes {human_bytes(weights)} of weights + {human_bytes(cache)} of KV cache "
+          f"(--cache-tokens {cache_tokens}): {fit} of the model's {config.num_hidden_layers} blocks fit "
+          "(--num-blocks overrides)", flush=True)
+    if fit == 0:
+        raise ConfigError(f"not one block fits: a block needs {human_bytes(weights + cache)} and "
+                          f"{human_bytes(free)} is free ({where}); lower --cache-tokens, pick a smaller --dtype, "
+                          "free memory, or pass --num-blocks to decide yourself")
+    return fit

@@ -1,132 +1,256 @@
-"""One server process: load a span, serve it, announce it, and leave cleanly.
+"""One server process: place a span, load it, serve it, announce it, move it, and leave cleanly.
 
-Lifecycle: start the peer -> announce JOINING -> load blocks -> register handlers -> announce
-ONLINE (and again every ``update_period``) -> on SIGINT/SIGTERM announce OFFLINE, end sessions,
-stop the peer.
+Lifecycle: start the peer -> pick the span (``--blocks``, or ``--num-blocks`` placed where the swarm
+is weakest: :mod:`server.rebalancer`) -> announce JOINING -> load blocks -> measure throughput
+(once per setup: :mod:`server.throughput`) -> register handlers -> announce ONLINE (and again every
+``update_period``; without ``--blocks``, re-check the placement every ``rebalance_period`` and
+:meth:`Server.move_to` when it says so) -> on SIGINT/SIGTERM announce OFFLINE, end sessions, stop
+the peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import torch
+from transformers import PretrainedConfig
 
 from swarm import __version__, aio
+from swarm.blocks import Span
 from swarm.config import ServerConfig, parse_span
-from swarm.dht import NetworkConfig, Peer, declare_server
+from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server
+from swarm.errors import ConfigError
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.weights import Checkpoint
 
-from server.compute import ComputeExecutor
+from server import throughput as probe
+from server.compute import PRIORITY_FORWARD, ComputeExecutor
 from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import CacheBudget
-from server.loading import load_span, pick_device
+from server.loading import default_num_blocks, human_bytes, load_span, pick_device, respan, shared_blocks
+from server.rebalancer import Rebalancer, initial_span
 
 logger = logging.getLogger(__name__)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 class Server:
+    # set by run() before anything reads them
+    peer: Peer
+    executor: ComputeExecutor
+    checkpoint: Checkpoint
+    model_config: PretrainedConfig
+    model_record: ModelRecord
+    device: torch.device
+    dtype: torch.dtype
+    start: int
+    end: int
+    budget: CacheBudget
+
     def __init__(self, config: ServerConfig):
         self.config = config
         self.stop_event = asyncio.Event()
-        self.peer: Peer | None = None
         self.handler: SpanHandler | None = None
         self.state = ServerState.JOINING
+        self.announced = False  # a span was announced: on shutdown it is announced OFFLINE
+        self.throughput: probe.Throughput | None = None  # None until measured (or read from the cache)
+        self.using_relay = False
 
     def request_stop(self) -> None:
         self.stop_event.set()
 
+    @property
+    def offered_throughput(self) -> float:
+        return self.throughput.throughput if self.throughput is not None else 0.0
+
     async def run(self) -> None:
         cfg = self.config
-        model_config = load_config(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token)
+        model_config = load_config(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token,
+                                   trust_remote_code=cfg.trust_remote_code)
         num_blocks = model_config.num_hidden_layers
-        start, end = parse_span(cfg.blocks, num_blocks) if cfg.blocks else (0, num_blocks)
-        self.start, self.end = start, end
         device = pick_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model_config, device)
-        self.device, self.dtype = device, dtype
-        bytes_per_token_block = kv_bytes_per_token(model_config, dtype)
-        budget = CacheBudget(cfg.cache_tokens, end - start, bytes_per_token_block)
+        self.model_config, self.device, self.dtype = model_config, device, dtype
         self.model_record = ModelRecord(name=cfg.model, num_blocks=num_blocks, family=model_config.model_type)
+        fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
+        length = fixed[1] - fixed[0] if fixed else self._span_length(num_blocks)
 
         self.peer = peer = await Peer.start(NetworkConfig(
             initial_peers=cfg.initial_peers, host_maddrs=cfg.listen_maddrs(), announce_maddrs=cfg.announce_maddrs,
-            identity_path=cfg.identity_path))
-        executor = ComputeExecutor(num_threads=cfg.num_threads)
-        announcer: asyncio.Task | None = None
+            identity_path=cfg.identity_path, use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay))
+        self.executor = executor = ComputeExecutor(num_threads=cfg.num_threads)
+        self.checkpoint = Checkpoint(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token)
+        key = probe.speed_key(model_config, device, dtype, torch.get_num_threads())
+        cached = None if cfg.throughput is not None else probe.load_cached(key)
+        if cfg.throughput is not None or cached is not None:
+            self.throughput = probe.make_throughput(cached, network_rps=cfg.network_rps, override=cfg.throughput,
+                                                    source="cached")
+        tasks: list[asyncio.Task] = []
         try:
             maddrs = await peer.visible_maddrs()
             self._print_join_info(maddrs)
-            await self._announce(budget)  # JOINING: the swarm sees the span being loaded
+            self._check_relay(maddrs)
+            start, end = fixed or await initial_span(peer, cfg.dht_prefix, num_blocks, length,
+                                                     self.offered_throughput or None)
+            self._set_span(start, end)
+            await self._announce()  # JOINING: the swarm sees the span being loaded
             logger.info("Serving %s blocks %d:%d of %d on %s in %s; KV cache budget %d tokens (%s); DHT prefix %r",
                         cfg.model, start, end, num_blocks, device, str(dtype).removeprefix("torch."),
-                        cfg.cache_tokens, _gib(budget.capacity * bytes_per_token_block), cfg.dht_prefix)
-            checkpoint = Checkpoint(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token)
-            t0 = time.perf_counter()
-            span = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: load_span(checkpoint, model_config, start, end, dtype, device, self.stop_event.is_set))
-            logger.info("Loaded blocks %d:%d in %.1fs", start, end, time.perf_counter() - t0)
-            self.handler = SpanHandler(
-                span, model_name=cfg.model, dtype=dtype, device=device, budget=budget, executor=executor,
-                public_name=cfg.public_name,
-                limits=HandlerLimits(cfg.max_session_length, cfg.max_batch_size, cfg.max_forward_tokens,
-                                     cfg.session_timeout))
-            await self.handler.add_to(peer.p2p)
-            self.state = ServerState.ONLINE
-            await self._announce(budget)
+                        cfg.cache_tokens, human_bytes(self.budget.capacity * self.budget.bytes_per_token_block),
+                        cfg.dht_prefix)
+            span = await self._load(lambda: load_span(self.checkpoint, model_config, start, end, dtype, device,
+                                                      self.stop_event.is_set), f"{start}:{end}")
+            self.throughput = self.throughput or await self._measure(span, key)
+            logger.info("Throughput: %s", self.throughput.describe())
+            await self._serve(span)
             print(f"Server ONLINE: {cfg.dht_prefix} blocks {start}:{end} as {peer.peer_id}", flush=True)
-            announcer = asyncio.create_task(self._announce_loop(budget))
-            await self.stop_event.wait()
+            tasks.append(asyncio.create_task(self._announce_loop()))
+            if fixed is None and length < num_blocks:
+                rebalancer = Rebalancer(self, prefix=cfg.dht_prefix, num_blocks=num_blocks,
+                                        period=cfg.rebalance_period, balance_quality=cfg.balance_quality)
+                tasks.append(asyncio.create_task(rebalancer.run()))
+            await self._until_stopped(tasks)
         except InterruptedError:
             logger.info("Stopped while loading")
         finally:
             logger.info("Shutting down: announcing OFFLINE and closing sessions")
-            if announcer is not None:
-                announcer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await announcer
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
             self.state = ServerState.OFFLINE
             # each step is bounded: on Ctrl+C the terminal also signals p2pd, and calls to a dead
             # daemon would wait forever
-            await _bounded(self._announce(budget), "announcing OFFLINE")
+            if self.announced:
+                await _bounded(self._announce(), "announcing OFFLINE")
             if self.handler is not None:
                 await _bounded(self.handler.remove_from(peer.p2p), "removing handlers")
                 await _bounded(self.handler.close_all(), "closing sessions")
             executor.shutdown()
             await _bounded(peer.shutdown(), "stopping the peer")
 
-    def _record(self, budget: CacheBudget) -> ServerRecord:
+    def _span_length(self, num_blocks: int) -> int:
         cfg = self.config
+        if cfg.num_blocks is None:
+            return default_num_blocks(self.model_config, self.device, self.dtype, cfg.cache_tokens)
+        if cfg.num_blocks > num_blocks:
+            raise ConfigError(f"--num-blocks {cfg.num_blocks} is more than the {num_blocks} blocks of {cfg.model}; "
+                              f"pass --num-blocks {num_blocks} or less")
+        return cfg.num_blocks
+
+    def _set_span(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.budget = CacheBudget(self.config.cache_tokens, end - start,
+                                  kv_bytes_per_token(self.model_config, self.dtype))
+
+    async def _load(self, load: Callable[[], Span], what: str) -> Span:
+        t0 = time.perf_counter()
+        span = await asyncio.get_running_loop().run_in_executor(None, load)
+        logger.info("Loaded blocks %s in %.1fs", what, time.perf_counter() - t0)
+        return span
+
+    async def _measure(self, span: Span, key: str) -> probe.Throughput:
+        t0 = time.perf_counter()
+        speed = await self.executor.run(PRIORITY_FORWARD, probe.measure_speed, span, self.device, self.dtype)
+        probe.store_cached(key, speed)
+        return probe.make_throughput(speed, network_rps=self.config.network_rps, override=None,
+                                     source=f"measured in {time.perf_counter() - t0:.1f}s, cached")
+
+    async def _serve(self, span: Span) -> None:
+        """Registers handlers for ``span`` and announces ONLINE."""
+        cfg = self.config
+        self.handler = SpanHandler(
+            span, model_name=cfg.model, dtype=self.dtype, device=self.device, budget=self.budget,
+            executor=self.executor, public_name=cfg.public_name,
+            limits=HandlerLimits(cfg.max_session_length, cfg.max_batch_size, cfg.max_forward_tokens,
+                                 cfg.session_timeout))
+        await self.handler.add_to(self.peer.p2p)
+        self.state = ServerState.ONLINE
+        await self._announce()
+
+    async def move_to(self, start: int, end: int, reason: str) -> None:
+        """Serves blocks ``start:end`` instead of the current span: announces the move (JOINING there,
+        OFFLINE on the blocks it leaves), ends the sessions on the old span, keeps the blocks both spans
+        share, loads only the new ones, and serves again."""
+        old_start, old_end = self.start, self.end
+        print(f"Moving from blocks {old_start}:{old_end} to {start}:{end}: {reason}", flush=True)
+        left = [b for b in range(old_start, old_end) if not start <= b < end]
+        if left:
+            await declare_server(self.peer, self.config.dht_prefix,
+                                 dataclasses.replace(self._record(), state=ServerState.OFFLINE),
+                                 expiration=2.5 * self.config.update_period, blocks=left)
+        self.state = ServerState.JOINING
+        self._set_span(start, end)
+        await self._announce()
+        old, self.handler = self.handler, None
+        if old is None:
+            raise RuntimeError("move_to needs a serving span (call it only while ONLINE)")
+        await old.remove_from(self.peer.p2p)
+        await old.close_all()
+        kept = shared_blocks(old.span, start, end)
+        del old  # the blocks it alone held are freed before the new ones load
+        span = await self._load(lambda: respan(self.model_config, kept, self.checkpoint, start, end, self.dtype,
+                                               self.device, self.stop_event.is_set),
+                                f"{start}:{end} ({end - start - len(kept)} new, {len(kept)} kept)")
+        await self._serve(span)
+        print(f"Server ONLINE: {self.config.dht_prefix} blocks {start}:{end} as {self.peer.peer_id} "
+              f"(moved from {old_start}:{old_end}, kept {len(kept)} block(s))", flush=True)
+
+    def _record(self) -> ServerRecord:
+        cfg = self.config
+        speed = self.throughput
         return ServerRecord(
             state=self.state, start=self.start, end=self.end, dtype=str(self.dtype).removeprefix("torch."),
-            device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=budget.tokens_left,
+            throughput=self.offered_throughput, inference_rps=speed.inference_rps if speed else 0.0,
+            forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
+            device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=self.budget.tokens_left,
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
+            using_relay=self.using_relay,
         )
 
-    async def _announce(self, budget: CacheBudget) -> None:
-        ok = await declare_server(self.peer, self.config.dht_prefix, self._record(budget),
+    async def _announce(self) -> None:
+        ok = await declare_server(self.peer, self.config.dht_prefix, self._record(),
                                   expiration=2.5 * self.config.update_period, model=self.model_record)
+        self.announced = True
         if not ok:
             logger.warning("Could not store this server's record (%s) in the DHT; will retry in %.0fs",
                            self.state.name, self.config.update_period)
 
-    async def _announce_loop(self, budget: CacheBudget) -> None:
+    async def _announce_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.update_period)
             try:
-                await self._announce(budget)
+                self._check_relay(await self.peer.visible_maddrs())
+                await self._announce()
             except Exception:
                 logger.exception("Announcing failed; will retry in %.0fs", self.config.update_period)
+
+    async def _until_stopped(self, tasks: list[asyncio.Task]) -> None:
+        """Waits for a stop request; a background task that fails first stops the server with its error."""
+        stop = asyncio.create_task(self.stop_event.wait())
+        try:
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        for task in done:
+            if task is not stop:
+                task.result()  # raises the task's error
+                raise RuntimeError(f"background task {task.get_coro()!r} ended on its own")
+
+    def _check_relay(self, maddrs: list[str]) -> None:
+        relayed = all_relayed(maddrs)
+        if relayed and not self.using_relay:
+            logger.warning("This server is not directly reachable: all its addresses go through relays (%s). "
+                           "Clients reach it through a relay, which is slower; open a port and pass "
+                           "--announce-maddrs with a public address to be reached directly", maddrs[0])
+        self.using_relay = relayed
 
     def _print_join_info(self, maddrs: list[str]) -> None:
         if not maddrs:

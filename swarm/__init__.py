@@ -10,6 +10,8 @@ other way; the CLI imports them lazily):
 - ``dht``      starting a peer, announcing and fetching records
 - ``transport`` one stream to a server: send/receive messages with timeouts
 - ``routing``  pure span/chain computation over records
+- ``placement`` pure block placement: where a server is most useful, and whether to move
+- ``swarm_state`` pure server/block/model state: replicas, healthy or broken (health, servers, clients)
 - ``config``   one frozen config dataclass per component
 - ``models``   family adapters (the only family-specific code)
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)

@@ -1,26 +1,30 @@
 """The generic block runtime: a span of a model's own decoder layers that runs like a local model.
 
-:class:`Span` holds blocks ``start..end-1`` (global indices), rebuilds rotary embeddings from the
-config, and builds the masks each block needs. Masks are sized against the span's *first* block of
-each attention type (``layer_idx``): the session cache holds only this span's layers, and sizing
+:class:`Span` holds blocks ``start..end-1`` (global indices), rebuilds the rotary embedding the
+family's base model uses, builds the masks each block needs, and adds what the family's adapter
+says its layers take besides (alibi). Masks are sized against the span's *first* block of each
+attention type (``layer_idx``): the session cache holds only this span's layers, and sizing
 against layer 0 (transformers' default) makes multi-token steps after prefill wrong.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from swarm.errors import ModelError
-from swarm.models import decoder_layer_class, layer_types, rotary_class
+from swarm.models import decoder_layer_class, family_of, layer_types, rotary_embedding
 
 _MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
+# what decoder layers call their cache argument: transformers >= 5, older classes, Falcon/Bloom
+_CACHE_KWARGS = ("cache", "past_key_values", "layer_past")
 
 
 class Span(torch.nn.Module):
@@ -31,17 +35,16 @@ class Span(torch.nn.Module):
         if len(blocks) != end - start:
             raise ModelError(f"span {start}:{end} needs {end - start} blocks, got {len(blocks)}")
         self.config = config
+        self.family = family_of(config)
         self.start, self.end = start, end
         self.blocks = torch.nn.ModuleList(blocks)
-        rotary = rotary_class(config)
-        self.rotary_emb = rotary(config=config) if rotary is not None else None
-        types_ = layer_types(config)
-        self.block_types = types_[start:end]
+        self.rotary_emb = rotary_embedding(config)
+        self.block_types = layer_types(config)[start:end]
         for i, kind in enumerate(self.block_types):
             if kind not in _MASK_FUNCTIONS:
                 raise ModelError(f"block {start + i} has attention type {kind!r}, which Swarm cannot run yet")
         params = inspect.signature(type(blocks[0]).forward).parameters if blocks else {}
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = next((name for name in _CACHE_KWARGS if name in params), "cache")
 
     @classmethod
     def empty(cls, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype) -> "Span":
@@ -67,30 +70,35 @@ class Span(torch.nn.Module):
         end = self.end if end is None else end
         lo, hi = start - self.start, end - self.start
         seq = hidden.shape[1]
-        position_ids = torch.arange(position, position + seq, device=hidden.device).unsqueeze(0)
-        # the first block of each attention type in the run sizes that type's mask
-        mask_layer_idx: dict[str, int] = {}
-        for i in range(lo, hi):
-            mask_layer_idx.setdefault(self.block_types[i], self.start + i)
-        masks = {}
-        for kind, layer_idx in mask_layer_idx.items():
-            masks[kind] = _MASK_FUNCTIONS[kind](
-                config=self.config,
-                inputs_embeds=hidden,
-                attention_mask=None,
-                cache=cache,
-                position_ids=position_ids,
-                layer_idx=layer_idx,
-            )
-        position_embeddings = self.rotary_emb(hidden, position_ids) if self.rotary_emb is not None else None
+        position_ids = torch.arange(position, position + seq, device=hidden.device).unsqueeze(0)  # [1, seq]
+        inputs = {kind: self._inputs_for(kind, layer_idx, hidden, cache, position, position_ids)
+                  for kind, layer_idx in self._first_block_of_each_type(lo, hi).items()}
         for block, kind in zip(self.blocks[lo:hi], self.block_types[lo:hi]):
-            out = block(
-                hidden,
-                attention_mask=masks[kind],
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                use_cache=cache is not None,
-                **{self._cache_kwarg: cache},
-            )
+            out = block(hidden, position_ids=position_ids, use_cache=cache is not None,
+                        **{self._cache_kwarg: cache}, **inputs[kind])
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+    def _first_block_of_each_type(self, lo: int, hi: int) -> dict[str, int]:
+        """{attention type: global index of its first block in the run}: that block sizes the type's mask."""
+        first: dict[str, int] = {}
+        for i in range(lo, hi):
+            first.setdefault(self.block_types[i], self.start + i)
+        return first
+
+    def _inputs_for(self, kind: str, layer_idx: int, hidden: torch.Tensor, cache: DynamicCache | None,
+                    position: int, position_ids: torch.Tensor) -> dict[str, Any]:
+        """The keyword inputs every block of attention type ``kind`` gets in this step."""
+        extra_mask_args = {"allow_is_causal_skip": False} if self.family.materialize_mask else {}
+        mask = _MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
+                                     position_ids=position_ids, layer_idx=layer_idx, **extra_mask_args)
+        extra: dict[str, Any] = {}
+        if self.family.block_inputs is not None:
+            mask, extra = self.family.block_inputs(self.config, hidden, position, mask)
+        if self.rotary_emb is None:
+            position_embeddings = None
+        elif self.family.rotary_by_layer_type:
+            position_embeddings = self.rotary_emb(hidden, position_ids, kind)
+        else:
+            position_embeddings = self.rotary_emb(hidden, position_ids)
+        return {"attention_mask": mask, "position_embeddings": position_embeddings, **extra}

@@ -105,7 +105,8 @@ def run_dht(config: DHTConfig) -> int:
         peer = await Peer.start(NetworkConfig(host_maddrs=config.listen_maddrs(),
                                               announce_maddrs=config.announce_maddrs,
                                               identity_path=config.identity_path,
-                                              initial_peers=config.initial_peers))
+                                              initial_peers=config.initial_peers, use_relay=config.use_relay,
+                                              use_auto_relay=config.use_auto_relay))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(model=args.model, num_servers=args.servers, prompt=args.prompt,
                             max_new_tokens=args.max_new_tokens)
         if args.command == "models":
-            from swarm.models import supported_families
+            from swarm.models import describe_families
 
-            print("Supported model families (transformers model_type):")
-            for name in supported_families():
-                print(f"  {name}")
+            print("Supported model families (model_type in config.json, what it covers):")
+            for name, label in describe_families():
+                print(f"  {name:<12} {label}")
+            print("Models that ship their own code run only with `swarm serve --trust-remote-code` "
+                  "and from_pretrained(..., trust_remote_code=True).")
             return 0
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -57,6 +57,10 @@ class NetworkFlags:
                                                                       "/ip4/0.0.0.0/tcp/PORT"))
     identity_path: str | None = dataclasses.field(
         default=None, metadata=_help("file with this peer's private key (created if missing) for a stable peer id"))
+    use_relay: bool = dataclasses.field(
+        default=True, metadata=_help("reach peers behind NATs/firewalls through libp2p circuit relays"))
+    use_auto_relay: bool = dataclasses.field(
+        default=False, metadata=_help("behind a NAT/firewall yourself: find relays and become reachable through them"))
 
     def listen_maddrs(self) -> tuple[str, ...]:
         if self.host_maddrs:
@@ -84,7 +88,11 @@ class ServerConfig(NetworkFlags):
 
     model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model", flag="--model"))
     blocks: str | None = dataclasses.field(
-        default=None, metadata=_help("span to serve as START:END, END exclusive (default: every block)"))
+        default=None, metadata=_help("span to serve as START:END, END exclusive (default: --num-blocks blocks "
+                                     "placed where the swarm is weakest, moved when it becomes lopsided)"))
+    num_blocks: int | None = dataclasses.field(
+        default=None, metadata=_help("how many blocks to hold when --blocks is not given (default: as many as fit "
+                                     "the device's memory with their KV cache, at most the model's)"))
     device: str = dataclasses.field(default="auto", metadata=_help("cpu, cuda, cuda:1, mps, xpu, npu... or auto"))
     dtype: str = dataclasses.field(
         default="auto", metadata=_help("auto, float32, bfloat16 or float16 (auto: checkpoint dtype on "
@@ -109,6 +117,20 @@ class ServerConfig(NetworkFlags):
         default=300.0, metadata=_help("an inference session idle this many seconds is closed and its cache freed"))
     num_threads: int | None = dataclasses.field(
         default=None, metadata=_help("torch CPU threads for compute (default: torch's choice)"))
+    throughput: float | None = dataclasses.field(
+        default=None, metadata=_help("tokens/s per block this server offers the swarm (default: measured once on "
+                                     "the loaded blocks and cached in $SWARM_CACHE_DIR or ~/.cache/swarm)"))
+    network_rps: float | None = dataclasses.field(
+        default=None, metadata=_help("tokens/s this server's network link carries; caps the offered throughput "
+                                     "(default: not limiting; never measured)"))
+    balance_quality: float = dataclasses.field(
+        default=1.3, metadata=_help("without --blocks, move only if the swarm's slowest block would get this many "
+                                    "times faster (or a block without servers would get one)"))
+    rebalance_period: float = dataclasses.field(
+        default=120.0, metadata=_help("without --blocks, mean seconds between checks whether to move (jittered)"))
+    trust_remote_code: bool = dataclasses.field(
+        default=False, metadata=_help("run the modeling code a model repository ships (only for repositories you "
+                                      "trust); without it such models are refused"))
 
     def __post_init__(self) -> None:
         self.check_network()
@@ -123,6 +145,19 @@ class ServerConfig(NetworkFlags):
             raise ConfigError("--update-period and --session-timeout must be positive")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ConfigError(f"--num-threads must be positive, got {self.num_threads}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ConfigError(f"--num-blocks must be positive, got {self.num_blocks}")
+        if self.num_blocks is not None and self.blocks is not None:
+            raise ConfigError("give either --blocks (a fixed span) or --num-blocks (placed automatically), not both")
+        for name in ("throughput", "network_rps"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive, finite tokens/s, got {value}")
+        if not self.balance_quality >= 1.0:
+            raise ConfigError(f"--balance-quality must be >= 1.0 (the improvement a move needs), "
+                              f"got {self.balance_quality}")
+        if not self.rebalance_period > 0:
+            raise ConfigError(f"--rebalance-period must be positive seconds, got {self.rebalance_period}")
 
     @property
     def dht_prefix(self) -> str:

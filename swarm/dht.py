@@ -111,12 +111,17 @@ class Peer:
 
 
 async def declare_server(
-    peer: Peer, prefix: str, record: ServerRecord, expiration: float, model: ModelRecord | None = None
+    peer: Peer, prefix: str, record: ServerRecord, expiration: float, model: ModelRecord | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> bool:
-    """Stores ``record`` under every block key of its span (and the model index entry); True if all stored."""
+    """Stores ``record`` under every block key of its span (or of ``blocks``, e.g. an OFFLINE record for the
+    blocks a moving server leaves) and the model index entry; True if all stored.
+
+    A later call supersedes an earlier one for the same (block, server): its expiration is later.
+    """
     expiration_time = get_dht_time() + expiration
     value = encode_record(record)
-    keys: list[str] = [block_key(prefix, b) for b in range(record.start, record.end)]
+    keys: list[str] = [block_key(prefix, b) for b in (range(record.start, record.end) if blocks is None else blocks)]
     values: list[bytes] = [value] * len(keys)
     subkeys: list[bytes | str] = [peer.server_subkey()] * len(keys)
     if model is not None:
@@ -125,6 +130,12 @@ async def declare_server(
         subkeys.append(prefix)
     stored = await peer.node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return all(stored.values())
+
+
+def all_relayed(maddrs: Sequence[str]) -> bool:
+    """True if a peer has addresses and every one goes through a relay (``/p2p-circuit``): nobody can dial
+    it directly, e.g. behind a NAT with ``--use-auto-relay``."""
+    return bool(maddrs) and all("/p2p-circuit" in str(m) for m in maddrs)
 
 
 def parse_server_subkey(subkey: bytes | str) -> str:
@@ -179,23 +190,30 @@ def peer_sockets() -> set[str]:
     return {p for d in {"/tmp", tempfile.gettempdir()} for p in glob.glob(os.path.join(d, "hivemind-*.sock"))}
 
 
-def clean_peer_sockets(keep: set[str] = frozenset()) -> int:
-    """Removes ``hivemind-*.sock`` files that no live p2pd daemon or client listens on, except ``keep``
-    (pass :func:`peer_sockets` taken before starting your peers, to touch only what they left).
-
-    hivemind names its unix sockets by random id, not pid; a socket is stale when nobody listens on
-    it. Returns how many files were removed.
-    """
-    removed = 0
-    for path in sorted(peer_sockets() - set(keep)):
+def stale_peer_sockets() -> set[str]:
+    """``hivemind-*.sock`` files that no live p2pd daemon or client listens on (left by dead peers)."""
+    stale = set()
+    for path in sorted(peer_sockets()):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(0.2)
             probe.connect(path)
         except OSError:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-                removed += 1
+            stale.add(path)
         finally:
             probe.close()
+    return stale
+
+
+def clean_peer_sockets(keep: set[str] = frozenset()) -> int:
+    """Removes stale ``hivemind-*.sock`` files, except ``keep`` (pass :func:`peer_sockets` taken before
+    starting your peers, to touch only what they left). Returns how many files were removed.
+
+    hivemind names its unix sockets by random id, not pid; a socket is stale when nobody listens on it.
+    """
+    removed = 0
+    for path in sorted(stale_peer_sockets() - set(keep)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            removed += 1
     return removed

@@ -41,10 +41,10 @@ class ServerRecord:
     state: ServerState
     start: int  # first block it holds
     end: int  # one past the last block it holds
-    throughput: float = 0.0  # tokens/s it offers the swarm
-    inference_rps: float = 0.0
-    forward_rps: float = 0.0
-    network_rps: float = 0.0
+    throughput: float = 0.0  # tokens/s per block it offers the swarm (0: unknown yet)
+    inference_rps: float = 0.0  # 1-token inference steps/s through one block (0: not measured)
+    forward_rps: float = 0.0  # tokens/s through one block in a forward pass (0: not measured)
+    network_rps: float = 0.0  # tokens/s its link carries, from --network-rps (0: not given, not limiting)
     dtype: str = "float32"
     quant: str = "none"
     device: str = "cpu"

@@ -11,6 +11,19 @@ from swarm.local_swarm import LocalSwarm
 from swarm.tiny import make_tiny_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def throughput_cache(tmp_path_factory):
+    """Servers started by the tests measure into a cache of this run, never the user's ~/.cache/swarm."""
+    path = str(tmp_path_factory.mktemp("swarm-cache"))
+    before = os.environ.get("SWARM_CACHE_DIR")
+    os.environ["SWARM_CACHE_DIR"] = path
+    yield path
+    if before is None:
+        os.environ.pop("SWARM_CACHE_DIR", None)
+    else:
+        os.environ["SWARM_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     return make_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-llama"), "llama")

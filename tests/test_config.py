@@ -263,3 +263,50 @@ def test_cli_config_error_exit_code(monkeypatch, capsys):
     monkeypatch.setattr(swarm.cli, "_setup_logging", lambda verbose: None)
     assert swarm.cli.main(["dht", "--port", "0"]) == 2
     assert "error: --port 0 is not a TCP port" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- placement, throughput and relay flags
+
+
+def test_placement_and_throughput_defaults():
+    config = ServerConfig(model="x")
+    assert config.num_blocks is None and config.throughput is None and config.network_rps is None
+    assert config.balance_quality == 1.3 and config.rebalance_period > 0
+    assert config.use_relay is True and config.use_auto_relay is False
+    assert DHTConfig().use_relay is True
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(num_blocks=0), "--num-blocks must be positive"),
+    (dict(num_blocks=2, blocks="0:2"), "either --blocks .* or --num-blocks"),
+    (dict(throughput=0.0), "--throughput must be a positive, finite"),
+    (dict(throughput=float("inf")), "--throughput"),
+    (dict(throughput=float("nan")), "--throughput"),
+    (dict(network_rps=-1.0), "--network-rps must be a positive"),
+    (dict(balance_quality=0.9), "--balance-quality must be >= 1.0"),
+    (dict(rebalance_period=0.0), "--rebalance-period must be positive"),
+])
+def test_placement_flags_are_checked(kwargs, flag):
+    with pytest.raises(ConfigError, match=flag):
+        ServerConfig(model="x", **kwargs)
+
+
+def test_cli_placement_throughput_and_relay_flags():
+    args = swarm.cli.make_parser().parse_args(
+        ["serve", "--model", "m", "--num-blocks", "4", "--throughput", "12.5", "--network-rps", "800",
+         "--balance-quality", "2", "--rebalance-period", "30", "--no-use-relay", "--use-auto-relay"])
+    config = swarm.cli._build_config(ServerConfig, args)
+    assert (config.num_blocks, config.throughput, config.network_rps) == (4, 12.5, 800.0)
+    assert (config.balance_quality, config.rebalance_period) == (2.0, 30.0)
+    assert config.use_relay is False and config.use_auto_relay is True
+    args = swarm.cli.make_parser().parse_args(["dht", "--no-use-relay"])
+    assert swarm.cli._build_config(DHTConfig, args).use_relay is False
+
+
+def test_relayed_addresses():
+    from swarm.dht import all_relayed
+
+    relay = "/ip4/1.2.3.4/tcp/5/p2p/QmRelay/p2p-circuit/p2p/QmMe"
+    direct = "/ip4/10.0.0.5/tcp/31337/p2p/QmMe"
+    assert all_relayed([relay]) and all_relayed([relay, relay.replace("1.2.3.4", "5.6.7.8")])
+    assert not all_relayed([relay, direct]) and not all_relayed([direct]) and not all_relayed([])

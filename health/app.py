@@ -1,0 +1,145 @@
+"""The web app (Starlette, served by uvicorn) and ``swarm health``'s entry point.
+
+Routes: ``/`` the page (server-rendered; its script re-renders it from the JSON API), ``/api/v1/state``
+the state document (docs/health.md), ``/api/v1/is_reachable/{peer_id}``, ``/metrics`` (Prometheus),
+``/static/*``. One event loop runs the crawler and the HTTP server; SIGINT/SIGTERM stop both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from swarm import aio
+from swarm.config import HealthConfig
+from swarm.errors import ConfigError
+from swarm.routing import format_blocks
+
+from health.crawler import Crawler, Reachability, Snapshot
+from health.metrics import make_registry, render
+from health.view import FILTERS, build_state, reachability
+
+logger = logging.getLogger(__name__)
+
+HERE = pathlib.Path(__file__).resolve().parent
+PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{20,128}")  # base58, as libp2p prints peer ids
+
+
+class SwarmSource(Protocol):
+    """What the app reads: :class:`~health.crawler.Crawler`, or a stand-in holding a fixed snapshot in tests."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    async def is_reachable(self, peer_id: str) -> Reachability: ...
+
+
+def create_app(config: HealthConfig, crawler: SwarmSource) -> Starlette:
+    """The app over a running ``crawler``; it reads ``crawler.snapshot`` on every request."""
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.filters.update(FILTERS)
+    templates.env.filters["spans"] = format_blocks
+
+    def state() -> dict[str, Any]:
+        return build_state(crawler.snapshot, show_ips=config.show_ips, refresh_period=config.refresh_period)
+
+    registry = make_registry(state)
+
+    async def page(request: Request) -> Response:
+        return templates.TemplateResponse(request, "index.html", {"state": state()},
+                                          headers={"Cache-Control": "no-store"})
+
+    async def api_state(request: Request) -> Response:
+        return JSONResponse(state(), headers={"Cache-Control": "no-store"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def is_reachable(request: Request) -> Response:
+        peer_id = request.path_params["peer_id"]
+        if not PEER_ID.fullmatch(peer_id):
+            return JSONResponse({"error": f"{peer_id[:140]!r} is not a peer id; pass the base58 id a server prints, "
+                                          "e.g. 12D3KooW..."}, status_code=400)
+        result = await crawler.is_reachable(peer_id)
+        return JSONResponse(reachability(result, config.show_ips), headers={"Cache-Control": "no-store"})
+
+    return Starlette(routes=[
+        Route("/", page),
+        Route("/api/v1/state", api_state),
+        Route("/api/v1/is_reachable/{peer_id}", is_reachable),
+        Route("/metrics", metrics),
+        Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+    ])
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: this process's owner stops it (see run_health).
+
+    uvicorn re-raises a captured SIGTERM after serving, which would kill the process before the
+    crawler has stopped its DHT client; so signals go to :meth:`request_stop` instead.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def request_stop(self) -> None:
+        self.should_exit = True
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port "
+                          "(0 picks a free one) or --host") from None
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+async def serve_health(config: HealthConfig) -> None:
+    """Joins the swarm, crawls it and serves the page until SIGINT/SIGTERM."""
+    sock = _listen(config.host, config.port)  # first: a busy port fails before joining the swarm
+    try:
+        async with Crawler(config) as crawler:
+            server = _Server(uvicorn.Config(create_app(config, crawler), log_config=None, log_level="warning",
+                                            access_log=False, lifespan="off"))
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, server.request_stop)
+            url = _url(sock)
+            print(f"Health page: {url} (JSON: {url}api/v1/state, Prometheus: {url}metrics)", flush=True)
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+            logger.info("Stopping the health service")
+    finally:
+        sock.close()
+
+
+def run_health(config: HealthConfig) -> int:
+    """``swarm health``: runs :func:`serve_health` in a new event loop; returns the exit code."""
+    aio.run(serve_health(config))
+    return 0
