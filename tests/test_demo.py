@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from swarm.dht import peer_sockets, stale_peer_sockets
-
 pytestmark = pytest.mark.integration
 
 
 def _run_demo(*args: str, timeout: float = 300) -> str:
-    before = peer_sockets()
     out = subprocess.run([sys.executable, "-m", "swarm.cli", "demo", *args], capture_output=True, text=True,
                          timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
-    leaked = stale_peer_sockets() - before  # live sockets may belong to other processes on this machine
-    assert not leaked, f"the demo left hivemind sockets behind: {sorted(leaked)[:3]}"
+    workdir = re.search(r"logs in (\S+)", out.stdout).group(1)
+    leftover = subprocess.run(["pgrep", "-f", workdir], capture_output=True, text=True).stdout.split()
+    assert not leftover, f"the demo left processes running: {leftover}"
     return out.stdout
 
 
