@@ -34,9 +34,10 @@ def run_petals(workdir: str, model_dir: str | None) -> tuple[dict, str]:
     out = subprocess.run(["bash", script, workdir], env=env, capture_output=True, text=True, timeout=1800)
     text = out.stdout + out.stderr
     match = re.search(r"^\{.*^\}", text, re.S | re.M)
-    if out.returncode != 0 or not match:
+    if not match:  # its client may print results and still exit non-zero (its own timeouts on a busy machine)
         raise RuntimeError(f"petals baseline failed (code {out.returncode}):\n{text[-3000:]}")
     result = json.loads(match.group(0))
+    result["script_exit_code"] = out.returncode
     starts = [float(x) for x in re.findall(r"server_\d+_\d+_startup_s=([\d.]+)", text)]
     result["server_start_s"] = starts
     return result, model_dir or os.path.join(workdir, "models", "petals-tiny-llama")
