@@ -1,8 +1,8 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``demo``, ``models``.
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``finetune``, ``demo``, ``models``.
 
-Flags of ``dht``, ``serve`` and ``health`` are derived from :class:`~swarm.config.DHTConfig`,
-:class:`~swarm.config.ServerConfig` and :class:`~swarm.config.HealthConfig`; the roles are imported
-only when their command runs.
+Flags of ``dht``, ``serve``, ``health`` and ``finetune`` are derived from :class:`~swarm.config.DHTConfig`,
+:class:`~swarm.config.ServerConfig`, :class:`~swarm.config.HealthConfig` and
+:class:`~swarm.config.FinetuneConfig`; the roles are imported only when their command runs.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import typing
 from typing import Any
 
 from swarm import aio
-from swarm.config import DHTConfig, HealthConfig, ServerConfig
+from swarm.config import DHTConfig, FinetuneConfig, HealthConfig, ServerConfig
 from swarm.errors import SwarmError
 
 
@@ -41,7 +41,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if field.default is not dataclasses.MISSING and field.default not in ((), None, ""):
             kwargs["help"] += f" (default: {field.default})"
         kwargs["default"] = argparse.SUPPRESS  # unset flags keep the dataclass default
-        if field.name == "model":
+        if field.name == "model" or field.metadata.get("required"):
             kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
 
@@ -86,6 +86,12 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Crawl the swarm's DHT and serve its state: / (page), /api/v1/state (JSON, "
                                    "docs/health.md), /metrics (Prometheus), /api/v1/is_reachable/PEER_ID")
     _add_dataclass_flags(p, HealthConfig)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on instruction data through the swarm",
+                       description="Train a LoRA adapter for --model on alpaca, sharegpt or messages JSON/JSONL "
+                                   "data; checkpoints every --save-every steps and resumes from the latest one in "
+                                   "--output (docs/finetune.md)")
+    _add_dataclass_flags(p, FinetuneConfig)
 
     p = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and stream a generation through it")
     p.add_argument("--model", default=None,
@@ -145,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             return run_health(config)
+        if args.command == "finetune":
+            from client.finetune import run_finetune
+
+            return run_finetune(_build_config(FinetuneConfig, args))
         if args.command == "demo":
             from swarm.demo import run_demo
 

@@ -236,3 +236,73 @@ class HealthConfig:
             raise ConfigError(f"--max-probes must be at least 1, got {self.max_probes}")
         if not self.host_maddrs:
             raise ConfigError("--host-maddrs needs at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/0")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """``swarm finetune``: train a LoRA adapter for a swarm model on instruction data (docs/finetune.md)."""
+
+    initial_peers: tuple[str, ...] = dataclasses.field(
+        default_factory=env_initial_peers,
+        metadata=_help(f"multiaddrs of peers of the swarm that serves --model (default: ${INITIAL_PEERS_ENV})",
+                       nargs="+"))
+    model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model (its "
+                                                              "tokenizer and chat template are used)"))
+    data: str = dataclasses.field(
+        default="", metadata=_help("JSON or JSONL file of alpaca (instruction/input/output), sharegpt "
+                                   "(conversations: from/value) or messages (role/content) examples", required=True))
+    output: str = dataclasses.field(
+        default="", metadata=_help("directory for checkpoints and the final adapter; a run finds its latest "
+                                   "checkpoint there and resumes", required=True))
+    dht_prefix: str | None = dataclasses.field(
+        default=None, metadata=_help("DHT namespace of the model (default: the model's repository or dir name)"))
+    max_length: int = dataclasses.field(
+        default=1024, metadata=_help("tokens per example; longer examples are cut at the end"))
+    epochs: int = dataclasses.field(default=1, metadata=_help("passes over the data"))
+    max_steps: int | None = dataclasses.field(
+        default=None, metadata=_help("optimizer steps to run, overriding --epochs"))
+    lr: float = dataclasses.field(default=2e-4, metadata=_help("AdamW learning rate (constant)"))
+    weight_decay: float = dataclasses.field(default=0.0, metadata=_help("AdamW weight decay"))
+    gradient_accumulation: int = dataclasses.field(
+        default=1, metadata=_help("examples per optimizer step (each runs as a batch of one)"))
+    max_grad_norm: float = dataclasses.field(
+        default=1.0, metadata=_help("clip the adapter's gradient norm to this (0: no clipping)"))
+    seed: int = dataclasses.field(default=0, metadata=_help("seed of the data order and of LoRA's init and dropout"))
+    save_every: int = dataclasses.field(
+        default=50, metadata=_help("steps between checkpoints; a killed run loses at most this many"))
+    keep_checkpoints: int = dataclasses.field(default=3, metadata=_help("how many of the latest checkpoints to keep"))
+    lora_r: int = dataclasses.field(default=8, metadata=_help("LoRA rank"))
+    lora_alpha: int = dataclasses.field(default=16, metadata=_help("LoRA alpha (scale = alpha / r)"))
+    lora_dropout: float = dataclasses.field(default=0.05, metadata=_help("dropout on LoRA's input"))
+    lora_target_modules: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("names of the blocks' Linear modules to adapt (default: the attention's "
+                                   "query and value projections, found in the model's block)", nargs="+"))
+    chat_template: str | None = dataclasses.field(
+        default=None, metadata=_help("file with a Jinja chat template to use instead of the tokenizer's (default: "
+                                     "the tokenizer's, or a plain '### User:' template if it has none)"))
+    dtype: str = dataclasses.field(
+        default="float32", metadata=_help("dtype of the local embeddings/head and of the activations sent "
+                                          "(float32, bfloat16 or float16)"))
+
+    def __post_init__(self) -> None:
+        if not self.initial_peers:
+            raise ConfigError(f"swarm finetune needs --initial-peers (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
+                              "`swarm serve` or `swarm dht` printed")
+        _check_maddrs("--initial-peers", self.initial_peers)
+        for name, example in (("model", "Qwen/Qwen2.5-7B-Instruct"), ("data", "train.json"), ("output", "my-adapter")):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required, e.g. --{name} {example}")
+        for name in ("max_length", "epochs", "gradient_accumulation", "save_every", "keep_checkpoints", "lora_r",
+                     "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not 0 < self.lr < float("inf"):
+            raise ConfigError(f"--lr must be a positive learning rate, e.g. 2e-4; got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf") or not 0 <= self.max_grad_norm < float("inf"):
+            raise ConfigError("--weight-decay and --max-grad-norm must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")

@@ -23,3 +23,37 @@ def make_tiny_model(path: str, model_type: str = "llama", seed: int = 0, **overr
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# A ChatML-like template: each turn is "<|role|>\n{content}<|end|>\n"; generation starts at "<|assistant|>\n".
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def make_tiny_tokenizer(path: str | None = None, texts: list[str] | tuple[str, ...] = (), vocab_size: int = 512,
+                        chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer trained on ``texts`` on the fly (any text encodes; nothing is downloaded).
+
+    Ids 0, 1, 2 are ``<pad>``, ``<s>``, ``</s>`` (the tiny models' pad/bos/eos), then the chat
+    tokens of :data:`TINY_CHAT_TEMPLATE`. ``chat_template=None`` leaves the template out. With
+    ``path`` it is saved there too (next to a tiny model, ``AutoTokenizer`` finds it). Returns it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TINY_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(list(texts) or ["A swarm of small machines"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if path is not None:
+        tokenizer.save_pretrained(path)
+    return tokenizer
