@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -117,7 +118,7 @@ def load_config(name_or_path: str, *, revision: str | None = None, cache_dir: st
     A renamed family (Baichuan) gets the native config it is served with. A model that needs its
     own code is refused unless ``trust_remote_code`` (then its own classes run the generic block path).
     """
-    hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+    hub: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token)
     try:
         raw, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
     except (OSError, ValueError) as e:
@@ -145,14 +146,15 @@ def load_config(name_or_path: str, *, revision: str | None = None, cache_dir: st
     return config
 
 
-def _auto_config(name_or_path: str, hub: dict, trust_remote_code: bool) -> PretrainedConfig:
+def _auto_config(name_or_path: str, hub: dict[str, Any], trust_remote_code: bool) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the config of {name_or_path!r}: {e}") from None
 
 
-def _register_remote_class(config: PretrainedConfig, reference: str, name_or_path: str, hub: dict) -> None:
+def _register_remote_class(config: PretrainedConfig, reference: str, name_or_path: str,
+                           hub: dict[str, Any]) -> None:
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     try:
@@ -192,9 +194,10 @@ def causal_lm_class(config: PretrainedConfig) -> type:
     if type(config) in _REMOTE_LM_CLASSES:
         return _REMOTE_LM_CLASSES[type(config)]
     try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
+        lm_class: type = AutoModelForCausalLM._model_mapping[type(config)]  # type: ignore[assignment]
     except KeyError:
         raise ModelError(f"transformers has no causal LM class for {config.model_type!r}; {_supported()}") from None
+    return lm_class
 
 
 def decoder_layer_class(config: PretrainedConfig) -> type[torch.nn.Module]:

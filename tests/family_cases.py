@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -28,12 +29,12 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 class FamilyCase:
     name: str  # test id and DHT prefix
     model_type: str  # the transformers model_type the checkpoint is built from
-    overrides: dict = dataclasses.field(default_factory=dict)
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields over BASE
     writer: str = "native"  # "native", "baichuan" or "remote_code": how the checkpoint is written
     server_args: tuple[str, ...] = ()  # extra `swarm serve` flags
     spans: tuple[str, ...] = ("0:1", "1:3", "3:4")  # float32 servers in test_families.py
     bf16: bool = True  # test_families.py also checks a bfloat16 server
-    client_args: dict = dataclasses.field(default_factory=dict)  # extra from_pretrained keywords
+    client_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra from_pretrained keywords
 
 
 CASES: list[FamilyCase] = [
@@ -77,7 +78,8 @@ def build(case: FamilyCase, root: str, seed: int = 0) -> tuple[str, str]:
     return path, reference if os.path.isdir(reference) else path
 
 
-def load_reference(case: FamilyCase, reference: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_reference(case: FamilyCase, reference: str, dtype: torch.dtype = torch.float32) -> Any:
+    """The local transformers model the swarm must reproduce (a ``*ForCausalLM``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(reference, dtype=dtype, **case.client_args).eval()
@@ -85,7 +87,7 @@ def load_reference(case: FamilyCase, reference: str, dtype: torch.dtype = torch.
     return model
 
 
-def _random_model(case: FamilyCase, seed: int) -> torch.nn.Module:
+def _random_model(case: FamilyCase, seed: int) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(case.model_type, **{**BASE, **case.overrides})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ import family_cases
 import swarm.cli
 from family_cases import CASES, EXTRA_CASES, FamilyCase
 from server.loading import load_span
+from swarm.blocks import Span
 from swarm.errors import ModelError
 from swarm.models import FAMILIES, REMOTE_CODE_LAYOUT, family_of, kv_bytes_per_token, load_config
 from swarm.translate import NORM_HEAD_ATTR
@@ -35,7 +37,7 @@ CPU = torch.device("cpu")
 class LocalSpans:
     """Stands in for the client's RemoteSequence: runs the spans in this process."""
 
-    def __init__(self, spans: list) -> None:
+    def __init__(self, spans: list[Span]) -> None:
         self.spans = spans
 
     async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,7 @@ class LocalSpans:
 class LocalSession:
     """Stands in for an InferenceSession: one cache per span, kept across steps."""
 
-    def __init__(self, spans: list) -> None:
+    def __init__(self, spans: list[Span]) -> None:
         self.spans = spans
         self.caches = [span.new_cache() for span in spans]
         self.position = 0
@@ -73,7 +75,7 @@ def models_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("family-models"))
 
 
-def _split_model(case: FamilyCase, path: str):
+def _split_model(case: FamilyCase, path: str) -> tuple[Any, list[Span]]:
     """The client model of ``case`` with its blocks in three in-process spans, and those spans."""
     from swarm import AutoDistributedModelForCausalLM
 
@@ -110,7 +112,8 @@ def test_spans_match_local_model(case: FamilyCase, models_dir: str) -> None:
         assert (torch.cat(steps, dim=1) - expected).abs().max().item() <= ATOL
 
     # the KV cache budget counts what a block really caches per token
-    keys = session.caches[0].layers[0].keys  # [batch, kv heads, tokens, head dim]
+    first_layer: Any = session.caches[0].layers[0]
+    keys = first_layer.keys  # [batch, kv heads, tokens, head dim]
     assert kv_bytes_per_token(spans[0].config, torch.float32) == 2 * keys.shape[1] * keys.shape[3] * 4
 
     prompt = _ids(1, 7, seed=2)

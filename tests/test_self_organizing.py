@@ -151,52 +151,41 @@ def test_servers_without_blocks_cover_the_model(tiny_llama8, local_llama8, swarm
         _generate_matches_local(tiny_llama8, swarm, "auto", local_llama8)
 
 
-def test_a_server_joining_a_lopsided_swarm_goes_to_the_weak_blocks(tiny_llama8, swarm, watcher):
+def test_a_joining_server_goes_to_the_weak_blocks_and_moves_when_the_swarm_becomes_lopsided(
+        tiny_llama8, local_llama8, swarm, watcher):
     with _servers(swarm) as procs:
-        procs += [swarm.start_server(tiny_llama8, span, "--prefix", "lopsided", "--throughput", "10",
-                                     "--num-threads", "1", wait=False, name=f"lopsided_{span.replace(':', '_')}")
-                  for span in ("0:8", "0:4")]
-        watcher.wait_until("lopsided", lambda s: sum(r.state == ServerState.ONLINE for r in s.values()) == 2,
-                           "two pinned servers online")
-        joiner = swarm.start_server(tiny_llama8, None, "--prefix", "lopsided", "--num-blocks", "4", "--throughput",
-                                    "10", "--network-rps", "5000", "--no-use-relay", *FAST, name="lopsided_joiner")
-        procs.append(joiner)
-        servers = watcher.wait_until("lopsided", lambda s: len(s) == 3 and all(
-            r.state == ServerState.ONLINE for r in s.values()), "the joiner coming online")
-        record = servers[_peer_id(joiner)]
-        assert (record.start, record.end) == (4, 8)
-        assert (record.throughput, record.network_rps, record.forward_rps) == (10.0, 5000.0, 0.0)  # --throughput wins
-        assert not record.using_relay
-        log = joiner.log()
-        assert "Placing this server at blocks 4:8" in log and "--throughput; not measured" in log
-        by_block = {b: {p: r for p, r in servers.items() if r.start <= b < r.end} for b in range(NUM_BLOCKS)}
-        assert block_totals(by_block, NUM_BLOCKS) == [20.0] * NUM_BLOCKS  # evened out
-
-
-def test_a_server_moves_when_the_swarm_becomes_lopsided(tiny_llama8, local_llama8, swarm, watcher):
-    with _servers(swarm) as procs:
-        procs += [swarm.start_server(tiny_llama8, span, "--prefix", "moving", "--throughput", "10", "--num-threads",
-                                     "1", wait=False, name=name) for span, name in (("0:4", "moving_left"),
-                                                                                    ("4:8", "moving_right"))]
+        # blocks 0:4 offer 10 tokens/s, blocks 4:8 only 5
+        procs += [swarm.start_server(tiny_llama8, span, "--prefix", "lopsided", "--throughput", speed,
+                                     "--num-threads", "1", wait=False, name=name)
+                  for span, speed, name in (("0:4", "10", "lopsided_left"), ("4:8", "5", "lopsided_right"))]
         left, right = procs
-        watcher.wait_until("moving", lambda s: len(s) == 2 and _online_everywhere(s), "two pinned servers online")
-        # all windows are equal: the mover takes the lowest start, and stays there while nothing changes
-        mover = swarm.start_server(tiny_llama8, None, "--prefix", "moving", "--num-blocks", "5", "--throughput", "10",
-                                   *FAST, name="moving_auto")
+        watcher.wait_until("lopsided", lambda s: len(s) == 2 and _online_everywhere(s), "two pinned servers online")
+
+        # a third server (5 blocks) joins where the swarm is weakest: 3:8
+        mover = swarm.start_server(tiny_llama8, None, "--prefix", "lopsided", "--num-blocks", "5", "--throughput",
+                                   "10", "--network-rps", "5000", "--no-use-relay", *FAST, name="lopsided_auto")
         procs.append(mover)
         mover_id = _peer_id(mover)
-        servers = watcher.wait_until("moving", lambda s: mover_id in s and
-                                     s[mover_id].state == ServerState.ONLINE, "the mover coming online")
-        assert (servers[mover_id].start, servers[mover_id].end) == (0, 5)
-
-        assert swarm.stop(right, timeout=60) == 0  # it announces OFFLINE: blocks 5:8 have no server now
-        servers = watcher.wait_until("moving", lambda s: s[mover_id].state == ServerState.ONLINE and
-                                     (s[mover_id].start, s[mover_id].end) == (3, 8), "the mover moving to 3:8")
+        servers = watcher.wait_until("lopsided", lambda s: mover_id in s and s[mover_id].state == ServerState.ONLINE,
+                                     "the third server coming online")
+        record = servers[mover_id]
+        assert (record.start, record.end) == (3, 8)
+        assert (record.throughput, record.network_rps, record.forward_rps) == (10.0, 5000.0, 0.0)  # --throughput wins
+        assert not record.using_relay
         log = mover.log()
-        assert "Moving from blocks 0:5 to 3:8: the swarm would have 0 block(s) without a server instead of 3" in log
+        assert "Placing this server at blocks 3:8" in log and "--throughput; not measured" in log
+        by_block = {b: {p: r for p, r in servers.items() if r.start <= b < r.end} for b in range(NUM_BLOCKS)}
+        assert block_totals(by_block, NUM_BLOCKS) == [10.0, 10.0, 10.0, 20.0, 15.0, 15.0, 15.0, 15.0]
+
+        # the left server stops: blocks 0:3 have no server, so the third one moves there, keeping blocks 3 and 4
+        assert swarm.stop(left, timeout=60) == 0  # it announces OFFLINE
+        servers = watcher.wait_until("lopsided", lambda s: s[mover_id].state == ServerState.ONLINE and
+                                     (s[mover_id].start, s[mover_id].end) == (0, 5), "the third server moving to 0:5")
+        log = mover.log()
+        assert "Moving from blocks 3:8 to 0:5: the swarm would have 0 block(s) without a server instead of 3" in log
         assert "kept 2 block(s)" in log
         moved = log[log.index("Moving from blocks"):]
-        assert "Loading blocks 5:8" in moved and "Loading blocks 3:" not in moved  # blocks 3 and 4 were kept
+        assert "Loading blocks 0:3" in moved and "Loading blocks 3:" not in moved  # blocks 3 and 4 were kept
         assert "Traceback" not in log
-        assert servers[_peer_id(left)].state == ServerState.ONLINE
-        _generate_matches_local(tiny_llama8, swarm, "moving", local_llama8)
+        assert servers[_peer_id(right)].state == ServerState.ONLINE
+        _generate_matches_local(tiny_llama8, swarm, "lopsided", local_llama8)
