@@ -86,7 +86,8 @@ class InferenceSession:
                     session_id = uuid.uuid4().hex
                     try:
                         await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
-                                                      max_length=self.max_length, batch_size=self.batch_size))
+                                                      max_length=self.max_length, batch_size=self.batch_size,
+                                                      **self.sequence.session_fields(link.start, link.end)))
                         expect(await stream.receive(config.request_timeout), SessionOpened)
                     except BaseException:
                         stream.close()

@@ -21,13 +21,16 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from swarm.config import ClientConfig, default_prefix
 from swarm.errors import BadRequest, ModelError
+from swarm.lora import LoraSpec
 from swarm.models import causal_lm_class, config_without_layers, family_of, load_config
 from swarm.translate import to_native
 from swarm.weights import Checkpoint
 
+from client.autograd import RemoteBlocks
 from client.inference_session import InferenceSession
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence
+from client.tuning import RemoteLora, Tuning, adapter_spec
 
 _active_session: contextvars.ContextVar[InferenceSession | None] = contextvars.ContextVar(
     "swarm_active_session", default=None)
@@ -84,11 +87,20 @@ class RemoteLayers(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any,
                 **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, None]:
         cache = next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
+        tuning: Tuning | None = self.sequence.tuning
+        tensors = tuning.grad_tensors() if tuning is not None else []
+        needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(t.requires_grad for t in tensors))
         # [batch, seq, hidden] in, the same out
         if isinstance(cache, RemoteCache):
+            if needs_grad:
+                raise BadRequest("inference sessions run without gradients: train with model(input_ids, labels=...) "
+                                 "outside a session, or wrap generation in torch.no_grad()")
             out = cache.session.step(hidden_states)
+        elif needs_grad:
+            extras = self.sequence.extras(training=self.training)
+            out = RemoteBlocks.apply(self.sequence, extras, hidden_states, *tensors)
         else:
-            out = run_sync(self.sequence.forward(hidden_states.detach()))
+            out = run_sync(self.sequence.forward(hidden_states.detach(), self.sequence.extras(self.training)))
         return (out, None) if self.returns_tuple else out
 
 
@@ -110,7 +122,29 @@ class DistributedModelMixin:
         """A session holding up to ``max_length`` tokens (prompt + generated) in the servers' caches."""
         return _SessionContext(InferenceSession(self.remote, max_length))
 
+    @property
+    def tuning(self) -> Tuning | None:
+        """The client's trainable additions (LoRA, soft prompts), or None."""
+        return self.remote.tuning
+
+    def save_adapter(self, path: str) -> None:
+        """Saves the LoRA adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``);
+        ``peft.PeftModel.from_pretrained(local_model, path)`` loads it onto the local transformers model."""
+        if self.tuning is None or self.tuning.lora is None:
+            raise BadRequest("this model has no LoRA adapter to save; create one with from_pretrained(..., "
+                             "lora=peft.LoraConfig(...))")
+        self.tuning.lora.save(path, self.tuning.family, base_model=self.remote.model_name)
+
+    def load_adapter(self, path: str) -> None:
+        """Loads saved LoRA weights (same rank and target modules) into this model's adapter."""
+        if self.tuning is None or self.tuning.lora is None:
+            raise BadRequest("this model has no LoRA adapter to load weights into; use from_pretrained(..., "
+                             f"adapter={path!r})")
+        self.tuning.lora.load(path, self.tuning.family)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.tuning is not None and self.tuning.prompt_embeddings is not None:
+            return self._forward_with_prompts(args, kwargs)
         # the model's own signature: families order their arguments differently (Falcon, Bloom: cache second)
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None and args:
@@ -121,6 +155,37 @@ class DistributedModelMixin:
             raise BadRequest("padded batches (attention_mask with zeros) are not supported yet; "
                              "send prompts of equal length or one at a time")
         return super().forward(*args, **kwargs)
+
+    def _forward_with_prompts(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """Prompt tuning: the soft prompt embeddings go before the input embeddings; the logits of their
+        positions are dropped and their labels ignored, so outputs line up with the inputs."""
+        signature = inspect.signature(super().forward)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+                bound.update(bound.pop(name))
+        if isinstance(bound.get(self._cache_kwarg), RemoteCache):
+            raise BadRequest("generation with soft prompts (tuning_mode) is not supported yet; score with "
+                             "model(input_ids) or generate with a LoRA adapter")
+        input_ids, embeds = bound.pop("input_ids", None), bound.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = self.get_input_embeddings()(input_ids)
+        batch, tokens = embeds.shape[0], self.tuning.pre_seq_len
+        prompts = self.tuning.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        bound["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
+        mask = bound.get("attention_mask")
+        if mask is not None:
+            if not bool(mask.all()):
+                raise BadRequest("padded batches (attention_mask with zeros) are not supported yet")
+            bound["attention_mask"] = torch.cat([mask.new_ones(batch, tokens), mask], dim=1)
+        if bound.get("labels") is not None:
+            labels = bound["labels"]
+            bound["labels"] = torch.cat([labels.new_full((batch, tokens), -100), labels], dim=1)
+        if bound.get("position_ids") is not None:
+            raise BadRequest("position_ids cannot be combined with soft prompts; leave them out")
+        out = super().forward(**bound)
+        out.logits = out.logits[:, tokens:]
+        return out
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
                  **kwargs):
@@ -191,13 +256,22 @@ class AutoDistributedModelForCausalLM:
     def from_pretrained(cls, name_or_path: str, *, initial_peers: list[str] | tuple[str, ...] | None = None,
                         dtype: torch.dtype | str | None = None, torch_dtype: torch.dtype | str | None = None,
                         revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None,
-                        trust_remote_code: bool = False, **client_kwargs: Any):
+                        trust_remote_code: bool = False, lora: Any = None, adapter: str | None = None,
+                        active_adapter: str | None = None, tuning_mode: str | None = None, pre_seq_len: int = 0,
+                        **client_kwargs: Any):
         """Builds the model's own HF class with its blocks served by the swarm.
 
         ``dtype`` (or ``torch_dtype``) is the dtype of the local embeddings/head and of the hidden
         states sent to servers (default float32). ``trust_remote_code=True`` allows a model that
         ships its own modeling code to run it here (refused otherwise). Other keywords set
         :class:`~swarm.config.ClientConfig`.
+
+        Fine-tuning (the base weights are frozen then; only what these add requires grad):
+        ``lora=peft.LoraConfig(...)`` adds a trainable LoRA adapter for the remote blocks;
+        ``adapter=PATH`` loads a saved one (frozen; ``model.tuning.requires_grad_()`` to train on);
+        ``active_adapter=NAME`` uses an adapter the servers preloaded (``swarm serve --adapters``);
+        ``tuning_mode="ptune"`` or ``"deep_ptune"`` with ``pre_seq_len=N`` adds N trainable soft prompt tokens
+        (deep: also before every block).
         """
         unknown = set(client_kwargs) - _CLIENT_FIELDS
         if unknown:
@@ -235,6 +309,20 @@ class AutoDistributedModelForCausalLM:
 
         prefix = config.dht_prefix or default_prefix(name_or_path)
         model.remote = RemoteSequence(config, prefix, model_config.num_hidden_layers, name_or_path)
+        if lora is not None or adapter is not None or active_adapter or tuning_mode is not None or pre_seq_len:
+            model.requires_grad_(False)  # the base model is frozen; what tuning adds is trained
+            remote_lora = None
+            if lora is not None or adapter is not None:
+                spec = LoraSpec.from_peft(lora) if lora is not None else adapter_spec(adapter)
+                remote_lora = RemoteLora.for_model(model_config, family, spec, dtype)
+                if adapter is not None:
+                    remote_lora.load(adapter, family)
+                    remote_lora.requires_grad_(lora is not None)
+            embeddings = model.get_input_embeddings().weight
+            model.swarm_tuning = Tuning(model_config, family, lora=remote_lora, tuning_mode=tuning_mode,
+                                        pre_seq_len=pre_seq_len, active_adapter=active_adapter or "",
+                                        embedding_std=float(embeddings.detach().float().std()), dtype=dtype)
+            model.remote.tuning = model.swarm_tuning
         params = inspect.signature(causal_lm_class(model_config).forward).parameters
         model._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         base = getattr(model, family.base_model_attr)

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -21,12 +21,23 @@ from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable, SwarmError
 from swarm.records import ServerState
 from swarm.routing import Bans, ChainLink, make_forward_chain, make_latency_chain, missing_blocks
-from swarm.wire import ForwardRequest, ForwardResponse, InfoRequest, InfoResponse, expect
+from swarm.wire import (
+    BackwardRequest,
+    BackwardResponse,
+    ForwardRequest,
+    ForwardResponse,
+    InfoRequest,
+    InfoResponse,
+    expect,
+)
 
 from swarm import transport
 
+from client.tuning import Extras
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+Records = list[tuple[ChainLink, torch.Tensor]]  # (link, the hidden states it was sent) of a forward pass
 
 PING_TIMEOUT = 5.0  # seconds for a ping (an info call) before the server is banned
 PING_MAX_AGE = 60.0  # seconds a measured ping is trusted
@@ -42,6 +53,15 @@ class RemoteSequence:
         self._servers_time = -float("inf")
         self._peer: Peer | None = None
         self._peer_lock: asyncio.Lock | None = None
+        self.tuning: Any = None  # the model's client.tuning.Tuning, if it has one
+
+    def extras(self, training: bool = False) -> Extras:
+        """What every request of a pass carries now: the current prompts and adapter, if any."""
+        return self.tuning.extras(training) if self.tuning is not None else Extras()
+
+    def session_fields(self, start: int, end: int) -> dict[str, Any]:
+        """OpenSession keywords for blocks ``start:end`` (the adapter a session's steps run with)."""
+        return self.extras().session_fields(start, end) if self.tuning is not None else {}
 
     async def peer(self) -> Peer:
         if self._peer is None:
@@ -79,6 +99,10 @@ class RemoteSequence:
         force = False
         while True:
             servers = await self.servers(force)
+            adapter = self.tuning.active_adapter if self.tuning is not None else ""
+            if adapter:  # only servers that preloaded it
+                servers = {b: {p: r for p, r in by_peer.items() if adapter in r.adapters}
+                           for b, by_peer in servers.items()}
             try:
                 if purpose == "forward":
                     return make_forward_chain(servers, start, end, rng=self._rng,
@@ -141,30 +165,101 @@ class RemoteSequence:
         self._servers_time = -float("inf")  # what we know about the swarm may be stale too
         logger.info("Not using server %s for %.0fs after a failure", peer_id, delay)
 
-    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden``: [batch, seq, hidden] -> the same after every block (no grad)."""
+    async def forward(self, hidden: torch.Tensor, extras: Extras | None = None,
+                      records: Records | None = None) -> torch.Tensor:
+        """``hidden``: [batch, seq, hidden] -> the same after every block (no grad).
+
+        ``extras``: the prompts/adapter every request carries. ``records`` (if given) receives each
+        link and its input, which :meth:`backward` needs.
+        """
+        extras = extras or self.extras()
         position = 0
         while position < self.num_blocks:
             start = position
 
-            async def attempt() -> tuple[torch.Tensor, int]:
+            async def attempt() -> tuple[torch.Tensor, ChainLink]:
                 link = (await self.chain(start, self.num_blocks, purpose="forward"))[0]
-                peer = await self.peer()
-                try:
-                    reply = await transport.call(
-                        peer.p2p, link.peer_id, "forward", ForwardRequest(start=link.start, end=link.end, hidden=hidden),
-                        self.config.connect_timeout, self.config.request_timeout)
-                    out = expect(reply, ForwardResponse).hidden
-                    check_output(out, hidden, link.peer_id)
-                except RetryableError:
-                    self.ban(link.peer_id)
-                    raise
-                self.bans.succeeded(link.peer_id)
-                return out, link.end
+                return await self._forward_link(link, hidden, extras), link
 
-            out, position = await self.retrying(f"forward through blocks {start}:{self.num_blocks}", attempt)
+            out, link = await self.retrying(f"forward through blocks {start}:{self.num_blocks}", attempt)
+            if records is not None:
+                records.append((link, hidden))
+            position = link.end
             hidden = out.to(hidden.dtype)
         return hidden
+
+    async def _forward_link(self, link: ChainLink, hidden: torch.Tensor, extras: Extras) -> torch.Tensor:
+        request = ForwardRequest(start=link.start, end=link.end, hidden=hidden, **extras.fields(link.start, link.end))
+        reply = await self._call(link.peer_id, "forward", request)
+        out = expect(reply, ForwardResponse).hidden
+        try:
+            check_output(out, hidden, link.peer_id)
+        except RetryableError:
+            self.ban(link.peer_id)
+            raise
+        return out
+
+    async def _call(self, peer_id: str, handler: str, request: Any) -> Any:
+        """One request to ``peer_id``; a retryable failure bans it."""
+        peer = await self.peer()
+        try:
+            reply = await transport.call(peer.p2p, peer_id, handler, request, self.config.connect_timeout,
+                                         self.config.request_timeout)
+            expect(reply, object)  # an ErrorReply raises here, so retryable ones ban the peer
+        except RetryableError:
+            self.ban(peer_id)
+            raise
+        self.bans.succeeded(peer_id)
+        return reply
+
+    async def backward(self, records: Records, grad: torch.Tensor, extras: Extras) -> tuple[
+            torch.Tensor, torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        """Gradients of a forward pass (its ``records``) given ``grad`` of its output.
+
+        Returns the gradient of its input, of ``extras.prompts`` (or None) and of each LoRA A and B.
+        A span whose server is gone is recomputed on others: a new chain over its blocks, with a
+        forward through all but the last link to get their inputs.
+        """
+        grad_prompts = None if extras.prompts is None else torch.zeros_like(extras.prompts)
+        grads_a = [torch.zeros_like(a) for a in extras.lora_a]
+        grads_b = [torch.zeros_like(b) for b in extras.lora_b]
+        for link, hidden in reversed(records):
+            first = [True]
+
+            async def attempt(link: ChainLink = link, hidden: torch.Tensor = hidden,
+                              out_grad: torch.Tensor = grad) -> torch.Tensor:
+                if first[0]:  # the server that ran the forward, unless it failed since
+                    first[0] = False
+                    chain = [link] if link.peer_id not in self.bans.banned(time.monotonic()) else \
+                        await self.chain(link.start, link.end, purpose="forward")
+                else:
+                    chain = await self.chain(link.start, link.end, purpose="forward")
+                inputs = [hidden]
+                for sub in chain[:-1]:
+                    inputs.append((await self._forward_link(sub, inputs[-1], extras)).to(hidden.dtype))
+                span_grads = []  # applied only if the whole chain succeeds
+                for sub, sub_input in zip(reversed(chain), reversed(inputs)):
+                    fields = extras.fields(sub.start, sub.end)
+                    request = BackwardRequest(start=sub.start, end=sub.end, hidden=sub_input, grad_output=out_grad,
+                                              **fields)
+                    reply = expect(await self._call(sub.peer_id, "backward", request), BackwardResponse)
+                    check_output(reply.grad_input, sub_input, sub.peer_id)
+                    if len(reply.grad_lora_a) != len(fields["lora_a"]) or len(reply.grad_lora_b) != len(
+                            fields["lora_b"]) or (fields["prompts"] is None) != (reply.grad_prompts is None):
+                        raise ServerUnavailable(f"server {sub.peer_id} answered a backward request with "
+                                                "gradients that do not match it; not using it")
+                    span_grads.append((sub, reply))
+                    out_grad = reply.grad_input.to(grad.dtype)
+                for sub, reply in span_grads:
+                    if grad_prompts is not None:
+                        grad_prompts[sub.start:sub.end] += reply.grad_prompts.to(grad_prompts.dtype)
+                    for i, ga, gb in zip(extras.indices(sub.start, sub.end), reply.grad_lora_a, reply.grad_lora_b):
+                        grads_a[i] += ga.to(grads_a[i].dtype)
+                        grads_b[i] += gb.to(grads_b[i].dtype)
+                return out_grad
+
+            grad = await self.retrying(f"backward through blocks {link.start}:{link.end}", attempt)
+        return grad, grad_prompts, grads_a, grads_b
 
 
 def check_output(out: torch.Tensor, sent: torch.Tensor, peer_id: str) -> None:

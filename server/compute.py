@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 PRIORITY_INFERENCE = 0
 PRIORITY_FORWARD = 1
+PRIORITY_BACKWARD = 2
 
 
 class ComputeExecutor:

@@ -1,4 +1,4 @@
-"""The server's RPC surface: ``info``, ``forward`` and ``inference`` stream handlers.
+"""The server's RPC surface: ``info``, ``forward``, ``backward`` and ``inference`` stream handlers.
 
 Every request is validated (:meth:`SpanHandler._check_*`) before it touches the model; a bad
 request gets an :class:`~swarm.wire.ErrorReply` and the server goes on serving everyone else.
@@ -18,9 +18,12 @@ from transformers import DynamicCache
 from swarm import __version__
 from swarm.blocks import Span
 from swarm.errors import BadRequest, SessionLengthExceeded, SwarmError, UnknownSession
+from swarm.lora import AppliedLora, applied, check_lora, parse_wire_name
 from swarm.wire import (
     HANDLERS,
     PROTOCOL_VERSION,
+    BackwardRequest,
+    BackwardResponse,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -35,7 +38,8 @@ from swarm.wire import (
     write_message,
 )
 
-from server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeExecutor
+from server.adapters import Adapter
+from server.compute import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeExecutor
 from server.kv_cache import CacheBudget
 from server.push import MAX_NEXT_SERVERS, PushSender
 
@@ -51,6 +55,9 @@ class HandlerLimits:
     max_batch_size: int
     max_forward_tokens: int
     session_timeout: float
+    max_backward_tokens: int = 8192
+    max_lora_rank: int = 128
+    max_adapter_bytes: int = 256 << 20
 
 
 @dataclasses.dataclass
@@ -62,6 +69,7 @@ class Session:
     batch_size: int
     cache: DynamicCache
     writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
+    lora: AppliedLora | None = None  # the adapter every step of this session runs with
     position: int = 0
     last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -72,10 +80,14 @@ class SpanHandler:
     """Serves one :class:`Span`; register with :meth:`add_to` and remove with :meth:`remove_from`."""
 
     def __init__(self, span: Span, *, model_name: str, dtype: torch.dtype, device: torch.device,
-                 budget: CacheBudget, limits: HandlerLimits, executor: ComputeExecutor, public_name: str = ""):
+                 budget: CacheBudget, limits: HandlerLimits, executor: ComputeExecutor, public_name: str = "",
+                 adapters: dict[str, Adapter] | None = None):
         self.span, self.model_name, self.dtype, self.device = span, model_name, dtype, device
         self.budget, self.limits, self.executor, self.public_name = budget, limits, executor, public_name
+        self.adapters = adapters or {}  # preloaded with --adapters, selected per request by name
         self.hidden_size = span.config.hidden_size
+        # {global block index: {module path: module}}: where request LoRA weights go
+        self._modules = {span.start + i: dict(block.named_modules()) for i, block in enumerate(span.blocks)}
         self.sessions: dict[str, Session] = {}
         self.pusher: PushSender | None = None
         self._streams: set[asyncio.Task] = set()
@@ -83,13 +95,16 @@ class SpanHandler:
 
     def _max_message_bytes(self) -> int:
         per_token = self.hidden_size * 4
-        return max(self.limits.max_forward_tokens, self.limits.max_batch_size * 1024) * per_token + (1 << 20)
+        tokens = max(self.limits.max_forward_tokens, 2 * self.limits.max_backward_tokens,
+                     self.limits.max_batch_size * 1024)
+        return tokens * per_token + self.limits.max_adapter_bytes + (1 << 20)
 
     async def add_to(self, p2p) -> None:
         self.pusher = PushSender(p2p)
         await p2p.add_binary_stream_handler(HANDLERS["push"], self._guard(self._handle_push))
         await p2p.add_binary_stream_handler(HANDLERS["info"], self._guard(self._handle_info))
         await p2p.add_binary_stream_handler(HANDLERS["forward"], self._guard(self._handle_forward))
+        await p2p.add_binary_stream_handler(HANDLERS["backward"], self._guard(self._handle_backward))
         await p2p.add_binary_stream_handler(HANDLERS["inference"], self._guard(self._handle_inference))
 
     async def remove_from(self, p2p) -> None:
@@ -159,13 +174,63 @@ class SpanHandler:
         if tokens > self.limits.max_forward_tokens:
             raise BadRequest(f"forward of {tokens} tokens exceeds this server's --max-forward-tokens "
                              f"{self.limits.max_forward_tokens}; split the batch")
-        out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, kind="forward")
+        prompts = self._check_prompts(msg.prompts, hidden, msg.start, msg.end)
+        lora = self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
+        out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, prompts, lora,
+                                      kind="forward")
         await write_message(writer, ForwardResponse(hidden=out))
 
     @torch.inference_mode()
-    def _forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _forward(self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None,
+                 lora: AppliedLora | None = None) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)
-        return self.span(hidden, None, 0, start, end).cpu()
+        with applied(lora):
+            return self.span(hidden, None, 0, start, end, prompts=prompts).cpu()
+
+    # ---------------------------------------------------------------- backward
+
+    async def _handle_backward(self, reader, writer) -> None:
+        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+        if not isinstance(msg, BackwardRequest):
+            raise BadRequest(f"the backward handler expects BackwardRequest, got {type(msg).__name__}")
+        self._check_blocks(msg.start, msg.end)
+        hidden = self._check_hidden(msg.hidden, "BackwardRequest.hidden")
+        grad = self._check_hidden(msg.grad_output, "BackwardRequest.grad_output")
+        if grad.shape != hidden.shape:
+            raise BadRequest(f"grad_output has shape {list(grad.shape)}; it must match hidden {list(hidden.shape)}")
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens > self.limits.max_backward_tokens:
+            raise BadRequest(f"backward of {tokens} tokens exceeds this server's --max-backward-tokens "
+                             f"{self.limits.max_backward_tokens}; use smaller batches or shorter sequences")
+        prompts = self._check_prompts(msg.prompts, hidden, msg.start, msg.end)
+        lora = self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
+        reply = await self.executor.run(PRIORITY_BACKWARD, self._backward, hidden, grad, msg, prompts, lora,
+                                        kind="backward")
+        await write_message(writer, reply)
+
+    def _backward(self, hidden: torch.Tensor, grad: torch.Tensor, msg: BackwardRequest,
+                  prompts: torch.Tensor | None, lora: AppliedLora | None) -> BackwardResponse:
+        """Recomputes the forward of ``msg.start:msg.end`` with grad; the blocks' own weights stay frozen."""
+        with torch.enable_grad():
+            hidden = hidden.to(self.device, self.dtype).requires_grad_()
+            leaves = [hidden]
+            if prompts is not None:
+                prompts = prompts.detach().requires_grad_()
+                leaves.append(prompts)
+            trained = msg.adapter == "" and lora is not None  # sent weights get gradients; preloaded ones do not
+            if trained:
+                lora = dataclasses.replace(lora, modules=[(m, a.detach().requires_grad_(), b.detach().requires_grad_())
+                                                          for m, a, b in lora.modules])
+                leaves += lora.tensors()
+            with applied(lora):
+                out = self.span(hidden, None, 0, msg.start, msg.end, prompts=prompts)
+            grads = torch.autograd.grad(out, leaves, grad_outputs=grad.to(self.device, out.dtype), allow_unused=True)
+        grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+        grad_input, rest = grads[0].cpu(), grads[1:]
+        grad_prompts = rest.pop(0).cpu() if prompts is not None else None
+        lora_grads = [g.cpu() for g in rest]
+        return BackwardResponse(grad_input=grad_input, grad_prompts=grad_prompts,
+                                grad_lora_a=tuple(lora_grads[0::2]), grad_lora_b=tuple(lora_grads[1::2]))
 
     # ---------------------------------------------------------------- inference
 
@@ -182,9 +247,13 @@ class SpanHandler:
                              "(this server's --max-batch-size)")
         if msg.session_id in self.sessions or not msg.session_id or len(msg.session_id) > 128:
             raise BadRequest(f"session id {msg.session_id[:128]!r} is empty, too long or already open here")
+        lora = self._lora(msg, msg.start, msg.end, dropout=0.0)
+        if lora is not None:  # cast once: every step of the session uses them
+            lora.modules = [(m, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
+                            for m, a, b in lora.modules]
         with self.budget.reserve(msg.max_length * msg.batch_size, msg.end - msg.start):
             session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
-                              self.span.new_cache(), writer)
+                              self.span.new_cache(), writer, lora=lora)
             self.sessions[session.session_id] = session
             try:
                 await write_message(writer, SessionOpened(session.session_id, self.budget.tokens_left))
@@ -277,12 +346,51 @@ class SpanHandler:
         if step.hypo_ids is not None:
             session.cache.reorder_cache(step.hypo_ids.to(self.device))
         hidden = step.hidden.to(self.device, self.dtype)
-        out = self.span(hidden, session.cache, step.start_position, session.start, session.end)
+        with applied(session.lora):
+            out = self.span(hidden, session.cache, step.start_position, session.start, session.end)
         session.position = step.start_position + hidden.shape[1]
         session.last_used = time.monotonic()
         return out.cpu()
 
     # ---------------------------------------------------------------- checks
+
+    def _lora(self, msg: ForwardRequest | BackwardRequest | OpenSession, start: int, end: int,
+              dropout: float) -> AppliedLora | None:
+        """The request's adapter for blocks ``start:end``: preloaded by name, or sent weights (validated)."""
+        if msg.adapter:
+            if msg.lora_modules:
+                raise BadRequest("a request may name a preloaded adapter or send LoRA weights, not both")
+            adapter = self.adapters.get(msg.adapter)
+            if adapter is None:
+                raise BadRequest(f"adapter {msg.adapter[:100]!r} is not loaded on this server; it has "
+                                 f"{sorted(self.adapters) or 'none'} (swarm serve --adapters PATH...)")
+            modules = [(self._modules[block][path], a, b) for (block, path), (a, b) in adapter.weights.items()
+                       if start <= block < end]
+            return AppliedLora(modules, adapter.spec.scaling)
+        if not msg.lora_modules:
+            return None
+        check_lora(msg.lora_modules, msg.lora_a, msg.lora_b, start, end, self._modules, self.limits.max_lora_rank,
+                   self.limits.max_adapter_bytes)
+        if not (0.0 <= dropout < 1.0 and msg.lora_scaling == msg.lora_scaling):
+            raise BadRequest(f"lora_dropout must be in [0, 1) and lora_scaling a number, got {dropout} and "
+                             f"{msg.lora_scaling}")
+        modules = []
+        for name, a, b in zip(msg.lora_modules, msg.lora_a, msg.lora_b):
+            block, path = parse_wire_name(name)
+            modules.append((self._modules[block][path], a.to(self.device), b.to(self.device)))
+        return AppliedLora(modules, msg.lora_scaling, dropout, getattr(msg, "seed", 0), list(msg.lora_modules))
+
+    def _check_prompts(self, prompts: torch.Tensor | None, hidden: torch.Tensor, start: int,
+                       end: int) -> torch.Tensor | None:
+        if prompts is None:
+            return None
+        shape = list(prompts.shape)
+        if (not prompts.is_floating_point() or prompts.ndim != 4 or shape[0] != end - start
+                or shape[1] not in (1, hidden.shape[0]) or shape[3] != self.hidden_size or shape[2] == 0
+                or shape[2] > self.limits.max_session_length):
+            raise BadRequest(f"prompts have {prompts.dtype} shape {shape}; expected floating point "
+                             f"[{end - start} blocks, 1 or {hidden.shape[0]} (batch), prompt tokens, {self.hidden_size}]")
+        return prompts.to(self.device, self.dtype)
 
     def _check_blocks(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:

@@ -33,6 +33,7 @@ from swarm.weights import Checkpoint
 
 from server import throughput as probe
 from server.compute import PRIORITY_FORWARD, ComputeExecutor
+from server.adapters import load_adapters, parse_adapter_arg
 from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import CacheBudget
 from server.loading import default_num_blocks, human_bytes, load_span, pick_device, respan, shared_blocks
@@ -169,8 +170,10 @@ class Server:
         self.handler = SpanHandler(
             span, model_name=cfg.model, dtype=self.dtype, device=self.device, budget=self.budget,
             executor=self.executor, public_name=cfg.public_name,
+            adapters=load_adapters(cfg.adapters, span, self.device, self.dtype),
             limits=HandlerLimits(cfg.max_session_length, cfg.max_batch_size, cfg.max_forward_tokens,
-                                 cfg.session_timeout))
+                                 cfg.session_timeout, max_backward_tokens=cfg.max_backward_tokens,
+                                 max_lora_rank=cfg.max_lora_rank, max_adapter_bytes=int(cfg.max_adapter_mb * 2**20)))
         await self.handler.add_to(self.peer.p2p)
         self.state = ServerState.ONLINE
         await self._announce()
@@ -212,6 +215,7 @@ class Server:
             forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
             device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=self.budget.tokens_left,
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
+            adapters=tuple(parse_adapter_arg(arg)[0] for arg in cfg.adapters),
             using_relay=self.using_relay,
         )
 

@@ -60,11 +60,14 @@ class Span(torch.nn.Module):
         return DynamicCache(config=self.config)
 
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None = None, position: int = 0,
-                start: int | None = None, end: int | None = None) -> torch.Tensor:
+                start: int | None = None, end: int | None = None,
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden``: [batch, seq, hidden] at positions ``position..position+seq-1``; same shape out.
 
         Runs blocks ``start:end`` (default: the whole span). With ``cache``, keys/values are appended
         to it (an inference step); without, the blocks run over the sequence alone (a forward pass).
+        ``prompts`` ([end - start, batch or 1, prompt tokens, hidden], deep prompt tuning) are added to
+        the hidden states at positions ``0..prompt tokens-1`` before each block.
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
@@ -73,7 +76,9 @@ class Span(torch.nn.Module):
         position_ids = torch.arange(position, position + seq, device=hidden.device).unsqueeze(0)  # [1, seq]
         inputs = {kind: self._inputs_for(kind, layer_idx, hidden, cache, position, position_ids)
                   for kind, layer_idx in self._first_block_of_each_type(lo, hi).items()}
-        for block, kind in zip(self.blocks[lo:hi], self.block_types[lo:hi]):
+        for i, (block, kind) in enumerate(zip(self.blocks[lo:hi], self.block_types[lo:hi])):
+            if prompts is not None:
+                hidden = add_prompt(hidden, prompts[i], position)
             out = block(hidden, position_ids=position_ids, use_cache=cache is not None,
                         **{self._cache_kwarg: cache}, **inputs[kind])
             hidden = out[0] if isinstance(out, tuple) else out
@@ -102,3 +107,13 @@ class Span(torch.nn.Module):
         else:
             position_embeddings = self.rotary_emb(hidden, position_ids)
         return {"attention_mask": mask, "position_embeddings": position_embeddings, **extra}
+
+
+def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:
+    """``hidden`` [batch, seq, hidden] at positions ``position..``, plus ``prompt`` [batch or 1, tokens,
+    hidden] where the positions are below ``tokens`` (out of place, so autograd sees it)."""
+    overlap = min(prompt.shape[1] - position, hidden.shape[1])
+    if overlap <= 0:
+        return hidden
+    head = hidden[:, :overlap] + prompt[:, position:position + overlap].to(hidden.dtype)
+    return torch.cat([head, hidden[:, overlap:]], dim=1)

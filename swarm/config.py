@@ -131,6 +131,14 @@ class ServerConfig(NetworkFlags):
     trust_remote_code: bool = dataclasses.field(
         default=False, metadata=_help("run the modeling code a model repository ships (only for repositories you "
                                       "trust); without it such models are refused"))
+    adapters: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("PEFT LoRA adapters to preload, as PATH or NAME=PATH; clients select one by "
+                                   "name (from_pretrained(..., active_adapter=NAME))", nargs="+"))
+    max_backward_tokens: int = dataclasses.field(
+        default=8192, metadata=_help("the most tokens (batch x length) one backward (training) request may carry"))
+    max_lora_rank: int = dataclasses.field(default=128, metadata=_help("the largest LoRA rank a request may send"))
+    max_adapter_mb: float = dataclasses.field(
+        default=256.0, metadata=_help("the most MiB of LoRA weights one request may send for its blocks"))
 
     def __post_init__(self) -> None:
         self.check_network()
@@ -138,7 +146,8 @@ class ServerConfig(NetworkFlags):
             raise ConfigError("--model is required: a hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a local directory")
         if self.blocks is not None:
             parse_span(self.blocks)
-        for name in ("cache_tokens", "max_session_length", "max_batch_size", "max_forward_tokens"):
+        for name in ("cache_tokens", "max_session_length", "max_batch_size", "max_forward_tokens",
+                     "max_backward_tokens", "max_lora_rank", "max_adapter_mb"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.update_period <= 0 or self.session_timeout <= 0:

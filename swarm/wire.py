@@ -1,9 +1,10 @@
 """The Swarm wire protocol: typed messages and their framing on a libp2p stream.
 
-One servicer, three stream handlers (names in :data:`HANDLERS`):
+One servicer, its stream handlers (names in :data:`HANDLERS`):
 
 - ``info``: one :class:`InfoRequest` -> one :class:`InfoResponse`
 - ``forward``: one :class:`ForwardRequest` -> one :class:`ForwardResponse` (no-grad, any length)
+- ``backward``: one :class:`BackwardRequest` -> one :class:`BackwardResponse` (recomputes the forward)
 - ``inference``: a session. :class:`OpenSession` -> :class:`SessionOpened`, then any number of
   :class:`InferenceStep` -> :class:`StepOutput`. Closing the stream frees the session's cache.
 - ``push``: server to server. :class:`InferenceStep` messages for sessions open on the receiving
@@ -36,6 +37,7 @@ HANDLERS = {
     "forward": f"swarm.v{PROTOCOL_VERSION}.forward",
     "inference": f"swarm.v{PROTOCOL_VERSION}.inference",
     "push": f"swarm.v{PROTOCOL_VERSION}.push",
+    "backward": f"swarm.v{PROTOCOL_VERSION}.backward",
 }
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 31  # 2 GiB of tensor data per message unless the server says less
@@ -71,11 +73,28 @@ class InfoResponse:
     public_name: str = ""
 
 
+# Fine-tuning fields, shared by ForwardRequest, BackwardRequest and OpenSession (see swarm.lora):
+#   prompts       [blocks, batch or 1, prompt tokens, hidden]: deep prompt tuning, added to the first
+#                 positions of the hidden states before each block of the request
+#   lora_modules  "<block>.<module path>" of every adapted Linear; lora_a [rank, in] and lora_b
+#                 [out, rank] give its weights, lora_scaling and lora_dropout how they apply
+#   seed          the dropout seed: a backward request repeats its forward's masks
+#   adapter       the name of an adapter the server preloaded (--adapters), instead of sent weights
+
+
 @message
 class ForwardRequest:
     start: int  # global index of the first block to run
     end: int
     hidden: torch.Tensor  # [batch, seq, hidden]
+    prompts: torch.Tensor | None = None
+    lora_modules: tuple[str, ...] = ()
+    lora_a: tuple[torch.Tensor, ...] = ()
+    lora_b: tuple[torch.Tensor, ...] = ()
+    lora_scaling: float = 0.0
+    lora_dropout: float = 0.0
+    seed: int = 0
+    adapter: str = ""
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -85,12 +104,44 @@ class ForwardResponse:
 
 
 @message
+class BackwardRequest:
+    """Gradients of blocks ``start:end`` at ``hidden``: the server recomputes the forward, with grad."""
+
+    start: int
+    end: int
+    hidden: torch.Tensor  # [batch, seq, hidden]: the inputs the forward had
+    grad_output: torch.Tensor  # [batch, seq, hidden]: d loss / d outputs
+    prompts: torch.Tensor | None = None
+    lora_modules: tuple[str, ...] = ()
+    lora_a: tuple[torch.Tensor, ...] = ()
+    lora_b: tuple[torch.Tensor, ...] = ()
+    lora_scaling: float = 0.0
+    lora_dropout: float = 0.0
+    seed: int = 0
+    adapter: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@message
+class BackwardResponse:
+    grad_input: torch.Tensor  # [batch, seq, hidden]
+    grad_prompts: torch.Tensor | None = None  # the shape of the request's prompts
+    grad_lora_a: tuple[torch.Tensor, ...] = ()  # in the order of the request's lora_modules
+    grad_lora_b: tuple[torch.Tensor, ...] = ()
+
+
+@message
 class OpenSession:
     session_id: str
     start: int
     end: int
     max_length: int  # the most tokens this session will ever hold
     batch_size: int = 1
+    lora_modules: tuple[str, ...] = ()  # an adapter the client sends, applied to every step (no dropout)
+    lora_a: tuple[torch.Tensor, ...] = ()
+    lora_b: tuple[torch.Tensor, ...] = ()
+    lora_scaling: float = 0.0
+    adapter: str = ""  # or one the server preloaded
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -138,13 +189,18 @@ def encode(msg: Any) -> list[bytes | memoryview]:
     fields = dataclass_to_map(msg)
     buffers: list[memoryview] = []
     sizes: list[int] = []
+    def add(tensor: torch.Tensor) -> dict[str, Any]:
+        meta, buf = tensor_to_buffer(tensor)
+        meta["__tensor__"] = len(buffers)
+        buffers.append(buf)
+        sizes.append(buf.nbytes)
+        return meta
+
     for key, value in fields.items():
         if isinstance(value, torch.Tensor):
-            meta, buf = tensor_to_buffer(value)
-            meta["__tensor__"] = len(buffers)
-            fields[key] = meta
-            buffers.append(buf)
-            sizes.append(buf.nbytes)
+            fields[key] = add(value)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):  # tuple[Tensor, ...]
+            fields[key] = [add(item) for item in value]
     header = msgpack.packb({"type": type(msg).__name__, "fields": fields, "sizes": sizes}, use_bin_type=True)
     return [_HEADER_LEN.pack(len(header)) + header, *buffers]
 
@@ -190,22 +246,31 @@ async def read_message(reader: asyncio.StreamReader, limits: WireLimits | None =
         # checked before the fields: another version's message may not fit this version's classes
         raise ProtocolVersionError(f"peer speaks swarm protocol v{version}, this peer speaks "
                                    f"v{PROTOCOL_VERSION}; upgrade the older side (pip install -U swarm-llm)")
-    tensor_metas = {k: v for k, v in fields.items() if isinstance(v, dict) and "__tensor__" in v}
-    for key, meta in tensor_metas.items():
-        index = meta["__tensor__"]
-        if not isinstance(index, int) or not 0 <= index < len(sizes):
-            raise BadRequest(f"field {key!r} refers to tensor buffer {index!r}, which the message lacks")
-        if tensor_nbytes(meta) != sizes[index]:
-            raise BadRequest(f"field {key!r}: dtype {meta['dtype']} and shape {meta['shape']} need "
-                             f"{tensor_nbytes(meta)} bytes, the message declares {sizes[index]}")
+    tensor_metas: dict[str, Any] = {}  # field -> its tensor's meta, or a list of metas (tuple[Tensor, ...])
+    for key, value in fields.items():
+        if isinstance(value, dict) and "__tensor__" in value:
+            tensor_metas[key] = value
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "__tensor__" in v for v in value):
+            tensor_metas[key] = value
+    for key, metas in tensor_metas.items():
+        for meta in metas if isinstance(metas, list) else [metas]:
+            index = meta["__tensor__"]
+            if not isinstance(index, int) or not 0 <= index < len(sizes):
+                raise BadRequest(f"field {key!r} refers to tensor buffer {index!r}, which the message lacks")
+            if tensor_nbytes(meta) != sizes[index]:
+                raise BadRequest(f"field {key!r}: dtype {meta['dtype']} and shape {meta['shape']} need "
+                                 f"{tensor_nbytes(meta)} bytes, the message declares {sizes[index]}")
     buffers = []
     for size in sizes:
         try:
             buffers.append(bytearray(await reader.readexactly(size)) if size else bytearray())
         except asyncio.IncompleteReadError as e:
             raise EOFError("the stream was closed mid-message") from e
-    for key, meta in tensor_metas.items():
-        fields[key] = buffer_to_tensor(meta, buffers[meta["__tensor__"]])
+    for key, metas in tensor_metas.items():
+        if isinstance(metas, list):
+            fields[key] = [buffer_to_tensor(meta, buffers[meta["__tensor__"]]) for meta in metas]
+        else:
+            fields[key] = buffer_to_tensor(metas, buffers[metas["__tensor__"]])
     return build_dataclass(cls, fields)
 
 

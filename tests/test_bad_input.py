@@ -14,6 +14,7 @@ from swarm.transport import Stream
 from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.errors import BadRequest, SessionLengthExceeded, UnknownSession
 from swarm.wire import (
+    BackwardRequest,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -43,10 +44,10 @@ async def _client(swarm) -> tuple[Peer, str]:
 
 
 async def _open(peer: Peer, server_id: str, max_length: int = 8, start: int = 1, end: int = 3,
-                session_id: str | None = None) -> tuple[Stream, str]:
+                session_id: str | None = None, **fields) -> tuple[Stream, str]:
     stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
     session_id = session_id or uuid.uuid4().hex
-    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=max_length))
+    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=max_length, **fields))
     expect(await stream.receive(TIMEOUT), SessionOpened)
     return stream, session_id
 
@@ -109,6 +110,29 @@ def test_bad_requests_get_clear_errors_and_other_sessions_carry_on(llama_swarm):
                 with pytest.raises(BadRequest, match="not valid msgpack|unknown message type"):
                     expect(await stream.receive(TIMEOUT), SessionOpened)
                 stream.close()
+
+            # 7. fine-tuning requests: backward with a mismatched gradient, badly shaped prompts, LoRA weights
+            # for a module the blocks lack, an adapter the server did not preload
+            async def call(handler: str, request) -> None:
+                stream = await Stream.open(peer.p2p, server_id, handler, TIMEOUT)
+                try:
+                    await stream.send(request)
+                    expect(await stream.receive(TIMEOUT), object)  # an ErrorReply raises its error
+                finally:
+                    stream.close()
+
+            with pytest.raises(BadRequest, match="grad_output has shape"):
+                await call("backward", BackwardRequest(start=1, end=3, hidden=hidden, grad_output=hidden[:, :2]))
+            with pytest.raises(BadRequest, match=r"prompts have .* expected floating point \[2 blocks"):
+                await call("forward", ForwardRequest(start=1, end=3, hidden=hidden, prompts=torch.zeros(3, 1, 2, 64)))
+            with pytest.raises(BadRequest, match="block 1 has no Linear module 'self_attn.nope'"):
+                await call("backward", BackwardRequest(
+                    start=1, end=3, hidden=hidden, grad_output=hidden, lora_modules=("1.self_attn.nope",),
+                    lora_a=(torch.zeros(2, 64),), lora_b=(torch.zeros(64, 2),), lora_scaling=1.0))
+            with pytest.raises(BadRequest, match="adapter 'chat' is not loaded on this server"):
+                await call("forward", ForwardRequest(start=1, end=3, hidden=hidden, adapter="chat"))
+            with pytest.raises(BadRequest, match="adapter 'chat' is not loaded on this server"):
+                await _open(peer, server_id, session_id=None, adapter="chat")
 
             # the healthy session goes on and still computes the same states as a fresh one
             continued = await _step(good, good_id, hidden[:, 3:], 3)

@@ -16,6 +16,8 @@ from swarm.wire import (
     MAX_HEADER_BYTES,
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    BackwardRequest,
+    BackwardResponse,
     ErrorReply,
     ForwardRequest,
     ForwardResponse,
@@ -67,7 +69,11 @@ def assert_same(a, b):
     assert type(a) is type(b)
     for field in dataclasses.fields(a):
         x, y = getattr(a, field.name), getattr(b, field.name)
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, tuple) and x and isinstance(x[0], torch.Tensor):
+            assert isinstance(y, tuple) and len(x) == len(y), field.name
+            for xi, yi in zip(x, y):
+                assert xi.dtype == yi.dtype and xi.shape == yi.shape and torch.equal(xi, yi), field.name
+        elif isinstance(x, torch.Tensor):
             assert isinstance(y, torch.Tensor), field.name
             assert x.dtype == y.dtype and x.shape == y.shape, field.name
             assert torch.equal(x, y), field.name
@@ -82,6 +88,12 @@ EXAMPLES = [
                  cache_tokens_left=12345, public_name="alice"),
     ForwardRequest(start=0, end=3, hidden=torch.randn(2, 5, 8)),
     ForwardResponse(hidden=torch.randn(1, 3, 4).to(torch.bfloat16)),
+    BackwardRequest(start=1, end=3, hidden=torch.randn(1, 4, 8), grad_output=torch.randn(1, 4, 8),
+                    prompts=torch.randn(2, 1, 2, 8), lora_modules=("1.self_attn.q_proj", "2.mlp.down_proj"),
+                    lora_a=(torch.randn(2, 8), torch.randn(2, 16)), lora_b=(torch.randn(8, 2), torch.randn(8, 2)),
+                    lora_scaling=2.0, lora_dropout=0.05, seed=123),
+    BackwardResponse(grad_input=torch.randn(1, 4, 8), grad_prompts=torch.randn(2, 1, 2, 8),
+                     grad_lora_a=(torch.randn(2, 8),), grad_lora_b=(torch.randn(8, 2),)),
     OpenSession(session_id="s-1", start=1, end=4, max_length=512, batch_size=3),
     SessionOpened(session_id="s-1", cache_tokens_left=77),
     InferenceStep(session_id="s-1", hidden=torch.randn(2, 1, 4).to(torch.float16), start_position=9),
