@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -164,18 +165,23 @@ class SpanHandler:
 
     # ---------------------------------------------------------------- forward
 
-    async def _handle_forward(self, reader, writer) -> None:
+    async def _read_pass(self, reader, cls: type, max_tokens: int, flag: str,
+                         advice: str) -> tuple[Any, torch.Tensor, torch.Tensor | None, AppliedLora | None]:
+        """Reads and checks a forward or backward request: ``(msg, hidden, prompts, lora)``."""
         msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
-        if not isinstance(msg, ForwardRequest):
-            raise BadRequest(f"the forward handler expects ForwardRequest, got {type(msg).__name__}")
+        if not isinstance(msg, cls):
+            raise BadRequest(f"this handler expects {cls.__name__}, got {type(msg).__name__}")
         self._check_blocks(msg.start, msg.end)
-        hidden = self._check_hidden(msg.hidden, "ForwardRequest.hidden")
+        hidden = self._check_hidden(msg.hidden, f"{cls.__name__}.hidden")
         tokens = hidden.shape[0] * hidden.shape[1]
-        if tokens > self.limits.max_forward_tokens:
-            raise BadRequest(f"forward of {tokens} tokens exceeds this server's --max-forward-tokens "
-                             f"{self.limits.max_forward_tokens}; split the batch")
+        if tokens > max_tokens:
+            raise BadRequest(f"{cls.__name__} of {tokens} tokens exceeds this server's {flag} {max_tokens}; {advice}")
         prompts = self._check_prompts(msg.prompts, hidden, msg.start, msg.end)
-        lora = self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
+        return msg, hidden, prompts, self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
+
+    async def _handle_forward(self, reader, writer) -> None:
+        msg, hidden, prompts, lora = await self._read_pass(reader, ForwardRequest, self.limits.max_forward_tokens,
+                                                           "--max-forward-tokens", "split the batch")
         out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, prompts, lora,
                                       kind="forward")
         await write_message(writer, ForwardResponse(hidden=out))
@@ -190,20 +196,12 @@ class SpanHandler:
     # ---------------------------------------------------------------- backward
 
     async def _handle_backward(self, reader, writer) -> None:
-        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
-        if not isinstance(msg, BackwardRequest):
-            raise BadRequest(f"the backward handler expects BackwardRequest, got {type(msg).__name__}")
-        self._check_blocks(msg.start, msg.end)
-        hidden = self._check_hidden(msg.hidden, "BackwardRequest.hidden")
+        msg, hidden, prompts, lora = await self._read_pass(
+            reader, BackwardRequest, self.limits.max_backward_tokens, "--max-backward-tokens",
+            "use smaller batches or shorter sequences")
         grad = self._check_hidden(msg.grad_output, "BackwardRequest.grad_output")
         if grad.shape != hidden.shape:
             raise BadRequest(f"grad_output has shape {list(grad.shape)}; it must match hidden {list(hidden.shape)}")
-        tokens = hidden.shape[0] * hidden.shape[1]
-        if tokens > self.limits.max_backward_tokens:
-            raise BadRequest(f"backward of {tokens} tokens exceeds this server's --max-backward-tokens "
-                             f"{self.limits.max_backward_tokens}; use smaller batches or shorter sequences")
-        prompts = self._check_prompts(msg.prompts, hidden, msg.start, msg.end)
-        lora = self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
         reply = await self.executor.run(PRIORITY_BACKWARD, self._backward, hidden, grad, msg, prompts, lora,
                                         kind="backward")
         await write_message(writer, reply)
