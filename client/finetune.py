@@ -15,6 +15,7 @@ The final adapter is written to ``OUTPUT/`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -276,6 +277,7 @@ def train(model: TrainableModel, examples: list[Example], config: FinetuneConfig
     """Trains ``model``'s adapter on ``examples``, resuming from the latest checkpoint in
     ``config.output``; checkpoints every ``config.save_every`` steps and after the last one."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -299,9 +301,16 @@ def train(model: TrainableModel, examples: list[Example], config: FinetuneConfig
         return state
 
     model.train()
-    saved = state.step
     bar = tqdm(total=schedule.total_steps, initial=state.step, unit="step", desc="finetune", disable=not progress,
                dynamic_ncols=True)
+    with logging_redirect_tqdm() if progress else contextlib.nullcontext():  # log lines above the bar, not through it
+        return _train_steps(model, examples, config, schedule, state, optimizer, trainable, bar)
+
+
+def _train_steps(model: TrainableModel, examples: list[Example], config: FinetuneConfig, schedule: Schedule,
+                 state: TrainerState, optimizer: torch.optim.Optimizer, trainable: list[torch.nn.Parameter],
+                 bar: Any) -> TrainerState:
+    saved = state.step
     try:
         for step in range(state.step, schedule.total_steps):
             epoch, position, indices = schedule.step(step)
@@ -381,7 +390,8 @@ def run_finetune(config: FinetuneConfig) -> int:
                 f"{', '.join(targets)}; {schedule.total_steps} steps of {config.gradient_accumulation} example(s), "
                 f"a checkpoint every {config.save_every} steps in {config.output}")
 
-    torch.manual_seed(config.seed)  # the adapter's initial weights
+    torch.manual_seed(config.seed)  # the adapter's initial weights and dropout: the same run gives the same adapter
+    random.seed(config.seed)
     lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                            target_modules=list(targets))
     model = AutoDistributedModelForCausalLM.from_pretrained(config.model, initial_peers=config.initial_peers,
