@@ -21,15 +21,7 @@ from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable, SwarmError
 from swarm.records import ServerState
 from swarm.routing import Bans, ChainLink, make_forward_chain, make_latency_chain, missing_blocks
-from swarm.wire import (
-    BackwardRequest,
-    BackwardResponse,
-    ForwardRequest,
-    ForwardResponse,
-    InfoRequest,
-    InfoResponse,
-    expect,
-)
+from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse, expect
 
 from swarm import transport
 
@@ -110,7 +102,8 @@ class RemoteSequence:
                 await self._ping_candidates(servers, start, end)
                 pings = {peer: rtt for peer, (rtt, _) in self.pings.items()}
                 return make_latency_chain(servers, start, end, pings=pings, min_cache_tokens=min_cache_tokens,
-                                          banned=self.bans.banned(time.monotonic()), model=repr(self.model_name))
+                                          banned=self.bans.banned(time.monotonic()), push=self.config.use_push,
+                                          model=repr(self.model_name))
             except MissingBlocksError:
                 if force and time.monotonic() + delay > deadline:
                     raise
@@ -135,14 +128,11 @@ class RemoteSequence:
     async def ping(self, peer_id: str) -> float | None:
         """Round trip of an ``info`` call to ``peer_id`` (smoothed); a server that does not answer is banned."""
         peer = await self.peer()
-        t0 = time.perf_counter()
         try:
-            reply = await transport.call(peer.p2p, peer_id, "info", InfoRequest(), PING_TIMEOUT, PING_TIMEOUT)
-            expect(reply, InfoResponse)
+            rtt = await transport.ping(peer.p2p, peer_id, PING_TIMEOUT)
         except SwarmError:
             self.ban(peer_id)
             return None
-        rtt = time.perf_counter() - t0
         previous = self.pings.get(peer_id)
         smoothed = rtt if previous is None else 0.7 * previous[0] + 0.3 * rtt
         self.pings[peer_id] = (smoothed, time.monotonic())

@@ -6,6 +6,7 @@
 - ``loading``     picking the device, how many blocks fit it, loading (and re-spanning) blocks
 - ``handler``     the RPC handlers: info, forward, inference sessions, push
 - ``push``        sending a step's output straight to the next server of a chain
+- ``pings``       round trips to the servers that may come next in a chain, published in the record
 - ``compute``     the compute executor: one thread per device, inference before forward
 - ``kv_cache``    the KV cache budget sessions reserve from
 """

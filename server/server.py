@@ -3,7 +3,8 @@
 Lifecycle: start the peer -> pick the span (``--blocks``, or ``--num-blocks`` placed where the swarm
 is weakest: :mod:`server.rebalancer`) -> announce JOINING -> load blocks -> measure throughput
 (once per setup: :mod:`server.throughput`) -> register handlers -> announce ONLINE (and again every
-``update_period``; without ``--blocks``, re-check the placement every ``rebalance_period`` and
+``update_period``, with the round trips to the servers that may come next: :mod:`server.pings`;
+without ``--blocks``, re-check the placement every ``rebalance_period`` and
 :meth:`Server.move_to` when it says so) -> on SIGINT/SIGTERM announce OFFLINE, end sessions, stop
 the peer.
 """
@@ -25,7 +26,7 @@ from transformers import PretrainedConfig
 from swarm import __version__, aio
 from swarm.blocks import Span
 from swarm.config import ServerConfig, parse_span
-from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server
+from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
 from swarm.records import ModelRecord, ServerRecord, ServerState
@@ -37,6 +38,7 @@ from server.adapters import load_adapters, parse_adapter_arg
 from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import CacheBudget
 from server.loading import default_num_blocks, human_bytes, load_span, pick_device, respan, shared_blocks
+from server.pings import PING_TIMEOUT, NextPings, next_candidates
 from server.rebalancer import Rebalancer, initial_span
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class Server:
     start: int
     end: int
     budget: CacheBudget
+    next_pings: NextPings
 
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -87,6 +90,7 @@ class Server:
             initial_peers=cfg.initial_peers, host_maddrs=cfg.listen_maddrs(), announce_maddrs=cfg.announce_maddrs,
             identity_path=cfg.identity_path, use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay))
         self.executor = executor = ComputeExecutor(num_threads=cfg.num_threads)
+        self.next_pings = NextPings(peer.p2p)
         self.checkpoint = Checkpoint(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token)
         key = probe.speed_key(model_config, device, dtype, torch.get_num_threads())
         cached = None if cfg.throughput is not None else probe.load_cached(key)
@@ -148,6 +152,7 @@ class Server:
 
     def _set_span(self, start: int, end: int) -> None:
         self.start, self.end = start, end
+        self.next_pings.clear()  # measured from the old span's end
         self.budget = CacheBudget(self.config.cache_tokens, end - start,
                                   kv_bytes_per_token(self.model_config, self.dtype))
 
@@ -216,7 +221,7 @@ class Server:
             device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=self.budget.tokens_left,
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
             adapters=tuple(parse_adapter_arg(arg)[0] for arg in cfg.adapters),
-            using_relay=self.using_relay,
+            using_relay=self.using_relay, next_pings=dict(self.next_pings.rtts),
         )
 
     async def _announce(self) -> None:
@@ -231,10 +236,31 @@ class Server:
         while True:
             await asyncio.sleep(self.config.update_period)
             try:
+                await self._measure_next_pings()
+            except Exception:
+                logger.exception("Pinging the next servers failed; announcing the last pings measured")
+            try:
                 self._check_relay(await self.peer.visible_maddrs())
                 await self._announce()
             except Exception:
                 logger.exception("Announcing failed; will retry in %.0fs", self.config.update_period)
+
+    async def _measure_next_pings(self) -> None:
+        """Pings the servers that may follow this one in a chain (bounded: a slow DHT or peer delays
+        the announce by seconds, never stops it; serving goes on meanwhile)."""
+        end = self.end
+        if end >= self.model_record.num_blocks or self.state != ServerState.ONLINE:
+            self.next_pings.clear()  # the last server hands its output back to the client
+            return
+        try:
+            found = await asyncio.wait_for(fetch_servers(self.peer, self.config.dht_prefix, [end]), PING_TIMEOUT)
+        except asyncio.TimeoutError:
+            logger.warning("Looking up the servers of block %d took over %.0fs; publishing the last pings again",
+                           end, PING_TIMEOUT)
+            return
+        await self.next_pings.update(next_candidates(found.get(end, {}), self.peer.peer_id.to_base58(), end))
+        if self.end != end:  # moved meanwhile (server.rebalancer)
+            self.next_pings.clear()
 
     async def _until_stopped(self, tasks: list[asyncio.Task]) -> None:
         """Waits for a stop request; a background task that fails first stops the server with its error."""

@@ -2,7 +2,8 @@
 
 - :func:`missing_blocks` — blocks no usable server holds
 - :func:`make_chain` — a chain of spans covering ``start:end`` with as few hops as possible
-- :func:`make_latency_chain` — the chain with the least expected step latency (inference)
+- :func:`make_latency_chain` — the chain with the least expected step latency (inference), from client
+  pings, the pings servers publish to their likely next servers, and per-block speeds
 - :func:`make_forward_chain` — a chain drawn at random, weighted by throughput (forward passes)
 - :class:`Bans` — exponential backoff for peers that failed
 """
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import random
 from collections.abc import Mapping, Set
 
@@ -92,38 +92,74 @@ def _check_coverage(servers: ServersByBlock, start: int, end: int, banned: Set[s
 
 DEFAULT_PING = 0.05  # seconds, for a server not pinged yet
 DEFAULT_BLOCK_STEP = 0.01  # seconds per block per step, for a server that published no speed
+_Option = tuple[float, int, tuple[ChainLink, ...]]  # a chain so far: (expected seconds, hops, links)
 
 
 def make_latency_chain(servers: ServersByBlock, start: int, end: int, *, pings: Mapping[str, float],
-                       banned: Set[str] = frozenset(), min_cache_tokens: int = 0,
+                       banned: Set[str] = frozenset(), min_cache_tokens: int = 0, push: bool = True,
                        model: str = "the model") -> list[ChainLink]:
-    """The chain with the least expected time per inference step (Dijkstra over block boundaries).
+    """The chain with the least expected time per inference step.
 
-    Entering server ``s`` at block ``b`` costs its ping (client-measured, :data:`DEFAULT_PING` if
-    unknown) plus one step through its blocks ``b..min(s.end, end)`` at its published
-    ``inference_rps`` (steps/s per block). Equal costs prefer fewer hops, then smaller peer ids.
+    A step goes client -> s1 -> s2 -> ... -> client; each leg costs half a round trip:
+
+    - client -> s1 and sk -> client: the client's ping to that server (``pings``, :data:`DEFAULT_PING`
+      if unknown);
+    - s(i-1) -> si: with ``push``, the round trip s(i-1) measured and published (``next_pings[si]``);
+      without ``push``, or when it published none for si, the step goes through the client: half of
+      each one's client ping. So without any published pings a chain costs the sum of its servers'
+      client pings;
+    - through each server: its blocks ``b..min(s.end, end)`` at its published ``inference_rps``
+      (steps/s per block; :data:`DEFAULT_BLOCK_STEP` per block if unknown).
+
+    Equal costs prefer fewer hops, then smaller peer ids. A hop's cost depends on the server before
+    it, so the search runs over (boundary, server that ends there); boundaries only grow, so one pass
+    in block order finds the best chain.
     """
     _check_coverage(servers, start, end, banned, min_cache_tokens, model)
-    # best[b] = (cost, hops, path as a tuple of links) to reach boundary b
-    best: dict[int, tuple[float, int, tuple[ChainLink, ...]]] = {start: (0.0, 0, ())}
-    heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
-    while heap:
-        cost, hops, position = heapq.heappop(heap)
-        if position == end:
-            break
-        if best[position][:2] != (cost, hops):
-            continue
-        for peer_id in sorted(servers.get(position, {})):
-            record = servers[position][peer_id]
-            if not _usable(record, peer_id, position, banned, min_cache_tokens):
-                continue
-            reach = min(record.end, end)
-            per_block = 1.0 / record.inference_rps if record.inference_rps > 0 else DEFAULT_BLOCK_STEP
-            new = (cost + pings.get(peer_id, DEFAULT_PING) + (reach - position) * per_block, hops + 1)
-            if reach not in best or new < best[reach][:2]:
-                best[reach] = (*new, best[position][2] + (ChainLink(peer_id, position, reach),))
-                heapq.heappush(heap, (*new, reach))
-    return list(best[end][2])
+
+    def client_ping(peer_id: str) -> float:
+        return pings.get(peer_id, DEFAULT_PING)
+
+    def hop(previous: tuple[str, ServerRecord] | None, peer_id: str) -> float:
+        if previous is None:
+            return client_ping(peer_id) / 2
+        published = _published_ping(previous[1], peer_id) if push else None
+        if published is not None:
+            return published / 2
+        return (client_ping(previous[0]) + client_ping(peer_id)) / 2
+
+    # arrivals[b][peer] = (cost, hops, path): the best chain covering start:b whose last server is peer
+    # ("": the empty chain at start)
+    arrivals: dict[int, dict[str, _Option]] = {start: {"": (0.0, 0, ())}}
+    for position in range(start, end):
+        for previous_id, (cost, hops, path) in sorted(arrivals.get(position, {}).items(),
+                                                      key=lambda item: _order(item[1])):
+            previous = (previous_id, servers[position - 1][previous_id]) if previous_id else None
+            for peer_id in sorted(servers.get(position, {})):
+                record = servers[position][peer_id]
+                if not _usable(record, peer_id, position, banned, min_cache_tokens):
+                    continue
+                reach = min(record.end, end)
+                per_block = 1.0 / record.inference_rps if record.inference_rps > 0 else DEFAULT_BLOCK_STEP
+                new_cost = cost + hop(previous, peer_id) + (reach - position) * per_block
+                if reach == end:
+                    new_cost += client_ping(peer_id) / 2  # the last server answers the client
+                new = (new_cost, hops + 1, (*path, ChainLink(peer_id, position, reach)))
+                known = arrivals.setdefault(reach, {}).get(peer_id)
+                if known is None or _order(new) < _order(known):
+                    arrivals[reach][peer_id] = new
+    return list(min(arrivals[end].values(), key=_order)[2])
+
+
+def _order(option: _Option) -> tuple[float, int, list[str]]:
+    cost, hops, path = option
+    return cost, hops, [link.peer_id for link in path]
+
+
+def _published_ping(record: ServerRecord, next_peer: str) -> float | None:
+    """The round trip a server published to ``next_peer``, if any (a negative or infinite one counts as none)."""
+    value = record.next_pings.get(next_peer)
+    return value if value is not None and 0.0 <= value < float("inf") else None
 
 
 def make_forward_chain(servers: ServersByBlock, start: int, end: int, *, rng: random.Random,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 
 from swarm.errors import ServerUnavailable
-from swarm.wire import HANDLERS, read_message, write_message
+from swarm.wire import HANDLERS, InfoRequest, InfoResponse, expect, read_message, write_message
 
 
 class Stream:
@@ -57,3 +58,15 @@ async def call(p2p: P2P, peer_id: str, handler: str, request: Any, connect_timeo
         return await stream.receive(timeout)
     finally:
         stream.close()
+
+
+async def ping(p2p: P2P, peer_id: str, timeout: float) -> float:
+    """Seconds for one ``info`` round trip to ``peer_id`` (stream opening included, as every call pays it).
+
+    Clients ping the servers a chain may go through; servers ping those that may follow them
+    (:mod:`server.pings`). Raises a :class:`~swarm.errors.SwarmError` if the server does not answer
+    within ``timeout`` or answers with an error.
+    """
+    t0 = time.perf_counter()
+    expect(await call(p2p, peer_id, "info", InfoRequest(), timeout, timeout), InfoResponse)
+    return time.perf_counter() - t0

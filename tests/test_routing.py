@@ -303,3 +303,70 @@ def test_forward_chain_spreads_by_throughput_and_is_reproducible():
     assert picks[:50] == [make_forward_chain(servers, 0, 4, rng=again)[0].peer_id for _ in range(50)]
     with pytest.raises(MissingBlocksError):
         make_forward_chain(servers, 0, 4, rng=rng, banned={"big", "small"})
+
+
+# ---------------------------------------------------------------- make_latency_chain with server-published pings
+
+
+def pinging(start: int, end: int, next_pings: dict[str, float], rps: float = 1000.0) -> ServerRecord:
+    return ServerRecord(state=ServerState.ONLINE, start=start, end=end, inference_rps=rps, cache_tokens_left=1000,
+                        throughput=1.0, next_pings=next_pings)
+
+
+def test_latency_chain_prefers_a_fast_published_hop_to_the_next_server():
+    # same compute and client pings everywhere: only the server-to-server round trip tells a1 and a2 apart
+    pings = dict.fromkeys(["a1", "a2", "b"], 0.01)
+    fast_a2 = swarm_of({"a1": pinging(0, 2, {"b": 0.3}), "a2": pinging(0, 2, {"b": 0.001}), "b": pinging(2, 4, {})})
+    assert links(make_latency_chain(fast_a2, 0, 4, pings=pings)) == [("a2", 0, 2), ("b", 2, 4)]
+    fast_a1 = swarm_of({"a1": pinging(0, 2, {"b": 0.001}), "a2": pinging(0, 2, {"b": 0.3}), "b": pinging(2, 4, {})})
+    assert links(make_latency_chain(fast_a1, 0, 4, pings=pings)) == [("a1", 0, 2), ("b", 2, 4)]
+
+
+def test_latency_chain_picks_the_next_server_its_predecessor_reaches_fastest():
+    pings = dict.fromkeys(["a", "b1", "b2"], 0.01)
+    servers = swarm_of({"a": pinging(0, 2, {"b1": 0.2, "b2": 0.001}), "b1": pinging(2, 4, {}), "b2": pinging(2, 4, {})})
+    # a -> b1: 0.005 + 0.1 + 0.005; a -> b2: 0.005 + 0.0005 + 0.005 (+ the same compute)
+    assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("a", 0, 2), ("b2", 2, 4)]
+    # without push every hop goes through the client: published pings do not matter, equal costs -> smaller id
+    assert links(make_latency_chain(servers, 0, 4, pings=pings, push=False)) == [("a", 0, 2), ("b1", 2, 4)]
+    # a banned next server is skipped however fast its hop
+    assert links(make_latency_chain(servers, 0, 4, pings=pings, banned={"b2"})) == [("a", 0, 2), ("b1", 2, 4)]
+
+
+def test_latency_chain_keeps_a_slower_start_that_reaches_the_next_server_faster():
+    # a1 computes faster (0.002 vs 0.02 s for blocks 0:2) but its hop to c is slow: the best chain to
+    # boundary 2 is not the start of the best chain to 4, so the search must keep both
+    pings = dict.fromkeys(["a1", "a2", "c"], 0.01)
+    servers = swarm_of({"a1": pinging(0, 2, {"c": 0.5}, rps=1000), "a2": pinging(0, 2, {"c": 0.001}, rps=100),
+                        "c": pinging(2, 4, {})})
+    assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("a2", 0, 2), ("c", 2, 4)]
+
+
+def test_latency_chain_falls_back_to_client_pings_for_hops_without_a_published_ping():
+    pings = dict.fromkeys(["a", "b1", "b2"], 0.001)
+    # a published nothing for b1: its hop counts as going through the client (0.001), better than b2's 0.05
+    servers = swarm_of({"a": pinging(0, 2, {"b2": 0.05}), "b1": pinging(2, 4, {}), "b2": pinging(2, 4, {})})
+    assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("a", 0, 2), ("b1", 2, 4)]
+    # a negative, infinite or NaN ping counts as none published
+    for bad in (-1.0, float("inf"), float("nan")):
+        servers = swarm_of({"a": pinging(0, 2, {"b1": 0.05, "b2": bad}), "b1": pinging(2, 4, {}),
+                            "b2": pinging(2, 4, {})})
+        assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("a", 0, 2), ("b2", 2, 4)]
+
+
+def test_latency_chain_counts_the_answer_back_to_the_client():
+    # b2 is a fast hop from a, but far from the client, which must get the last server's output
+    pings = {"a": 0.01, "b1": 0.01, "b2": 0.5}
+    servers = swarm_of({"a": pinging(0, 2, {"b1": 0.01, "b2": 0.001}), "b1": pinging(2, 4, {}),
+                        "b2": pinging(2, 4, {})})
+    assert links(make_latency_chain(servers, 0, 4, pings=pings)) == [("a", 0, 2), ("b1", 2, 4)]
+
+
+def test_latency_chain_without_published_pings_costs_the_sum_of_client_pings():
+    # a 3-hop chain of near servers beats one far server, as before servers published pings
+    servers = swarm_of({"far": pinging(0, 3, {}), "x": pinging(0, 1, {}), "y": pinging(1, 2, {}),
+                        "z": pinging(2, 3, {})})
+    pings = {"far": 0.031, "x": 0.01, "y": 0.01, "z": 0.01}
+    assert [p for p, _, _ in links(make_latency_chain(servers, 0, 3, pings=pings))] == ["x", "y", "z"]
+    pings["far"] = 0.029
+    assert links(make_latency_chain(servers, 0, 3, pings=pings)) == [("far", 0, 3)]
