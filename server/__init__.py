@@ -4,7 +4,8 @@
 - ``rebalancer``  placement at startup and the periodic check whether to move (I/O around ``swarm.placement``)
 - ``throughput``  measuring compute speed on the loaded blocks, and its cache
 - ``loading``     picking the device, how many blocks fit it, loading (and re-spanning) blocks
-- ``handler``     the RPC handlers: info, forward, inference sessions, push
+- ``handler``     the RPC handlers: info, forward, backward, inference sessions, push
+- ``adapters``    LoRA adapters preloaded with --adapters, selected per request by name
 - ``push``        sending a step's output straight to the next server of a chain
 - ``pings``       round trips to the servers that may come next in a chain, published in the record
 - ``compute``     the compute executor: one thread per device, inference before forward
