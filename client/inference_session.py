@@ -57,6 +57,7 @@ class InferenceSession:
         self.sequence = sequence
         self.max_length = max_length
         self.position = 0  # tokens every server of the chain holds for this session
+        self.prompt_tokens = 0  # of them, soft prompt tokens put before the first input (prompt tuning)
         self.token_ids: torch.Tensor | None = None  # [batch, tokens] generated so far, for generate(session=)
         self.pending_hypo_ids: torch.Tensor | None = None  # beam reorder to apply with the next step
         self.batch_size: int | None = None

@@ -48,11 +48,11 @@ class _SessionLayer(DynamicLayer):
         super().__init__()
         self.session = session
 
-    def get_seq_length(self) -> int:
-        return self.session.position
+    def get_seq_length(self) -> int:  # what HF counts: the tokens it sent (not the soft prompt's)
+        return self.session.position - self.session.prompt_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.session.position + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.pending_hypo_ids = beam_idx.to(torch.int64).cpu()
@@ -120,7 +120,11 @@ class DistributedModelMixin:
 
     def inference_session(self, max_length: int) -> "_SessionContext":
         """A session holding up to ``max_length`` tokens (prompt + generated) in the servers' caches."""
-        return _SessionContext(InferenceSession(self.remote, max_length))
+        return _SessionContext(InferenceSession(self.remote, max_length + self._prompt_tokens()))
+
+    def _prompt_tokens(self) -> int:
+        """Soft prompt tokens a session holds besides the ones it is sent (prompt tuning)."""
+        return self.tuning.pre_seq_len if self.tuning is not None else 0
 
     @property
     def tuning(self) -> Tuning | None:
@@ -164,9 +168,12 @@ class DistributedModelMixin:
         for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
                 bound.update(bound.pop(name))
-        if isinstance(bound.get(self._cache_kwarg), RemoteCache):
-            raise BadRequest("generation with soft prompts (tuning_mode) is not supported yet; score with "
-                             "model(input_ids) or generate with a LoRA adapter")
+        cache = bound.get(self._cache_kwarg)
+        if isinstance(cache, RemoteCache):
+            if cache.session.position > 0:  # a later step of a session: the prompt is already in the caches
+                return super().forward(**bound)
+            for name in ("cache_position", "position_ids"):  # HF's positions count its own tokens only
+                bound.pop(name, None)
         input_ids, embeds = bound.pop("input_ids", None), bound.pop("inputs_embeds", None)
         if embeds is None:
             embeds = self.get_input_embeddings()(input_ids)
@@ -184,7 +191,9 @@ class DistributedModelMixin:
         if bound.get("position_ids") is not None:
             raise BadRequest("position_ids cannot be combined with soft prompts; leave them out")
         out = super().forward(**bound)
-        out.logits = out.logits[:, tokens:]
+        if isinstance(cache, RemoteCache):  # from now on HF sees its own tokens only
+            cache.session.prompt_tokens = tokens
+        out.logits = out.logits[:, -embeds.shape[1]:]  # (with logits_to_keep the model kept fewer already)
         return out
 
     def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None,
@@ -202,7 +211,7 @@ class DistributedModelMixin:
             inputs = prefix if inputs is None else torch.cat([prefix, inputs], dim=1)
         own = session is None
         if own:
-            session = InferenceSession(self.remote, self._max_length(inputs, kwargs))
+            session = InferenceSession(self.remote, self._max_length(inputs, kwargs) + self._prompt_tokens())
         if "attention_mask" not in kwargs:
             kwargs["attention_mask"] = torch.ones_like(inputs)
         try:

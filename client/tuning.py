@@ -57,14 +57,12 @@ class Extras:
                     adapter=self.adapter)
 
     def session_fields(self, start: int, end: int) -> dict[str, Any]:
-        """OpenSession keywords: the adapter only (sessions run without dropout)."""
-        if self.prompts is not None:
-            raise BadRequest("inference sessions do not take deep prompts yet; generate without tuning_mode="
-                             "'deep_ptune', or score with model(input_ids)")
+        """OpenSession keywords: the adapter and deep prompts (sessions run without dropout)."""
         index = self.indices(start, end)
         return dict(lora_modules=tuple(self.lora_names[i] for i in index),
                     lora_a=tuple(self.lora_a[i] for i in index), lora_b=tuple(self.lora_b[i] for i in index),
-                    lora_scaling=self.lora_scaling, adapter=self.adapter)
+                    lora_scaling=self.lora_scaling, adapter=self.adapter,
+                    prompts=None if self.prompts is None else self.prompts[start:end])
 
 
 class RemoteLora(torch.nn.Module):

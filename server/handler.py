@@ -71,6 +71,7 @@ class Session:
     cache: DynamicCache
     writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
     lora: AppliedLora | None = None  # the adapter every step of this session runs with
+    prompts: torch.Tensor | None = None  # deep prompts, added to the positions below their length
     position: int = 0
     last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -176,7 +177,7 @@ class SpanHandler:
         tokens = hidden.shape[0] * hidden.shape[1]
         if tokens > max_tokens:
             raise BadRequest(f"{cls.__name__} of {tokens} tokens exceeds this server's {flag} {max_tokens}; {advice}")
-        prompts = self._check_prompts(msg.prompts, hidden, msg.start, msg.end)
+        prompts = self._check_prompts(msg.prompts, hidden.shape[0], msg.start, msg.end)
         return msg, hidden, prompts, self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
 
     async def _handle_forward(self, reader, writer) -> None:
@@ -246,12 +247,13 @@ class SpanHandler:
         if msg.session_id in self.sessions or not msg.session_id or len(msg.session_id) > 128:
             raise BadRequest(f"session id {msg.session_id[:128]!r} is empty, too long or already open here")
         lora = self._lora(msg, msg.start, msg.end, dropout=0.0)
+        prompts = self._check_prompts(msg.prompts, msg.batch_size, msg.start, msg.end)
         if lora is not None:  # cast once: every step of the session uses them
             lora.modules = [(m, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
                             for m, a, b in lora.modules]
         with self.budget.reserve(msg.max_length * msg.batch_size, msg.end - msg.start):
             session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
-                              self.span.new_cache(), writer, lora=lora)
+                              self.span.new_cache(), writer, lora=lora, prompts=prompts)
             self.sessions[session.session_id] = session
             try:
                 await write_message(writer, SessionOpened(session.session_id, self.budget.tokens_left))
@@ -345,7 +347,8 @@ class SpanHandler:
             session.cache.reorder_cache(step.hypo_ids.to(self.device))
         hidden = step.hidden.to(self.device, self.dtype)
         with applied(session.lora):
-            out = self.span(hidden, session.cache, step.start_position, session.start, session.end)
+            out = self.span(hidden, session.cache, step.start_position, session.start, session.end,
+                            prompts=session.prompts)
         session.position = step.start_position + hidden.shape[1]
         session.last_used = time.monotonic()
         return out.cpu()
@@ -378,16 +381,16 @@ class SpanHandler:
             modules.append((self._modules[block][path], a.to(self.device), b.to(self.device)))
         return AppliedLora(modules, msg.lora_scaling, dropout, getattr(msg, "seed", 0), list(msg.lora_modules))
 
-    def _check_prompts(self, prompts: torch.Tensor | None, hidden: torch.Tensor, start: int,
+    def _check_prompts(self, prompts: torch.Tensor | None, batch: int, start: int,
                        end: int) -> torch.Tensor | None:
         if prompts is None:
             return None
         shape = list(prompts.shape)
         if (not prompts.is_floating_point() or prompts.ndim != 4 or shape[0] != end - start
-                or shape[1] not in (1, hidden.shape[0]) or shape[3] != self.hidden_size or shape[2] == 0
+                or shape[1] not in (1, batch) or shape[3] != self.hidden_size or shape[2] == 0
                 or shape[2] > self.limits.max_session_length):
             raise BadRequest(f"prompts have {prompts.dtype} shape {shape}; expected floating point "
-                             f"[{end - start} blocks, 1 or {hidden.shape[0]} (batch), prompt tokens, {self.hidden_size}]")
+                             f"[{end - start} blocks, 1 or {batch} (batch), prompt tokens, {self.hidden_size}]")
         return prompts.to(self.device, self.dtype)
 
     def _check_blocks(self, start: int, end: int) -> None:

@@ -142,6 +142,7 @@ class OpenSession:
     lora_b: tuple[torch.Tensor, ...] = ()
     lora_scaling: float = 0.0
     adapter: str = ""  # or one the server preloaded
+    prompts: torch.Tensor | None = None  # deep prompts, added wherever a step covers positions below their length
     protocol_version: int = PROTOCOL_VERSION
 
 

@@ -140,13 +140,48 @@ def test_prompt_tuning_gradients_match_local(tiny_llama, llama_swarm):
         model.shutdown()
 
 
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_generation_with_soft_prompts_matches_local(tiny_llama, llama_swarm, mode):
+    """The prompt goes into the sessions' caches at prefill (deep prompts: the servers add theirs);
+    later steps and a continued session see only the generated tokens."""
+    model = _client(tiny_llama, llama_swarm, tuning_mode=mode, pre_seq_len=3)
+    try:
+        tuning = model.tuning
+        generator = torch.Generator().manual_seed(12)
+        with torch.no_grad():
+            tuning.prompt_embeddings.copy_(torch.randn(tuning.prompt_embeddings.shape, generator=generator))
+            if tuning.intermediate_prompts is not None:
+                tuning.intermediate_prompts.copy_(torch.randn(tuning.intermediate_prompts.shape, generator=generator))
+        ids = _ids(1, 5, seed=13)
+        with torch.no_grad(), model.inference_session(max_length=5 + 12) as session:
+            first = model.generate(ids, max_new_tokens=6, do_sample=False, session=session)
+            both = model.generate(None, max_new_tokens=6, do_sample=False, session=session)
+            assert session.position == 3 + 5 + 11  # the soft prompt is held besides; the last token was never sent
+
+        local = _local(tiny_llama)
+        hooks = [] if tuning.intermediate_prompts is None else [
+            layer.register_forward_pre_hook(_add_prompt(tuning.intermediate_prompts[i].detach(), prefill_only=True),
+                                            with_kwargs=True) for i, layer in enumerate(local.model.layers)]
+        embeds = torch.cat([tuning.prompt_embeddings.detach().unsqueeze(0), local.get_input_embeddings()(ids)], dim=1)
+        with torch.no_grad():
+            expected = local.generate(inputs_embeds=embeds, max_new_tokens=12, do_sample=False)
+        for hook in hooks:
+            hook.remove()
+        assert torch.equal(first, torch.cat([ids, expected[:, :6]], dim=1))
+        assert torch.equal(both, torch.cat([ids, expected], dim=1))
+    finally:
+        model.shutdown()
+
+
 def _peer_id(proc) -> str:
     return proc.wait_for("Server ONLINE", 5).split(" as ")[1].split()[0]
 
 
-def _add_prompt(prompt: torch.Tensor):
+def _add_prompt(prompt: torch.Tensor, prefill_only: bool = False):
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        if prefill_only and hidden.shape[1] == 1:  # a decoding step: past the prompt's positions
+            return None
         tokens = prompt.shape[0]
         hidden = torch.cat([hidden[:, :tokens] + prompt, hidden[:, tokens:]], dim=1)
         if args:
@@ -171,8 +206,8 @@ def test_tuning_arguments_are_checked(tiny_llama, llama_swarm, tmp_path):
         _client(tiny_llama, llama_swarm, adapter=str(tmp_path))
     model = _client(tiny_llama, llama_swarm, tuning_mode="ptune", pre_seq_len=2)
     try:
-        with pytest.raises(BadRequest, match="soft prompts"):
-            model.generate(_ids(1, 4, seed=0), max_new_tokens=2)
+        with pytest.raises(BadRequest, match="position_ids cannot be combined with soft prompts"):
+            model(input_ids=_ids(1, 4, seed=0), position_ids=torch.arange(4).unsqueeze(0))
         with pytest.raises(BadRequest, match="no LoRA adapter"):
             model.save_adapter(str(tmp_path / "nothing"))
     finally:

@@ -162,8 +162,8 @@ def test_extras_slice_by_blocks():
     fields = extras.fields(1, 4)
     assert fields["lora_modules"] == ("1.q", "3.q") and fields["prompts"].shape == (3, 1, 2, 8)
     assert extras.indices(1, 4) == [1, 2] and fields["seed"] == 5
-    with pytest.raises(BadRequest, match="deep prompts"):
-        extras.session_fields(0, 4)
+    session = extras.session_fields(3, 4)  # sessions get the adapter and prompts, no dropout seed
+    assert session["lora_modules"] == ("3.q",) and session["prompts"].shape == (1, 1, 2, 8) and "seed" not in session
 
 
 def test_wire_carries_tuples_of_tensors():
