@@ -7,12 +7,15 @@ Small jobs skip the thread: when the executor is idle and a kind of job has been
 ``inline_max_s`` (measured, per kind), it runs right in the event loop. Handing a 0.3 ms step to a
 thread and back costs ~0.1-0.2 ms of wake-ups, a large share of per-token latency for small
 spans; a job that grows slower than the limit goes back to the thread, so the loop is never held
-for long.
+for long. A kind's cost is the median of its last three durations: on a busy machine one step that
+was preempted midway must not send every later step of its kind through the thread (where GIL
+hand-offs make them look slow in turn), while a job that really grew crosses the limit after two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import queue
 import threading
@@ -34,7 +37,7 @@ class ComputeExecutor:
         self._num_threads = num_threads
         self._busy = 0  # jobs queued or running on the thread
         self._inline_max_s = inline_max_s
-        self._durations: dict[str, float] = {}  # EMA of each kind's duration
+        self._durations: dict[str, collections.deque[float]] = {}  # each kind's last durations
         if num_threads is not None:
             import torch
 
@@ -66,12 +69,18 @@ class ComputeExecutor:
             self._record(kind, duration)
 
     def _record(self, kind: str, duration: float) -> None:
-        previous = self._durations.get(kind)
-        self._durations[kind] = duration if previous is None else 0.8 * previous + 0.2 * duration
+        self._durations.setdefault(kind, collections.deque(maxlen=3)).append(duration)
+
+    def _cost(self, kind: str) -> float:
+        """The median of the kind's last (up to three) durations; infinite for a kind never run."""
+        recent = self._durations.get(kind)
+        if not recent:
+            return float("inf")
+        return sorted(recent)[len(recent) // 2]
 
     async def run(self, priority: int, fn: Callable[..., T], *args: Any, kind: str = "") -> T:
         """Runs ``fn(*args)``; ``kind`` groups jobs of similar cost (e.g. ``"step:1"``) for the inline rule."""
-        if self._busy == 0 and self._durations.get(kind, float("inf")) < self._inline_max_s:
+        if self._busy == 0 and self._cost(kind) < self._inline_max_s:
             start = time.perf_counter()
             try:
                 return fn(*args)

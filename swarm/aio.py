@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -44,3 +45,12 @@ async def _run_and_cancel_rest(coro: Coroutine[Any, Any, T]) -> T:
         for task in rest:
             task.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
+
+
+async def wait_for(aw: Coroutine[Any, Any, T], timeout: float | None) -> T:
+    """``asyncio.wait_for`` without its extra task and loop iteration per call (Python >= 3.11): every
+    per-message read timeout goes through here. Raises ``TimeoutError`` (= ``asyncio.TimeoutError``)."""
+    if sys.version_info < (3, 11):
+        return await asyncio.wait_for(aw, timeout)
+    async with asyncio.timeout(timeout):
+        return await aw

@@ -9,6 +9,7 @@ from typing import Any
 
 from hivemind.p2p import P2P, PeerID
 
+from swarm import aio
 from swarm.errors import ServerUnavailable
 from swarm.wire import HANDLERS, InfoRequest, InfoResponse, expect, read_message, write_message
 
@@ -38,7 +39,7 @@ class Stream:
 
     async def receive(self, timeout: float) -> Any:
         try:
-            return await asyncio.wait_for(read_message(self.reader), timeout)
+            return await aio.wait_for(read_message(self.reader), timeout)
         except asyncio.TimeoutError:
             raise ServerUnavailable(f"server {self.peer_id} did not answer in {timeout:.0f}s") from None
         except (EOFError, ConnectionError, OSError) as e:
