@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from swarm import __version__
+from swarm import __version__, aio
 from swarm.blocks import Span
 from swarm.errors import BadRequest, SessionLengthExceeded, SwarmError, UnknownSession
 from swarm.lora import AppliedLora, applied, check_lora, parse_wire_name
@@ -264,7 +264,7 @@ class SpanHandler:
     async def _serve_session(self, session: Session, reader, writer) -> None:
         while True:
             try:
-                msg = await asyncio.wait_for(read_message(reader, self._wire_limits), self.limits.session_timeout)
+                msg = await aio.wait_for(read_message(reader, self._wire_limits), self.limits.session_timeout)
             except asyncio.TimeoutError:
                 logger.info("session %s idle for %.0fs: closed", session.session_id[:8], self.limits.session_timeout)
                 return
@@ -333,7 +333,7 @@ class SpanHandler:
             if ids.dtype != torch.int64 or ids.shape != (batch,) or (ids.numel() and not (
                     0 <= int(ids.min()) and int(ids.max()) < batch)):
                 raise BadRequest(f"hypo_ids must be int64 of shape [{batch}] with values in 0..{batch - 1}")
-        return dataclasses.replace(msg, hidden=hidden)
+        return msg if hidden is msg.hidden else dataclasses.replace(msg, hidden=hidden)
 
     @torch.inference_mode()
     def _step(self, session: Session, step: InferenceStep) -> torch.Tensor:
