@@ -37,10 +37,15 @@ CPU = torch.device("cpu")
 class LocalSpans:
     """Stands in for the client's RemoteSequence: runs the spans in this process."""
 
+    tuning = None  # no LoRA or prompts: plain forward passes
+
     def __init__(self, spans: list[Span]) -> None:
         self.spans = spans
 
-    async def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def extras(self, training: bool = False) -> None:
+        return None
+
+    async def forward(self, hidden: torch.Tensor, extras: None = None) -> torch.Tensor:
         for span in self.spans:
             hidden = span(hidden)
         return hidden
@@ -53,6 +58,7 @@ class LocalSession:
         self.spans = spans
         self.caches = [span.new_cache() for span in spans]
         self.position = 0
+        self.prompt_tokens = 0  # no soft prompt
         self.token_ids: torch.Tensor | None = None
         self.pending_hypo_ids: torch.Tensor | None = None
 
