@@ -104,11 +104,24 @@ class RemoteLayers(torch.nn.Module):
         return (out, None) if self.returns_tuple else out
 
 
+class _Unused(torch.nn.Module):
+    """Stands where the base model's rotary embedding was: only the (remote) layers used its output."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+# A 4-D mask counts as already built: the base model's mask functions return it as it is instead of
+# building one per step (~0.08 ms a token); the remote layers ignore masks (servers build their own)
+_PREBUILT_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
 class DistributedModelMixin:
     """Added to the model's own ``*ForCausalLM`` class: sessions and session-aware ``generate``."""
 
     remote: RemoteSequence
     _cache_kwarg: str
+    _skip_masks: bool  # the family's base model uses the mask only to pass it to its layers
 
     def shutdown(self) -> None:
         """Stops this client's DHT peer (its ``p2pd``); the model cannot reach the swarm afterwards."""
@@ -158,6 +171,8 @@ class DistributedModelMixin:
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise BadRequest("padded batches (attention_mask with zeros) are not supported yet; "
                              "send prompts of equal length or one at a time")
+        if self._skip_masks and "attention_mask" in kwargs:
+            kwargs["attention_mask"] = _PREBUILT_MASK
         return super().forward(*args, **kwargs)
 
     def _forward_with_prompts(self, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -337,6 +352,9 @@ class AutoDistributedModelForCausalLM:
         base = getattr(model, family.base_model_attr)
         setattr(base, family.layers_attr,
                 torch.nn.ModuleList([RemoteLayers(model.remote, returns_tuple=family.layer_returns_tuple)]))
+        if family.rotary_attr is not None and isinstance(getattr(base, family.rotary_attr, None), torch.nn.Module):
+            setattr(base, family.rotary_attr, _Unused())  # servers rebuild positions for their own spans
+        model._skip_masks = family.block_inputs is None  # alibi families build their bias from the 2-D mask
         return model.eval()
 
 
