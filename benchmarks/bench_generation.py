@@ -116,6 +116,17 @@ def run_swarm(model_dir: str, spans: list[str], server_threads: int | None, clie
     return res
 
 
+def _pair(p: dict, s: dict) -> dict:
+    """One Petals run and the Swarm run after it: tokens/s, the ratio, and local HF speed (a load gauge)."""
+    return {"petals_tokens_per_s": p["generate_64_tokens_per_s_median"],
+            "swarm_tokens_per_s": s["generate_64_tokens_per_s_median"],
+            "swarm_no_push_tokens_per_s": s["generate_64_no_push_tokens_per_s_median"],
+            "local_hf_tokens_per_s": s["local_hf_generate_64_tokens_per_s"],
+            "ratio": round(s["generate_64_tokens_per_s_median"] / p["generate_64_tokens_per_s_median"], 2),
+            "forward_8x128_s": s["forward_8x128_median_s"],
+            "step_ratio": round(s["inference_step_1token_median_ms"] / p["inference_session_1token_step_median_ms"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="local Llama directory (default: a tiny random Llama)")
@@ -125,6 +136,9 @@ def main() -> None:
     parser.add_argument("--server-threads", type=int, default=1,
                         help="torch threads per server (3 processes share this machine's cores)")
     parser.add_argument("--client-threads", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="with --petals: run Petals then Swarm this many times, alternating, and report the "
+                             "median of the per-pair ratios (load on a shared machine comes in bursts)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
 
@@ -149,6 +163,15 @@ def main() -> None:
             "server_start_time": round(statistics.mean(s["server_start_to_online_s"])
                                        / statistics.mean(p["server_start_s"]), 3) if p["server_start_s"] else None,
         }
+        pairs = [_pair(p, s)]
+        for _ in range(args.pairs - 1):
+            p, _ = run_petals(args.workdir, args.model)
+            pairs.append(_pair(p, run_swarm(model_dir, args.spans.split(","), args.server_threads,
+                                            args.client_threads, repeats=5)))
+        if args.pairs > 1:
+            report["pairs"] = pairs
+            report["median_pair_ratio_tokens_per_s"] = statistics.median(pair["ratio"] for pair in pairs)
+            report["median_swarm_tokens_per_s"] = statistics.median(pair["swarm_tokens_per_s"] for pair in pairs)
     print(json.dumps(report, indent=1))
 
 
