@@ -31,7 +31,13 @@ def run_petals(workdir: str, model_dir: str | None) -> tuple[dict, str]:
     env = {**os.environ}
     if model_dir:
         env["MODEL"] = model_dir
-    out = subprocess.run(["bash", script, workdir], env=env, capture_output=True, text=True, timeout=1800)
+    from swarm.dht import clean_peer_sockets, peer_sockets
+
+    sockets_before = peer_sockets()
+    try:
+        out = subprocess.run(["bash", script, workdir], env=env, capture_output=True, text=True, timeout=1800)
+    finally:  # Petals' daemons leave their unix sockets behind when the script stops them
+        clean_peer_sockets(keep=sockets_before)
     text = out.stdout + out.stderr
     match = re.search(r"^\{.*^\}", text, re.S | re.M)
     if not match:  # its client may print results and still exit non-zero (its own timeouts on a busy machine)
