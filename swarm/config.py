@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from typing import Any
 
 from swarm.errors import ConfigError
 
@@ -205,13 +206,24 @@ def _check_maddrs(flag: str, maddrs: tuple[str, ...]) -> None:
                               "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`")
 
 
+def _swarm_peers(which: str) -> Any:
+    """The ``--initial-peers`` field of a command that joins an existing swarm (it cannot start one)."""
+    return dataclasses.field(default_factory=env_initial_peers, metadata=_help(
+        f"multiaddrs of peers of the swarm {which} (default: ${INITIAL_PEERS_ENV})", nargs="+"))
+
+
+def _check_swarm_peers(command: str, initial_peers: tuple[str, ...]) -> None:
+    if not initial_peers:
+        raise ConfigError(f"{command} needs --initial-peers (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
+                          "`swarm serve` or `swarm dht` printed")
+    _check_maddrs("--initial-peers", initial_peers)
+
+
 @dataclasses.dataclass(frozen=True)
 class HealthConfig:
     """``swarm health``: a DHT client that crawls the swarm and serves its state over HTTP."""
 
-    initial_peers: tuple[str, ...] = dataclasses.field(
-        default_factory=env_initial_peers,
-        metadata=_help(f"multiaddrs of peers of the swarm to watch (default: ${INITIAL_PEERS_ENV})", nargs="+"))
+    initial_peers: tuple[str, ...] = _swarm_peers("to watch")
     host: str = dataclasses.field(
         default="127.0.0.1", metadata=_help("address the web page listens on (0.0.0.0 to show it to your network)"))
     port: int = dataclasses.field(default=8000, metadata=_help("TCP port of the web page (0: any free port)"))
@@ -228,10 +240,7 @@ class HealthConfig:
         default=False, metadata=_help("show the network addresses of servers on the page and in the JSON"))
 
     def __post_init__(self) -> None:
-        if not self.initial_peers:
-            raise ConfigError(f"swarm health needs --initial-peers (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
-                              "`swarm serve` or `swarm dht` printed")
-        _check_maddrs("--initial-peers", self.initial_peers)
+        _check_swarm_peers("swarm health", self.initial_peers)
         if not self.host:
             raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
         if not 0 <= self.port < 65536:
@@ -251,10 +260,7 @@ class HealthConfig:
 class FinetuneConfig:
     """``swarm finetune``: train a LoRA adapter for a swarm model on instruction data (docs/finetune.md)."""
 
-    initial_peers: tuple[str, ...] = dataclasses.field(
-        default_factory=env_initial_peers,
-        metadata=_help(f"multiaddrs of peers of the swarm that serves --model (default: ${INITIAL_PEERS_ENV})",
-                       nargs="+"))
+    initial_peers: tuple[str, ...] = _swarm_peers("that serves --model")
     model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model (its "
                                                               "tokenizer and chat template are used)"))
     data: str = dataclasses.field(
@@ -294,10 +300,7 @@ class FinetuneConfig:
                                           "(float32, bfloat16 or float16)"))
 
     def __post_init__(self) -> None:
-        if not self.initial_peers:
-            raise ConfigError(f"swarm finetune needs --initial-peers (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
-                              "`swarm serve` or `swarm dht` printed")
-        _check_maddrs("--initial-peers", self.initial_peers)
+        _check_swarm_peers("swarm finetune", self.initial_peers)
         for name, example in (("model", "Qwen/Qwen2.5-7B-Instruct"), ("data", "train.json"), ("output", "my-adapter")):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required, e.g. --{name} {example}")
