@@ -214,16 +214,11 @@ class RemoteSequence:
         grads_a = [torch.zeros_like(a) for a in extras.lora_a]
         grads_b = [torch.zeros_like(b) for b in extras.lora_b]
         for link, hidden in reversed(records):
-            first = [True]
-
             async def attempt(link: ChainLink = link, hidden: torch.Tensor = hidden,
                               out_grad: torch.Tensor = grad) -> torch.Tensor:
-                if first[0]:  # the server that ran the forward, unless it failed since
-                    first[0] = False
-                    chain = [link] if link.peer_id not in self.bans.banned(time.monotonic()) else \
-                        await self.chain(link.start, link.end, purpose="forward")
-                else:
-                    chain = await self.chain(link.start, link.end, purpose="forward")
+                # the server that ran the forward, unless it failed since (every failure bans its server)
+                chain = [link] if link.peer_id not in self.bans.banned(time.monotonic()) else \
+                    await self.chain(link.start, link.end, purpose="forward")
                 inputs = [hidden]
                 for sub in chain[:-1]:
                     inputs.append((await self._forward_link(sub, inputs[-1], extras)).to(hidden.dtype))
@@ -233,11 +228,15 @@ class RemoteSequence:
                     request = BackwardRequest(start=sub.start, end=sub.end, hidden=sub_input, grad_output=out_grad,
                                               **fields)
                     reply = expect(await self._call(sub.peer_id, "backward", request), BackwardResponse)
-                    check_output(reply.grad_input, sub_input, sub.peer_id)
-                    if len(reply.grad_lora_a) != len(fields["lora_a"]) or len(reply.grad_lora_b) != len(
-                            fields["lora_b"]) or (fields["prompts"] is None) != (reply.grad_prompts is None):
-                        raise ServerUnavailable(f"server {sub.peer_id} answered a backward request with "
-                                                "gradients that do not match it; not using it")
+                    try:
+                        check_output(reply.grad_input, sub_input, sub.peer_id)
+                        if len(reply.grad_lora_a) != len(fields["lora_a"]) or len(reply.grad_lora_b) != len(
+                                fields["lora_b"]) or (fields["prompts"] is None) != (reply.grad_prompts is None):
+                            raise ServerUnavailable(f"server {sub.peer_id} answered a backward request with "
+                                                    "gradients that do not match it; not using it")
+                    except RetryableError:
+                        self.ban(sub.peer_id)
+                        raise
                     span_grads.append((sub, reply))
                     out_grad = reply.grad_input.to(grad.dtype)
                 for sub, reply in span_grads:
