@@ -62,6 +62,10 @@ class InferenceSession:
         self.pending_hypo_ids: torch.Tensor | None = None  # beam reorder to apply with the next step
         self.batch_size: int | None = None
         self.failovers = 0  # how many times a failed server was routed around
+        # a padded batch's mask and positions of every token the session holds ([batch, position] each),
+        # None while they are the servers' defaults (no padding, positions 0..position-1); replayed on failover
+        self._key_mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
         self._spans: list[_SpanSession] = []
         self._step_id = 0
         self.closed = False
@@ -103,8 +107,14 @@ class InferenceSession:
             position = span.link.end
         return spans
 
-    async def astep(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
-        """``hidden``: [batch, new_tokens, hidden] -> [batch, new_tokens, hidden] after every block."""
+    async def astep(self, hidden: torch.Tensor, start_position: int | None = None,
+                    attention_mask: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden``: [batch, new_tokens, hidden] -> [batch, new_tokens, hidden] after every block.
+
+        A padded batch gives ``attention_mask`` (1 for a token, 0 for padding) and ``position_ids`` of the
+        new tokens ([batch, new_tokens] each); by default none is padding and positions count on from
+        ``start_position``."""
         if self.closed:
             raise BadRequest("this inference session is closed; open a new one with model.inference_session()")
         if hidden.ndim != 3:
@@ -116,6 +126,10 @@ class InferenceSession:
             raise SessionLengthExceeded(f"this step would make the session hold {position + hidden.shape[1]} "
                                         f"tokens, more than its max_length {self.max_length}; open the session "
                                         "with a larger max_length")
+        for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and tuple(value.shape) != tuple(hidden.shape[:2]):
+                raise BadRequest(f"{name} must be [batch, new_tokens] = {list(hidden.shape[:2])}, "
+                                 f"got {list(value.shape)}")
         if not self._spans:
             self.batch_size = hidden.shape[0]
             self._spans = await self._open_spans(0, self.sequence.num_blocks)
@@ -124,11 +138,14 @@ class InferenceSession:
             for span in self._spans:  # the servers reorder their caches; the histories must follow
                 if span.history is not None:
                     span.history = span.history[hypo_ids]
+            self._key_mask = None if self._key_mask is None else self._key_mask[hypo_ids]
+            self._positions = None if self._positions is None else self._positions[hypo_ids]
+        padding = self._remember_padding(position, hidden, attention_mask, position_ids)
         dtype = hidden.dtype
         first = 0
         for _attempt in range(self.sequence.config.max_retries + 1):
             try:
-                hidden = await self._run_from(first, hidden, position, hypo_ids)
+                hidden = await self._run_from(first, hidden, position, hypo_ids, padding)
                 break
             except _SpanFailed as failed:
                 first, hidden = await self._replace(failed, position)
@@ -139,8 +156,29 @@ class InferenceSession:
         self.position = position + hidden.shape[1]
         return hidden.to(dtype)
 
-    async def _run_from(self, first: int, hidden: torch.Tensor, position: int,
-                        hypo_ids: torch.Tensor | None) -> torch.Tensor:
+    def _remember_padding(self, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
+                          positions: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+        """Keeps the step's mask and positions (for replays); returns the step's InferenceStep fields."""
+        batch, new = hidden.shape[:2]
+        if mask is not None or self._key_mask is not None:
+            kept = self._key_mask[:, :position] if self._key_mask is not None else torch.ones(
+                batch, position, dtype=torch.int64)
+            mask = torch.ones(batch, new, dtype=torch.int64) if mask is None else mask.to(torch.int64)
+            self._key_mask = torch.cat([kept, mask], dim=1)
+        if positions is not None or self._positions is not None:
+            kept = self._positions[:, :position] if self._positions is not None else torch.arange(
+                position).expand(batch, position)
+            positions = torch.arange(position, position + new).expand(batch, new) if positions is None else positions
+            self._positions = torch.cat([kept, positions.to(torch.int64)], dim=1)
+        return self._padding_fields(position, position + new)
+
+    def _padding_fields(self, start: int, end: int) -> dict[str, torch.Tensor | None]:
+        """InferenceStep fields of tokens ``start:end``: their mask and positions where not the defaults."""
+        return dict(attention_mask=None if self._key_mask is None else self._key_mask[:, start:end].contiguous(),
+                    position_ids=None if self._positions is None else self._positions[:, start:end].contiguous())
+
+    async def _run_from(self, first: int, hidden: torch.Tensor, position: int, hypo_ids: torch.Tensor | None,
+                        padding: dict[str, torch.Tensor | None]) -> torch.Tensor:
         """Runs the step from span ``first`` on; a retryable failure of span i raises _SpanFailed(i)."""
         timeout = self.sequence.config.request_timeout
         push = self.sequence.config.use_push
@@ -154,7 +192,7 @@ class InferenceSession:
             try:
                 await span.stream.send(InferenceStep(
                     session_id=span.session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
-                    step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest)))
+                    step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest), **padding))
             except RetryableError as e:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
@@ -203,7 +241,8 @@ class InferenceSession:
         for span in spans:
             span.remember(states, 0)
             try:
-                await span.stream.send(InferenceStep(session_id=span.session_id, hidden=states, start_position=0))
+                await span.stream.send(InferenceStep(session_id=span.session_id, hidden=states, start_position=0,
+                                                     **self._padding_fields(0, states.shape[1])))
                 out = await self._receive(span, 0, self.sequence.config.request_timeout)
                 check_output(out.hidden, states, span.link.peer_id)
             except RetryableError:
@@ -222,8 +261,9 @@ class InferenceSession:
                 return out
         raise BadRequest(f"server {span.link.peer_id} keeps sending answers to old steps")
 
-    def step(self, hidden: torch.Tensor, start_position: int | None = None) -> torch.Tensor:
-        return run_sync(self.astep(hidden, start_position))
+    def step(self, hidden: torch.Tensor, start_position: int | None = None, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return run_sync(self.astep(hidden, start_position, attention_mask, position_ids))
 
     async def aclose(self) -> None:
         self.closed = True

@@ -34,6 +34,8 @@ from client.tuning import RemoteLora, Tuning, adapter_spec
 
 _active_session: contextvars.ContextVar[InferenceSession | None] = contextvars.ContextVar(
     "swarm_active_session", default=None)
+# the 2-D attention mask ([batch, keys]) of the forward pass running now, when it has padding
+_padding_mask: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("swarm_padding", default=None)
 
 _CLIENT_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 _CACHE_KWARGS = ("cache", "past_key_values", "layer_past")  # what base models call the cache they pass layers
@@ -90,18 +92,38 @@ class RemoteLayers(torch.nn.Module):
         tuning: Tuning | None = self.sequence.tuning
         tensors = tuning.grad_tensors() if tuning is not None else []
         needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or any(t.requires_grad for t in tensors))
+        session = cache.session if isinstance(cache, RemoteCache) else None
+        past = session.position - session.prompt_tokens if session is not None else 0
+        mask, positions = _padding(hidden_states, past, _padding_mask.get(), kwargs.get("position_ids"))
         # [batch, seq, hidden] in, the same out
-        if isinstance(cache, RemoteCache):
+        if session is not None:
             if needs_grad:
                 raise BadRequest("inference sessions run without gradients: train with model(input_ids, labels=...) "
                                  "outside a session, or wrap generation in torch.no_grad()")
-            out = cache.session.step(hidden_states)
-        elif needs_grad:
-            extras = self.sequence.extras(training=self.training)
-            out = RemoteBlocks.apply(self.sequence, extras, hidden_states, *tensors)
+            out = session.step(hidden_states, attention_mask=mask, position_ids=positions)
         else:
-            out = run_sync(self.sequence.forward(hidden_states.detach(), self.sequence.extras(self.training)))
+            extras = dataclasses.replace(self.sequence.extras(training=self.training), attention_mask=mask,
+                                         position_ids=positions)
+            if needs_grad:
+                out = RemoteBlocks.apply(self.sequence, extras, hidden_states, *tensors)
+            else:
+                out = run_sync(self.sequence.forward(hidden_states.detach(), extras))
         return (out, None) if self.returns_tuple else out
+
+
+def _padding(hidden: torch.Tensor, past: int, mask: torch.Tensor | None,
+             positions: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What a step of ``hidden`` ([batch, seq, hidden] after ``past`` tokens) tells the servers of a padded
+    batch: the mask of its own tokens and its rows' positions ([batch, seq] each), or None where the
+    servers' defaults (no padding, positions ``past..past+seq-1``) hold."""
+    batch, seq = hidden.shape[:2]
+    own = None if mask is None else mask[:, -seq:].to(torch.int64).cpu()
+    if positions is not None:
+        positions = positions.to(torch.int64).cpu().expand(batch, seq)
+        if torch.equal(positions[0], torch.arange(past, past + seq)) and bool((positions == positions[0]).all()):
+            positions = None
+    return (None if own is None or bool(own.all()) else own.contiguous()), (
+        None if positions is None else positions.contiguous())
 
 
 class _Unused(torch.nn.Module):
@@ -168,12 +190,14 @@ class DistributedModelMixin:
             names = list(inspect.signature(super().forward).parameters)
             if "attention_mask" in names[:len(args)]:
                 attention_mask = args[names.index("attention_mask")]
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all()):
-            raise BadRequest("padded batches (attention_mask with zeros) are not supported yet; "
-                             "send prompts of equal length or one at a time")
+        padded = isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 and not bool(attention_mask.all())
         if self._skip_masks and "attention_mask" in kwargs:
             kwargs["attention_mask"] = _PREBUILT_MASK
-        return super().forward(*args, **kwargs)
+        token = _padding_mask.set(attention_mask if padded else None)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _padding_mask.reset(token)
 
     def _forward_with_prompts(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         """Prompt tuning: the soft prompt embeddings go before the input embeddings; the logits of their
@@ -198,7 +222,8 @@ class DistributedModelMixin:
         mask = bound.get("attention_mask")
         if mask is not None:
             if not bool(mask.all()):
-                raise BadRequest("padded batches (attention_mask with zeros) are not supported yet")
+                raise BadRequest("padded batches (attention_mask with zeros) cannot be combined with soft prompts "
+                                 "(prompt tuning) yet; send prompts of equal length or one at a time")
             bound["attention_mask"] = torch.cat([mask.new_ones(batch, tokens), mask], dim=1)
         if bound.get("labels") is not None:
             labels = bound["labels"]

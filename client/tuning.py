@@ -32,7 +32,8 @@ TUNING_MODES = ("ptune", "deep_ptune")
 
 @dataclasses.dataclass
 class Extras:
-    """The tuning tensors of one pass over the whole model (detached), sliced per request by blocks."""
+    """What every request of one pass over the whole model carries: the tuning tensors (detached, sliced
+    per request by blocks) and the padding of a padded batch."""
 
     prompts: torch.Tensor | None = None  # [blocks, batch or 1, prompt tokens, hidden]
     lora_names: list[str] = dataclasses.field(default_factory=list)  # wire names, in parameter order
@@ -43,6 +44,8 @@ class Extras:
     lora_dropout: float = 0.0
     seed: int = 0
     adapter: str = ""  # a server-preloaded adapter's name
+    attention_mask: torch.Tensor | None = None  # [batch, seq]: a padded batch's mask (0: padding)
+    position_ids: torch.Tensor | None = None  # [batch, seq]: its positions, if not 0..seq-1
 
     def indices(self, start: int, end: int) -> list[int]:
         return [i for i, block in enumerate(self.lora_blocks) if start <= block < end]
@@ -54,7 +57,7 @@ class Extras:
                     lora_modules=tuple(self.lora_names[i] for i in index),
                     lora_a=tuple(self.lora_a[i] for i in index), lora_b=tuple(self.lora_b[i] for i in index),
                     lora_scaling=self.lora_scaling, lora_dropout=self.lora_dropout, seed=self.seed,
-                    adapter=self.adapter)
+                    adapter=self.adapter, attention_mask=self.attention_mask, position_ids=self.position_ids)
 
     def session_fields(self, start: int, end: int) -> dict[str, Any]:
         """OpenSession keywords: the adapter and deep prompts (sessions run without dropout)."""

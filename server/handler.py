@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FIRST_MESSAGE_TIMEOUT = 30.0
+# a padded batch: (key mask [batch, seq] bool, False for padding; position ids [batch, seq]), each None if absent
+Padding = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,7 @@ class Session:
     writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
     lora: AppliedLora | None = None  # the adapter every step of this session runs with
     prompts: torch.Tensor | None = None  # deep prompts, added to the positions below their length
+    key_mask: torch.Tensor | None = None  # [batch, position] bool, False for padding; None: no padding yet
     position: int = 0
     last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -167,8 +170,8 @@ class SpanHandler:
     # ---------------------------------------------------------------- forward
 
     async def _read_pass(self, reader, cls: type, max_tokens: int, flag: str,
-                         advice: str) -> tuple[Any, torch.Tensor, torch.Tensor | None, AppliedLora | None]:
-        """Reads and checks a forward or backward request: ``(msg, hidden, prompts, lora)``."""
+                         advice: str) -> tuple[Any, torch.Tensor, Padding, torch.Tensor | None, AppliedLora | None]:
+        """Reads and checks a forward or backward request: ``(msg, hidden, padding, prompts, lora)``."""
         msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
         if not isinstance(msg, cls):
             raise BadRequest(f"this handler expects {cls.__name__}, got {type(msg).__name__}")
@@ -178,37 +181,40 @@ class SpanHandler:
         if tokens > max_tokens:
             raise BadRequest(f"{cls.__name__} of {tokens} tokens exceeds this server's {flag} {max_tokens}; {advice}")
         prompts = self._check_prompts(msg.prompts, hidden.shape[0], msg.start, msg.end)
-        return msg, hidden, prompts, self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
+        padding = self._check_padding(msg.attention_mask, msg.position_ids, hidden, cls.__name__)
+        return msg, hidden, padding, prompts, self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
 
     async def _handle_forward(self, reader, writer) -> None:
-        msg, hidden, prompts, lora = await self._read_pass(reader, ForwardRequest, self.limits.max_forward_tokens,
-                                                           "--max-forward-tokens", "split the batch")
+        msg, hidden, padding, prompts, lora = await self._read_pass(
+            reader, ForwardRequest, self.limits.max_forward_tokens, "--max-forward-tokens", "split the batch")
         out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, prompts, lora,
-                                      kind="forward")
+                                      padding, kind="forward")
         await write_message(writer, ForwardResponse(hidden=out))
 
     @torch.inference_mode()
     def _forward(self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None,
-                 lora: AppliedLora | None = None) -> torch.Tensor:
+                 lora: AppliedLora | None = None, padding: Padding = (None, None)) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)
+        key_mask, position_ids = self._on_device(padding)
         with applied(lora):
-            return self.span(hidden, None, 0, start, end, prompts=prompts).cpu()
+            return self.span(hidden, None, 0, start, end, prompts=prompts, key_mask=key_mask,
+                             position_ids=position_ids).cpu()
 
     # ---------------------------------------------------------------- backward
 
     async def _handle_backward(self, reader, writer) -> None:
-        msg, hidden, prompts, lora = await self._read_pass(
+        msg, hidden, padding, prompts, lora = await self._read_pass(
             reader, BackwardRequest, self.limits.max_backward_tokens, "--max-backward-tokens",
             "use smaller batches or shorter sequences")
         grad = self._check_hidden(msg.grad_output, "BackwardRequest.grad_output")
         if grad.shape != hidden.shape:
             raise BadRequest(f"grad_output has shape {list(grad.shape)}; it must match hidden {list(hidden.shape)}")
-        reply = await self.executor.run(PRIORITY_BACKWARD, self._backward, hidden, grad, msg, prompts, lora,
+        reply = await self.executor.run(PRIORITY_BACKWARD, self._backward, hidden, grad, msg, prompts, lora, padding,
                                         kind="backward")
         await write_message(writer, reply)
 
     def _backward(self, hidden: torch.Tensor, grad: torch.Tensor, msg: BackwardRequest,
-                  prompts: torch.Tensor | None, lora: AppliedLora | None) -> BackwardResponse:
+                  prompts: torch.Tensor | None, lora: AppliedLora | None, padding: Padding) -> BackwardResponse:
         """Recomputes the forward of ``msg.start:msg.end`` with grad; the blocks' own weights stay frozen."""
         with torch.enable_grad():
             hidden = hidden.to(self.device, self.dtype).requires_grad_()
@@ -221,8 +227,10 @@ class SpanHandler:
                 lora = dataclasses.replace(lora, modules=[(m, a.detach().requires_grad_(), b.detach().requires_grad_())
                                                           for m, a, b in lora.modules])
                 leaves += lora.tensors()
+            key_mask, position_ids = self._on_device(padding)
             with applied(lora):
-                out = self.span(hidden, None, 0, msg.start, msg.end, prompts=prompts)
+                out = self.span(hidden, None, 0, msg.start, msg.end, prompts=prompts, key_mask=key_mask,
+                                position_ids=position_ids)
             grads = torch.autograd.grad(out, leaves, grad_outputs=grad.to(self.device, out.dtype), allow_unused=True)
         grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
         grad_input, rest = grads[0].cpu(), grads[1:]
@@ -302,7 +310,9 @@ class SpanHandler:
                 (peer_id, next_session_id), rest = step.next_servers[0], step.next_servers[1:]
                 pushed = await self.pusher.push(peer_id, InferenceStep(
                     session_id=next_session_id, hidden=out, start_position=step.start_position,
-                    hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest))
+                    hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest,
+                    attention_mask=None if step.attention_mask is None else step.attention_mask.long(),
+                    position_ids=step.position_ids))
             await write_message(session.writer, StepOutput(hidden=out, position=session.position, step_id=step_id,
                                                            pushed=pushed))
 
@@ -333,7 +343,10 @@ class SpanHandler:
             if ids.dtype != torch.int64 or ids.shape != (batch,) or (ids.numel() and not (
                     0 <= int(ids.min()) and int(ids.max()) < batch)):
                 raise BadRequest(f"hypo_ids must be int64 of shape [{batch}] with values in 0..{batch - 1}")
-        return msg if hidden is msg.hidden else dataclasses.replace(msg, hidden=hidden)
+        mask, positions = self._check_padding(msg.attention_mask, msg.position_ids, hidden, "InferenceStep")
+        if hidden is msg.hidden and mask is msg.attention_mask:
+            return msg
+        return dataclasses.replace(msg, hidden=hidden, attention_mask=mask, position_ids=positions)
 
     @torch.inference_mode()
     def _step(self, session: Session, step: InferenceStep) -> torch.Tensor:
@@ -343,13 +356,24 @@ class SpanHandler:
             except (RuntimeError, ValueError) as e:
                 raise BadRequest(f"cannot roll this session back to position {step.start_position}: {e}") from None
             session.position = step.start_position
+            if session.key_mask is not None:
+                session.key_mask = session.key_mask[:, :step.start_position]
         if step.hypo_ids is not None:
             session.cache.reorder_cache(step.hypo_ids.to(self.device))
+            if session.key_mask is not None:
+                session.key_mask = session.key_mask[step.hypo_ids]
         hidden = step.hidden.to(self.device, self.dtype)
+        batch, new = hidden.shape[:2]
+        if step.attention_mask is not None or session.key_mask is not None:
+            kept = session.key_mask if session.key_mask is not None else torch.ones(
+                batch, step.start_position, dtype=torch.bool)
+            new_mask = step.attention_mask if step.attention_mask is not None else torch.ones(batch, new, dtype=torch.bool)
+            session.key_mask = torch.cat([kept, new_mask], dim=1)
+        key_mask, position_ids = self._on_device((session.key_mask, step.position_ids))
         with applied(session.lora):
             out = self.span(hidden, session.cache, step.start_position, session.start, session.end,
-                            prompts=session.prompts)
-        session.position = step.start_position + hidden.shape[1]
+                            prompts=session.prompts, key_mask=key_mask, position_ids=position_ids)
+        session.position = step.start_position + new
         session.last_used = time.monotonic()
         return out.cpu()
 
@@ -392,6 +416,30 @@ class SpanHandler:
             raise BadRequest(f"prompts have {prompts.dtype} shape {shape}; expected floating point "
                              f"[{end - start} blocks, 1 or {batch} (batch), prompt tokens, {self.hidden_size}]")
         return prompts.to(self.device, self.dtype)
+
+    def _check_padding(self, mask: torch.Tensor | None, positions: torch.Tensor | None, hidden: torch.Tensor,
+                       what: str) -> Padding:
+        """A request's ``attention_mask`` and ``position_ids`` ([batch, seq] each): the mask as bool, or None
+        where it has no padding."""
+        shape = tuple(hidden.shape[:2])
+        if mask is not None:
+            if mask.dtype not in (torch.int64, torch.int32) or tuple(mask.shape) != shape or not bool(
+                    ((mask == 0) | (mask == 1)).all()):
+                raise BadRequest(f"{what}.attention_mask must be int64 or int32 of shape {list(shape)} holding 0 "
+                                 f"(padding) and 1 (token), got {mask.dtype} {list(mask.shape)}")
+            mask = mask.bool()
+            if bool(mask.all()):
+                mask = None
+        if positions is not None:
+            limit = max(self.limits.max_session_length, self.limits.max_forward_tokens)
+            if positions.dtype != torch.int64 or tuple(positions.shape) != shape or (positions.numel() and not (
+                    0 <= int(positions.min()) and int(positions.max()) < limit)):
+                raise BadRequest(f"{what}.position_ids must be int64 of shape {list(shape)} with values in "
+                                 f"0..{limit - 1}, got {positions.dtype} {list(positions.shape)}")
+        return mask, positions
+
+    def _on_device(self, padding: Padding) -> Padding:
+        return tuple(None if t is None else t.to(self.device) for t in padding)  # type: ignore[return-value]
 
     def _check_blocks(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:

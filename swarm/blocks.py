@@ -60,21 +60,25 @@ class Span(torch.nn.Module):
         return DynamicCache(config=self.config)
 
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None = None, position: int = 0,
-                start: int | None = None, end: int | None = None,
-                prompts: torch.Tensor | None = None) -> torch.Tensor:
+                start: int | None = None, end: int | None = None, prompts: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden``: [batch, seq, hidden] at positions ``position..position+seq-1``; same shape out.
 
         Runs blocks ``start:end`` (default: the whole span). With ``cache``, keys/values are appended
         to it (an inference step); without, the blocks run over the sequence alone (a forward pass).
         ``prompts`` ([end - start, batch or 1, prompt tokens, hidden], deep prompt tuning) are added to
-        the hidden states at positions ``0..prompt tokens-1`` before each block.
+        the hidden states at positions ``0..prompt tokens-1`` before each block. A padded batch gives
+        ``key_mask`` ([batch, position + seq], 1 for a token, 0 for padding no one attends to) and
+        the rows' own ``position_ids`` ([batch, seq]; default ``position..position+seq-1``), as the
+        base model's ``attention_mask`` and ``position_ids`` would be.
         """
         start = self.start if start is None else start
         end = self.end if end is None else end
         lo, hi = start - self.start, end - self.start
         seq = hidden.shape[1]
-        position_ids = torch.arange(position, position + seq, device=hidden.device).unsqueeze(0)  # [1, seq]
-        inputs = {kind: self._inputs_for(kind, layer_idx, hidden, cache, position, position_ids)
+        if position_ids is None:
+            position_ids = torch.arange(position, position + seq, device=hidden.device).unsqueeze(0)  # [1, seq]
+        inputs = {kind: self._inputs_for(kind, layer_idx, hidden, cache, position, position_ids, key_mask)
                   for kind, layer_idx in self._first_block_of_each_type(lo, hi).items()}
         for i, (block, kind) in enumerate(zip(self.blocks[lo:hi], self.block_types[lo:hi])):
             if prompts is not None:
@@ -92,20 +96,24 @@ class Span(torch.nn.Module):
         return first
 
     def _inputs_for(self, kind: str, layer_idx: int, hidden: torch.Tensor, cache: DynamicCache | None,
-                    position: int, position_ids: torch.Tensor) -> dict[str, Any]:
+                    position: int, position_ids: torch.Tensor, key_mask: torch.Tensor | None) -> dict[str, Any]:
         """The keyword inputs every block of attention type ``kind`` gets in this step."""
-        if (kind == "full_attention" and hidden.shape[1] == 1 and not self.family.materialize_mask
-                and self.family.block_inputs is None):
+        if (kind == "full_attention" and hidden.shape[1] == 1 and key_mask is None
+                and not self.family.materialize_mask and self.family.block_inputs is None):
             # one new token attends to every cached one: transformers' mask is None (sdpa) or all zeros
             # (eager); building it costs ~0.1 ms per step, a seventh of a small span's step
             mask = None
         else:
             extra_mask_args = {"allow_is_causal_skip": False} if self.family.materialize_mask else {}
-            mask = _MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache,
-                                         position_ids=position_ids, layer_idx=layer_idx, **extra_mask_args)
+            mask = _MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=hidden, attention_mask=key_mask,
+                                         cache=cache, position_ids=position_ids, layer_idx=layer_idx,
+                                         **extra_mask_args)
         extra: dict[str, Any] = {}
         if self.family.block_inputs is not None:
-            mask, extra = self.family.block_inputs(self.config, hidden, position, mask)
+            if key_mask is None:
+                key_mask = torch.ones((hidden.shape[0], position + hidden.shape[1]), dtype=torch.long,
+                                      device=hidden.device)
+            mask, extra = self.family.block_inputs(self.config, hidden, key_mask, mask)
         if self.rotary_emb is None:
             position_embeddings = None
         elif self.family.rotary_by_layer_type:

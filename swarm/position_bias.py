@@ -16,20 +16,16 @@ from transformers import PretrainedConfig
 
 
 class BlockInputs(Protocol):
-    def __call__(self, config: PretrainedConfig, hidden: torch.Tensor, position: int,
+    def __call__(self, config: PretrainedConfig, hidden: torch.Tensor, key_mask: torch.Tensor,
                  mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
-        """``hidden``: [batch, seq, hidden] at positions ``position..position+seq-1``, attending to every
-        earlier position; ``mask``: the block's attention mask. Returns the mask the blocks get (the
-        same, or one with a bias folded in) and extra keyword inputs for every block."""
+        """``hidden``: [batch, seq, hidden], the last ``seq`` of the keys; ``key_mask``: [batch, keys], 1 for a
+        token and 0 for padding (the base model's 2-D attention mask); ``mask``: the block's attention
+        mask. Returns the mask the blocks get (the same, or one with a bias folded in) and extra keyword
+        inputs for every block."""
         ...
 
 
-def _key_mask(hidden: torch.Tensor, position: int) -> torch.Tensor:
-    """[batch, keys] of ones: every key of this step and the cache (padding is not supported)."""
-    return torch.ones((hidden.shape[0], position + hidden.shape[1]), dtype=torch.long, device=hidden.device)
-
-
-def falcon_inputs(config: PretrainedConfig, hidden: torch.Tensor, position: int,
+def falcon_inputs(config: PretrainedConfig, hidden: torch.Tensor, key_mask: torch.Tensor,
                   mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """Falcon: rotary checkpoints pass ``alibi=None``; alibi checkpoints fold the bias into the mask
     (as ``FalconModel.forward`` does) and pass it too."""
@@ -38,7 +34,7 @@ def falcon_inputs(config: PretrainedConfig, hidden: torch.Tensor, position: int,
     from transformers.models.falcon.modeling_falcon import build_alibi_tensor
 
     batch = hidden.shape[0]
-    alibi = build_alibi_tensor(_key_mask(hidden, position), config.num_attention_heads, dtype=hidden.dtype)
+    alibi = build_alibi_tensor(key_mask, config.num_attention_heads, dtype=hidden.dtype)
     # alibi: [batch * heads, 1, keys]
     if mask is not None and mask.ndim == 4:  # [batch, 1, seq, keys]
         lowest = torch.finfo(hidden.dtype).min
@@ -50,10 +46,10 @@ def falcon_inputs(config: PretrainedConfig, hidden: torch.Tensor, position: int,
     return mask, {"alibi": alibi}
 
 
-def bloom_inputs(config: PretrainedConfig, hidden: torch.Tensor, position: int,
+def bloom_inputs(config: PretrainedConfig, hidden: torch.Tensor, key_mask: torch.Tensor,
                  mask: torch.Tensor | None) -> tuple[torch.Tensor | None, dict[str, Any]]:
     """Bloom: the alibi bias over every key, added to the attention scores by the layers themselves."""
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
-    alibi = build_alibi_tensor(_key_mask(hidden, position), config.n_head, dtype=hidden.dtype)
+    alibi = build_alibi_tensor(key_mask, config.n_head, dtype=hidden.dtype)
     return mask, {"alibi": alibi}  # alibi: [batch * heads, 1, keys]

@@ -81,6 +81,12 @@ class InfoResponse:
 #                 [out, rank] give its weights, lora_scaling and lora_dropout how they apply
 #   seed          the dropout seed: a backward request repeats its forward's masks
 #   adapter       the name of an adapter the server preloaded (--adapters), instead of sent weights
+#
+# Padded batches, on ForwardRequest, BackwardRequest and InferenceStep (both optional; absent means
+# no padding and positions counted from the first token):
+#   attention_mask  [batch, seq] int: 1 for a token, 0 for padding, which no later token attends to
+#                   (in a session: of the step's new tokens; the server keeps the earlier ones)
+#   position_ids    [batch, seq] int64: each token's position (the rotary embedding's input)
 
 
 @message
@@ -96,6 +102,8 @@ class ForwardRequest:
     lora_dropout: float = 0.0
     seed: int = 0
     adapter: str = ""
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -120,6 +128,8 @@ class BackwardRequest:
     lora_dropout: float = 0.0
     seed: int = 0
     adapter: str = ""
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -162,6 +172,8 @@ class InferenceStep:
     step_id: int = 0  # the client's step counter; a server answers each step id > 0 once
     # (peer id, session id) of the spans after this one: push the output straight to the first
     next_servers: tuple[tuple[str, str], ...] = ()
+    attention_mask: torch.Tensor | None = None  # [batch, new_tokens]: see "Padded batches" above
+    position_ids: torch.Tensor | None = None  # [batch, new_tokens]
 
 
 @message

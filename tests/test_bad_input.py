@@ -86,6 +86,14 @@ def test_bad_requests_get_clear_errors_and_other_sessions_carry_on(llama_swarm):
             # a start position past what the session holds
             with pytest.raises(BadRequest, match="start_position 9"):
                 await _step(bad, bad_id, hidden[:, :1], 9)
+            # a padded step with a mask that is not 0/1, or positions out of range or of the wrong shape
+            for fields, match in ((dict(attention_mask=torch.full((1, 1), 2)), "attention_mask must be"),
+                                  (dict(attention_mask=torch.ones(1, 2, dtype=torch.int64)), "attention_mask must be"),
+                                  (dict(position_ids=torch.full((1, 1), -1)), "position_ids must be"),
+                                  (dict(position_ids=torch.zeros(1, 1, dtype=torch.int32)), "position_ids must be")):
+                await bad.send(InferenceStep(session_id=bad_id, hidden=hidden[:, :1], start_position=3, **fields))
+                with pytest.raises(BadRequest, match=match):
+                    expect(await bad.receive(TIMEOUT), StepOutput)
             bad.close()
 
             # 4. blocks the server does not hold: in a session and in a forward pass

@@ -75,10 +75,17 @@ def test_kill_minus_9_mid_generation_gives_identical_tokens(tiny_llama, redundan
             assert [(link.start, link.end) for link in session.chain] == [(0, 2), (2, 4)]
         assert torch.equal(out, expected)
 
-        # 2. now the chain is left -> right_x; kill the second hop (it receives pushed states)
+        # 2. now the chain is left -> right_x; kill the second hop (it receives pushed states) in a padded
+        # batch: the replacement replays the mask and positions too
+        padded = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(22))
+        mask = torch.ones_like(padded)
+        mask[1, :3] = 0
+        padded = padded.masked_fill(mask == 0, 0)
+        expected = local_llama.generate(padded, attention_mask=mask, max_new_tokens=20, do_sample=False)
         with model.inference_session(max_length=64) as session:
             streamer = _KillAfter(swarm, lambda: _server_for(servers, session, 2), after=7)
-            out = model.generate(ids, max_new_tokens=20, do_sample=False, session=session, streamer=streamer)
+            out = model.generate(padded, attention_mask=mask, max_new_tokens=20, do_sample=False, session=session,
+                                 streamer=streamer)
             assert streamer.killed in (servers["right_a"], servers["right_b"])
             assert session.failovers >= 1
         assert torch.equal(out, expected)

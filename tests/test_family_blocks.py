@@ -21,6 +21,7 @@ import torch
 import family_cases
 import swarm.cli
 from family_cases import CASES, EXTRA_CASES, FamilyCase
+from client.tuning import Extras
 from server.loading import load_span
 from swarm.blocks import Span
 from swarm.errors import ModelError
@@ -42,12 +43,14 @@ class LocalSpans:
     def __init__(self, spans: list[Span]) -> None:
         self.spans = spans
 
-    def extras(self, training: bool = False) -> None:
-        return None
+    def extras(self, training: bool = False) -> Extras:
+        return Extras()
 
-    async def forward(self, hidden: torch.Tensor, extras: None = None) -> torch.Tensor:
+    async def forward(self, hidden: torch.Tensor, extras: Any = None) -> torch.Tensor:
+        mask = None if extras is None or extras.attention_mask is None else extras.attention_mask.bool()
+        positions = None if extras is None else extras.position_ids
         for span in self.spans:
-            hidden = span(hidden)
+            hidden = span(hidden, key_mask=mask, position_ids=positions)
         return hidden
 
 
@@ -61,10 +64,17 @@ class LocalSession:
         self.prompt_tokens = 0  # no soft prompt
         self.token_ids: torch.Tensor | None = None
         self.pending_hypo_ids: torch.Tensor | None = None
+        self.key_mask: torch.Tensor | None = None  # [batch, position] of a padded batch
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None or self.key_mask is not None:
+            batch, new = hidden.shape[:2]
+            kept = self.key_mask if self.key_mask is not None else torch.ones(batch, self.position, dtype=torch.bool)
+            own = torch.ones(batch, new, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            self.key_mask = torch.cat([kept, own], dim=1)
         for span, cache in zip(self.spans, self.caches):
-            hidden = span(hidden, cache, self.position)
+            hidden = span(hidden, cache, self.position, key_mask=self.key_mask, position_ids=position_ids)
         self.position += hidden.shape[1]
         return hidden
 
@@ -125,6 +135,24 @@ def test_spans_match_local_model(case: FamilyCase, models_dir: str) -> None:
     prompt = _ids(1, 7, seed=2)
     out = model.generate(prompt, max_new_tokens=10, do_sample=False, session=LocalSession(spans))
     assert torch.equal(out, local.generate(prompt, max_new_tokens=10, do_sample=False))
+
+    # a padded batch: left-padded rows of different lengths, in a forward with labels and in generate
+    ids, mask = _left_padded(seed=3)
+    with torch.no_grad():
+        remote, expected = model(ids, attention_mask=mask, labels=ids), local(ids, attention_mask=mask, labels=ids)
+    assert (remote.logits - expected.logits).abs().max().item() <= ATOL
+    assert abs(remote.loss.item() - expected.loss.item()) <= ATOL
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, session=LocalSession(spans))
+    assert torch.equal(out, local.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False))
+
+
+def _left_padded(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three prompts of 9, 5 and 8 tokens, left-padded to 9 with the pad id 0: (ids, attention mask)."""
+    ids = _ids(3, 9, seed)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
 
 
 # -- Baichuan: the translated config and tensors -------------------------------------------------------

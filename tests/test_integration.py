@@ -49,6 +49,27 @@ def test_batched_greedy_generate_is_identical(swarm_llama, local_llama):
     assert torch.equal(remote, local)
 
 
+def _left_padded(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of 10, 6 and 3 tokens left-padded to 10 with the pad id 0: (ids, attention mask)."""
+    ids = _prompt(batch=3, length=10, seed=seed)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_padded_batch_matches_local(swarm_llama, local_llama):
+    """Left-padded prompts of different lengths: logits and loss of a forward with labels, greedy generate."""
+    ids, mask = _left_padded(seed=11)
+    with torch.no_grad():
+        remote = swarm_llama(ids, attention_mask=mask, labels=ids)
+        local = local_llama(ids, attention_mask=mask, labels=ids)
+    assert (remote.logits - local.logits).abs().max().item() <= ATOL
+    assert abs(remote.loss.item() - local.loss.item()) <= ATOL
+    remote = swarm_llama.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(remote, local_llama.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False))
+
+
 def test_sampling_matches_local_with_the_same_seed(swarm_llama, local_llama):
     ids = _prompt(seed=3)
     kwargs = dict(max_new_tokens=16, do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
