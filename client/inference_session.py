@@ -5,9 +5,10 @@ must have free). Each step sends ``[batch, new_tokens, hidden]`` through every s
 :attr:`InferenceSession.position`; with push, servers pass the states on themselves.
 
 Failover: the session keeps every span's inputs (its *history*). When a server fails (its stream
-closes, it stops answering, it lost the session), the session bans it, routes around the hole
-(possibly over several servers), replays the history to rebuild their caches, and retries the
-step, a bounded number of times. Outputs equal the fault-free run.
+closes, it stops answering, it lost the session, it raised an unexpected error), the session bans
+it, routes around the hole (possibly over several servers), replays the history to rebuild their
+caches, and retries the step. Opening sessions, replaying and retrying all spend one budget per
+step of the client's :class:`~swarm.retry.RetryPolicy`. Outputs equal the fault-free run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import uuid
 
 import torch
 
-from swarm.errors import BadRequest, RetryableError, ServerUnavailable, SessionLengthExceeded
+from swarm.errors import BadRequest, ServerError, SessionLengthExceeded, SwarmError
+from swarm.retry import Attempts
 from swarm.routing import ChainLink
 from swarm.transport import Stream
-from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
+from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput
 
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
@@ -43,7 +45,9 @@ class _SpanSession:
 
 
 class _SpanFailed(Exception):
-    def __init__(self, index: int, cause: RetryableError):
+    """Span ``index`` of the chain failed with ``cause`` (any :class:`SwarmError`; the retry policy judges it)."""
+
+    def __init__(self, index: int, cause: SwarmError):
         super().__init__(str(cause))
         self.index, self.cause = index, cause
 
@@ -74,38 +78,44 @@ class InferenceSession:
     def chain(self) -> list[ChainLink]:
         return [s.link for s in self._spans]
 
-    async def _open_spans(self, start: int, end: int) -> list[_SpanSession]:
-        """Opens sessions on a chain covering ``start:end`` (retrying around servers that fail)."""
+    async def _open_spans(self, start: int, end: int, attempts: Attempts) -> list[_SpanSession]:
+        """Opens sessions on a chain covering ``start:end``, routing around servers that fail."""
         spans: list[_SpanSession] = []
-        config = self.sequence.config
         position = start
-        while position < end:
-            begin = position
-
-            async def attempt() -> _SpanSession:
-                chain = await self.sequence.chain(begin, end, min_cache_tokens=self.max_length * self.batch_size)
-                link = chain[0]
-                peer = await self.sequence.peer()
+        try:
+            while position < end:
+                link: ChainLink | None = None
                 try:
-                    stream = await Stream.open(peer.p2p, link.peer_id, "inference", config.connect_timeout)
-                    session_id = uuid.uuid4().hex
-                    try:
-                        await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
-                                                      max_length=self.max_length, batch_size=self.batch_size,
-                                                      **self.sequence.session_fields(link.start, link.end)))
-                        expect(await stream.receive(config.request_timeout), SessionOpened)
-                    except BaseException:
-                        stream.close()
-                        raise
-                except RetryableError:
-                    self.sequence.ban(link.peer_id)
-                    raise
-                return _SpanSession(link, stream, session_id)
-
-            span = await self.sequence.retrying(f"opening a session on blocks {begin}:{end}", attempt)
-            spans.append(span)
-            position = span.link.end
+                    link = (await self.sequence.chain(position, end, min_cache_tokens=self.max_length
+                                                      * self.batch_size))[0]
+                    span = await self._open(link)
+                except SwarmError as e:
+                    where = (f"opening a session on blocks {link.start}:{link.end} on server {link.peer_id}" if link
+                             else f"finding servers for blocks {position}:{end}")
+                    await attempts.failed(e, where=where, peer_id=link.peer_id if link else None)
+                    continue
+                spans.append(span)
+                position = link.end
+        except BaseException:
+            for span in spans:
+                span.stream.close()
+            raise
         return spans
+
+    async def _open(self, link: ChainLink) -> _SpanSession:
+        config = self.sequence.config
+        peer = await self.sequence.peer()
+        stream = await Stream.open(peer.p2p, link.peer_id, "inference", config.connect_timeout)
+        session_id = uuid.uuid4().hex
+        try:
+            await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
+                                          max_length=self.max_length, batch_size=self.batch_size,
+                                          **self.sequence.session_fields(link.start, link.end)))
+            await stream.receive(config.request_timeout, SessionOpened)
+        except BaseException:
+            stream.close()
+            raise
+        return _SpanSession(link, stream, session_id)
 
     async def astep(self, hidden: torch.Tensor, start_position: int | None = None,
                     attention_mask: torch.Tensor | None = None,
@@ -130,9 +140,12 @@ class InferenceSession:
             if value is not None and tuple(value.shape) != tuple(hidden.shape[:2]):
                 raise BadRequest(f"{name} must be [batch, new_tokens] = {list(hidden.shape[:2])}, "
                                  f"got {list(value.shape)}")
+        num_blocks = self.sequence.num_blocks
+        attempts = self.sequence.policy.begin(
+            f"inference step at position {position} (blocks 0:{num_blocks})", self.sequence.ban)
         if not self._spans:
             self.batch_size = hidden.shape[0]
-            self._spans = await self._open_spans(0, self.sequence.num_blocks)
+            self._spans = await self._open_spans(0, num_blocks, attempts)
         hypo_ids, self.pending_hypo_ids = self.pending_hypo_ids, None
         if hypo_ids is not None:
             for span in self._spans:  # the servers reorder their caches; the histories must follow
@@ -143,16 +156,17 @@ class InferenceSession:
         padding = self._remember_padding(position, hidden, attention_mask, position_ids)
         dtype = hidden.dtype
         first = 0
-        for _attempt in range(self.sequence.config.max_retries + 1):
+        while True:
             try:
                 hidden = await self._run_from(first, hidden, position, hypo_ids, padding)
                 break
             except _SpanFailed as failed:
-                first, hidden = await self._replace(failed, position)
+                broken = self._spans[failed.index]
+                attempts.progress(f"blocks 0:{broken.link.start} done for this step")
+                await attempts.failed(failed.cause, where=f"blocks {broken.link.start}:{broken.link.end} on "
+                                                          f"server {broken.link.peer_id}", peer_id=broken.link.peer_id)
+                first, hidden = await self._replace(failed.index, position, attempts)
                 hypo_ids = None  # applied to the histories the replacements were rebuilt from
-        else:
-            raise ServerUnavailable(f"the inference step failed {self.sequence.config.max_retries + 1} times; "
-                                    f"last chain: {self._describe()}")
         self.position = position + hidden.shape[1]
         return hidden.to(dtype)
 
@@ -193,13 +207,13 @@ class InferenceSession:
                 await span.stream.send(InferenceStep(
                     session_id=span.session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
                     step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest), **padding))
-            except RetryableError as e:
+            except SwarmError as e:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
                 try:
                     out = await self._receive(self._spans[i], step_id, timeout)
                     check_output(out.hidden, hidden, self._spans[i].link.peer_id)
-                except RetryableError as e:
+                except SwarmError as e:
                     raise _SpanFailed(i, e) from None
                 hidden = out.hidden
                 i += 1
@@ -208,46 +222,44 @@ class InferenceSession:
                 self._spans[i].remember(hidden, position)
         return hidden
 
-    async def _replace(self, failed: _SpanFailed, position: int) -> tuple[int, torch.Tensor]:
-        """Routes around span ``failed.index`` and rebuilds its caches; returns (span to resume at, its input)."""
-        broken = self._spans[failed.index]
-        logger.warning("Server %s failed on blocks %d:%d (%s); routing around it", broken.link.peer_id,
-                       broken.link.start, broken.link.end, failed.cause)
-        self.sequence.ban(broken.link.peer_id)
+    async def _replace(self, index: int, position: int, attempts: Attempts) -> tuple[int, torch.Tensor]:
+        """Routes around span ``index`` (its server is banned already) and rebuilds its caches on other
+        servers; returns (the span to resume at, its input)."""
+        broken = self._spans[index]
+        logger.warning("Server %s failed on blocks %d:%d; routing around it", broken.link.peer_id,
+                       broken.link.start, broken.link.end)
         broken.stream.close()
         history = broken.history  # [batch, position + new, hidden]: inputs up to and including this step
         prefix, current = history[:, :position], history[:, position:]
-        errors = []
-        for _attempt in range(self.sequence.config.max_retries + 1):
-            replacements = await self._open_spans(broken.link.start, broken.link.end)
+        while True:
+            replacements = await self._open_spans(broken.link.start, broken.link.end, attempts)
             try:
                 await self._replay(replacements, prefix)
-            except RetryableError as e:  # a replacement failed too: route around it as well
-                errors.append(str(e))
+            except _SpanFailed as failed:  # a replacement failed too: route around it as well
                 for span in replacements:
                     span.stream.close()
+                link = replacements[failed.index].link
+                await attempts.failed(failed.cause, where=f"replaying blocks {link.start}:{link.end} on server "
+                                                          f"{link.peer_id}", peer_id=link.peer_id)
                 continue
-            self._spans[failed.index:failed.index + 1] = replacements
+            self._spans[index:index + 1] = replacements
             self.failovers += 1
             logger.info("Session now goes through %s", self._describe())
-            return failed.index, current
-        raise ServerUnavailable(f"could not rebuild blocks {broken.link.start}:{broken.link.end} on other servers: "
-                                + " | ".join(errors))
+            return index, current
 
     async def _replay(self, spans: list[_SpanSession], states: torch.Tensor) -> None:
         """Sends the cached prefix through new spans so they hold what the failed server held."""
         if states.shape[1] == 0:
             return
-        for span in spans:
+        for i, span in enumerate(spans):
             span.remember(states, 0)
             try:
                 await span.stream.send(InferenceStep(session_id=span.session_id, hidden=states, start_position=0,
                                                      **self._padding_fields(0, states.shape[1])))
                 out = await self._receive(span, 0, self.sequence.config.request_timeout)
                 check_output(out.hidden, states, span.link.peer_id)
-            except RetryableError:
-                self.sequence.ban(span.link.peer_id)
-                raise
+            except SwarmError as e:
+                raise _SpanFailed(i, e) from None
             states = out.hidden
 
     def _describe(self) -> str:
@@ -256,10 +268,10 @@ class InferenceSession:
     @staticmethod
     async def _receive(span: _SpanSession, step_id: int, timeout: float) -> StepOutput:
         for _ in range(1000):  # bounded: a server answers each step once, stale answers are rare
-            out = expect(await span.stream.receive(timeout), StepOutput)
+            out = await span.stream.receive(timeout, StepOutput)
             if out.step_id == step_id:
                 return out
-        raise BadRequest(f"server {span.link.peer_id} keeps sending answers to old steps")
+        raise ServerError(f"server {span.link.peer_id} keeps sending answers to old steps")
 
     def step(self, hidden: torch.Tensor, start_position: int | None = None, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The remote part of a model: all its blocks, served by whoever holds them in the swarm.
 
 :class:`RemoteSequence` owns the client's DHT peer, finds servers, builds chains
-(:mod:`swarm.routing`) and runs no-grad forward passes through them. Retries happen only in
-:meth:`RemoteSequence.retrying`, on retryable errors, a bounded number of times.
+(:mod:`swarm.routing`) and runs forward and backward passes through them. Every pass retries
+under one budget of the client's :class:`~swarm.retry.RetryPolicy` (``config.retry_policy``): on
+retryable errors only, banning the server each failure is blamed on.
 """
 
 from __future__ import annotations
@@ -11,24 +12,22 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from swarm.config import ClientConfig
 from swarm.dht import NetworkConfig, Peer, fetch_servers
-from swarm.errors import MissingBlocksError, RetryableError, ServerUnavailable, SwarmError
+from swarm.errors import MissingBlocksError, ServerError, SwarmError
 from swarm.records import ServerState
-from swarm.routing import Bans, ChainLink, make_forward_chain, make_latency_chain, missing_blocks
-from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse, expect
+from swarm.routing import ChainLink, make_forward_chain, make_latency_chain, missing_blocks
+from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
 
 from swarm import transport
 
 from client.tuning import Extras
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 Records = list[tuple[ChainLink, torch.Tensor]]  # (link, the hidden states it was sent) of a forward pass
 
 PING_TIMEOUT = 5.0  # seconds for a ping (an info call) before the server is banned
@@ -38,7 +37,8 @@ PING_MAX_AGE = 60.0  # seconds a measured ping is trusted
 class RemoteSequence:
     def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, model_name: str):
         self.config, self.prefix, self.num_blocks, self.model_name = config, prefix, num_blocks, model_name
-        self.bans = Bans()
+        self.policy = config.retry_policy
+        self.bans = self.policy.bans()
         self.pings: dict[str, tuple[float, float]] = {}  # peer id -> (round-trip seconds, when measured)
         self._rng = random.Random()
         self._servers: dict[int, dict] = {}  # the last DHT lookup: {block: {peer_id: ServerRecord}}
@@ -138,18 +138,6 @@ class RemoteSequence:
         self.pings[peer_id] = (smoothed, time.monotonic())
         return smoothed
 
-    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Runs ``attempt`` until it succeeds, retrying only retryable errors, at most ``max_retries`` times."""
-        errors: list[str] = []
-        for _ in range(self.config.max_retries + 1):
-            try:
-                return await attempt()
-            except RetryableError as e:
-                errors.append(str(e))
-                logger.warning("%s failed (%s); retrying through other servers", what, e)
-        raise ServerUnavailable(f"{what} failed {len(errors)} times (the servers may have left the swarm; check "
-                                f"which are online with `swarm health`, or start more); errors: " + " | ".join(errors))
-
     def ban(self, peer_id: str) -> None:
         delay = self.bans.ban(peer_id, time.monotonic())
         self._servers_time = -float("inf")  # what we know about the swarm may be stale too
@@ -163,42 +151,35 @@ class RemoteSequence:
         link and its input, which :meth:`backward` needs.
         """
         extras = extras or self.extras()
+        attempts = self.policy.begin(f"forward through blocks 0:{self.num_blocks}", self.ban)
         position = 0
         while position < self.num_blocks:
-            start = position
-
-            async def attempt() -> tuple[torch.Tensor, ChainLink]:
-                link = (await self.chain(start, self.num_blocks, purpose="forward"))[0]
-                return await self._forward_link(link, hidden, extras), link
-
-            out, link = await self.retrying(f"forward through blocks {start}:{self.num_blocks}", attempt)
+            link: ChainLink | None = None
+            try:
+                link = (await self.chain(position, self.num_blocks, purpose="forward"))[0]
+                out = await self._forward_link(link, hidden, extras)
+            except SwarmError as e:
+                await attempts.failed(e, where=_where(link, position, self.num_blocks),
+                                      peer_id=link.peer_id if link else None)
+                continue
             if records is not None:
                 records.append((link, hidden))
             position = link.end
             hidden = out.to(hidden.dtype)
+            attempts.progress(f"blocks 0:{position} done")
         return hidden
 
     async def _forward_link(self, link: ChainLink, hidden: torch.Tensor, extras: Extras) -> torch.Tensor:
         request = ForwardRequest(start=link.start, end=link.end, hidden=hidden, **extras.fields(link.start, link.end))
-        reply = await self._call(link.peer_id, "forward", request)
-        out = expect(reply, ForwardResponse).hidden
-        try:
-            check_output(out, hidden, link.peer_id)
-        except RetryableError:
-            self.ban(link.peer_id)
-            raise
+        out = (await self._call(link.peer_id, "forward", request, ForwardResponse)).hidden
+        check_output(out, hidden, link.peer_id)
         return out
 
-    async def _call(self, peer_id: str, handler: str, request: Any) -> Any:
-        """One request to ``peer_id``; a retryable failure bans it."""
+    async def _call(self, peer_id: str, handler: str, request: Any, expected: type) -> Any:
+        """One request to ``peer_id`` and its reply of type ``expected`` (errors: :mod:`swarm.transport`)."""
         peer = await self.peer()
-        try:
-            reply = await transport.call(peer.p2p, peer_id, handler, request, self.config.connect_timeout,
-                                         self.config.request_timeout)
-            expect(reply, object)  # an ErrorReply raises here, so retryable ones ban the peer
-        except RetryableError:
-            self.ban(peer_id)
-            raise
+        reply = await transport.call(peer.p2p, peer_id, handler, request, expected, self.config.connect_timeout,
+                                     self.config.request_timeout)
         self.bans.succeeded(peer_id)
         return reply
 
@@ -207,52 +188,66 @@ class RemoteSequence:
         """Gradients of a forward pass (its ``records``) given ``grad`` of its output.
 
         Returns the gradient of its input, of ``extras.prompts`` (or None) and of each LoRA A and B.
-        A span whose server is gone is recomputed on others: a new chain over its blocks, with a
-        forward through all but the last link to get their inputs.
+        Each span goes to the server that ran its forward, unless that server failed since (every
+        failure bans its server); then the span is recomputed on others: a new chain over its blocks,
+        with a forward through all but the last link to get their inputs.
         """
         grad_prompts = None if extras.prompts is None else torch.zeros_like(extras.prompts)
         grads_a = [torch.zeros_like(a) for a in extras.lora_a]
         grads_b = [torch.zeros_like(b) for b in extras.lora_b]
+        attempts = self.policy.begin(f"backward through blocks 0:{self.num_blocks}", self.ban)
         for link, hidden in reversed(records):
-            async def attempt(link: ChainLink = link, hidden: torch.Tensor = hidden,
-                              out_grad: torch.Tensor = grad) -> torch.Tensor:
-                # the server that ran the forward, unless it failed since (every failure bans its server)
-                chain = [link] if link.peer_id not in self.bans.banned(time.monotonic()) else \
-                    await self.chain(link.start, link.end, purpose="forward")
-                inputs = [hidden]
-                for sub in chain[:-1]:
-                    inputs.append((await self._forward_link(sub, inputs[-1], extras)).to(hidden.dtype))
-                span_grads = []  # applied only if the whole chain succeeds
-                for sub, sub_input in zip(reversed(chain), reversed(inputs)):
-                    fields = extras.fields(sub.start, sub.end)
-                    request = BackwardRequest(start=sub.start, end=sub.end, hidden=sub_input, grad_output=out_grad,
-                                              **fields)
-                    reply = expect(await self._call(sub.peer_id, "backward", request), BackwardResponse)
-                    try:
-                        check_output(reply.grad_input, sub_input, sub.peer_id)
-                        if len(reply.grad_lora_a) != len(fields["lora_a"]) or len(reply.grad_lora_b) != len(
-                                fields["lora_b"]) or (fields["prompts"] is None) != (reply.grad_prompts is None):
-                            raise ServerUnavailable(f"server {sub.peer_id} answered a backward request with "
-                                                    "gradients that do not match it; not using it")
-                    except RetryableError:
-                        self.ban(sub.peer_id)
-                        raise
-                    span_grads.append((sub, reply))
-                    out_grad = reply.grad_input.to(grad.dtype)
-                for sub, reply in span_grads:
-                    if grad_prompts is not None:
-                        grad_prompts[sub.start:sub.end] += reply.grad_prompts.to(grad_prompts.dtype)
-                    for i, ga, gb in zip(extras.indices(sub.start, sub.end), reply.grad_lora_a, reply.grad_lora_b):
-                        grads_a[i] += ga.to(grads_a[i].dtype)
-                        grads_b[i] += gb.to(grads_b[i].dtype)
-                return out_grad
-
-            grad = await self.retrying(f"backward through blocks {link.start}:{link.end}", attempt)
+            while True:
+                current: ChainLink | None = None
+                try:
+                    chain = [link] if link.peer_id not in self.bans.banned(time.monotonic()) else \
+                        await self.chain(link.start, link.end, purpose="forward")
+                    inputs = [hidden]
+                    for current in chain[:-1]:
+                        inputs.append((await self._forward_link(current, inputs[-1], extras)).to(hidden.dtype))
+                    span_grads = []  # applied only if the whole chain succeeds
+                    out_grad = grad
+                    for current, sub_input in zip(reversed(chain), reversed(inputs)):
+                        reply = await self._backward_link(current, sub_input, out_grad, extras)
+                        span_grads.append((current, reply))
+                        out_grad = reply.grad_input.to(grad.dtype)
+                except SwarmError as e:
+                    await attempts.failed(e, where=_where(current, link.start, link.end),
+                                          peer_id=current.peer_id if current else None)
+                    continue
+                break
+            for sub, reply in span_grads:
+                if grad_prompts is not None:
+                    grad_prompts[sub.start:sub.end] += reply.grad_prompts.to(grad_prompts.dtype)
+                for i, ga, gb in zip(extras.indices(sub.start, sub.end), reply.grad_lora_a, reply.grad_lora_b):
+                    grads_a[i] += ga.to(grads_a[i].dtype)
+                    grads_b[i] += gb.to(grads_b[i].dtype)
+            grad = out_grad
+            attempts.progress(f"gradients of blocks {link.start}:{self.num_blocks} done")
         return grad, grad_prompts, grads_a, grads_b
+
+    async def _backward_link(self, link: ChainLink, hidden: torch.Tensor, grad: torch.Tensor,
+                             extras: Extras) -> BackwardResponse:
+        fields = extras.fields(link.start, link.end)
+        request = BackwardRequest(start=link.start, end=link.end, hidden=hidden, grad_output=grad, **fields)
+        reply = await self._call(link.peer_id, "backward", request, BackwardResponse)
+        check_output(reply.grad_input, hidden, link.peer_id)
+        if len(reply.grad_lora_a) != len(fields["lora_a"]) or len(reply.grad_lora_b) != len(
+                fields["lora_b"]) or (fields["prompts"] is None) != (reply.grad_prompts is None):
+            raise ServerError(f"server {link.peer_id} answered a backward request with gradients that do not "
+                              "match it; not using it")
+        return reply
+
+
+def _where(link: ChainLink | None, start: int, end: int) -> str:
+    """Where an attempt failed, for logs and the final error."""
+    if link is None:
+        return f"blocks {start}:{end} (finding servers)"
+    return f"blocks {link.start}:{link.end} on server {link.peer_id}"
 
 
 def check_output(out: torch.Tensor, sent: torch.Tensor, peer_id: str) -> None:
     """A server must answer with hidden states of the shape it was sent; anything else is its fault."""
     if out.shape != sent.shape or not out.is_floating_point():
-        raise ServerUnavailable(f"server {peer_id} returned {out.dtype} {list(out.shape)} for hidden states "
+        raise ServerError(f"server {peer_id} returned {out.dtype} {list(out.shape)} for hidden states "
                                 f"{list(sent.shape)}; not using it")

@@ -15,7 +15,7 @@ from hivemind.p2p import P2P
 
 from swarm.errors import SwarmError
 from swarm.transport import Stream
-from swarm.wire import InfoRequest, InfoResponse, expect
+from swarm.wire import InfoRequest, InfoResponse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,7 @@ async def probe_server(p2p: P2P, peer_id: str, timeout: float) -> ProbeResult:
     try:
         stream = await Stream.open(p2p, peer_id, "info", timeout)
         await stream.send(InfoRequest())
-        info = expect(await stream.receive(timeout), InfoResponse)
+        info = await stream.receive(timeout, InfoResponse)
     except SwarmError as e:
         return ProbeResult(ok=False, checked_at=time.monotonic(), error=str(e))
     except Exception as e:  # a malformed peer id or a daemon error: still the peer's (or the address's) fault

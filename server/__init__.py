@@ -10,4 +10,5 @@
 - ``pings``       round trips to the servers that may come next in a chain, published in the record
 - ``compute``     the compute executor: one thread per device, inference before forward
 - ``kv_cache``    the KV cache budget sessions reserve from
+- ``faults``      test-only fault injection (``SWARM_TEST_FAULTS``)
 """

@@ -2,6 +2,9 @@
 
 Every request is validated (:meth:`SpanHandler._check_*`) before it touches the model; a bad
 request gets an :class:`~swarm.wire.ErrorReply` and the server goes on serving everyone else.
+An exception nobody anticipated (a bug, out of memory) is this server's fault: it is logged here at
+ERROR with its traceback and answered with :class:`~swarm.errors.ServerError`, which clients retry
+on another server.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from transformers import DynamicCache
 
 from swarm import __version__, aio
 from swarm.blocks import Span
-from swarm.errors import BadRequest, SessionLengthExceeded, SwarmError, UnknownSession
+from swarm.errors import BadRequest, ServerError, SessionLengthExceeded, SwarmError, UnknownSession
 from swarm.lora import AppliedLora, applied, check_lora, parse_wire_name
 from swarm.wire import (
     HANDLERS,
@@ -39,6 +42,7 @@ from swarm.wire import (
     write_message,
 )
 
+from server import faults
 from server.adapters import Adapter
 from server.compute import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeExecutor
 from server.kv_cache import CacheBudget
@@ -142,7 +146,7 @@ class SpanHandler:
             except Exception as e:
                 logger.exception("handler %s failed", handler.__name__)
                 with contextlib.suppress(Exception):
-                    await write_error(writer, e)
+                    await write_error(writer, ServerError(f"the server failed: {type(e).__name__}: {e}"))
             finally:
                 self._streams.discard(task)
                 with contextlib.suppress(Exception):
@@ -194,6 +198,7 @@ class SpanHandler:
     @torch.inference_mode()
     def _forward(self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None,
                  lora: AppliedLora | None = None, padding: Padding = (None, None)) -> torch.Tensor:
+        faults.check("forward")
         hidden = hidden.to(self.device, self.dtype)
         key_mask, position_ids = self._on_device(padding)
         with applied(lora):
@@ -216,6 +221,7 @@ class SpanHandler:
     def _backward(self, hidden: torch.Tensor, grad: torch.Tensor, msg: BackwardRequest,
                   prompts: torch.Tensor | None, lora: AppliedLora | None, padding: Padding) -> BackwardResponse:
         """Recomputes the forward of ``msg.start:msg.end`` with grad; the blocks' own weights stay frozen."""
+        faults.check("backward")
         with torch.enable_grad():
             hidden = hidden.to(self.device, self.dtype).requires_grad_()
             leaves = [hidden]
@@ -300,9 +306,18 @@ class SpanHandler:
                 step = self._check_step(session, msg)
                 kind = f"step:{step.hidden.shape[0] * step.hidden.shape[1]}:{session.end - session.start}"
                 out = await self.executor.run(PRIORITY_INFERENCE, self._step, session, step, kind=kind)
-            except (BadRequest, ValueError) as e:
+            except BadRequest as e:
                 # the session stays usable: the client may correct the request and go on
-                await write_error(session.writer, e if isinstance(e, SwarmError) else BadRequest(str(e)))
+                await write_error(session.writer, e)
+                return
+            except Exception as e:
+                # its cache may be half-updated: the session ends, the client replays it elsewhere
+                if not isinstance(e, SwarmError):
+                    logger.exception("inference step of session %s failed", session.session_id[:8])
+                    e = ServerError(f"the server failed: {type(e).__name__}: {e}")
+                with contextlib.suppress(Exception):
+                    await write_error(session.writer, e)
+                session.writer.close()
                 return
             session.last_step_id = max(session.last_step_id, step_id)
             pushed = False
@@ -350,6 +365,7 @@ class SpanHandler:
 
     @torch.inference_mode()
     def _step(self, session: Session, step: InferenceStep) -> torch.Tensor:
+        faults.check("inference")
         if step.start_position < session.position:
             try:  # transformers crops by a negative count of tokens to drop
                 session.cache.crop(step.start_position - session.position)

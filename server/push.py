@@ -12,6 +12,7 @@ import logging
 
 from hivemind.p2p import P2P
 
+from swarm.errors import SwarmError
 from swarm.transport import Stream
 from swarm.wire import InferenceStep
 
@@ -37,7 +38,7 @@ class PushSender:
                     self._streams[peer_id] = stream
                 await stream.send(step)
                 return True
-            except Exception as e:  # any failure means "not pushed"; the client sends it instead
+            except SwarmError as e:  # the next server is unreachable: "not pushed"; the client sends it instead
                 logger.info("Push to %s failed (%s); the client will send the step itself", peer_id, e)
                 if stream is not None:
                     stream.close()

@@ -126,6 +126,8 @@ class Server:
             logger.info("Stopped while loading")
         finally:
             logger.info("Shutting down: announcing OFFLINE and closing sessions")
+            # from here on, hivemind's background tasks lose their daemon connection: not an error
+            asyncio.get_running_loop().set_exception_handler(_quiet_shutdown_errors)
             for task in tasks:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -296,7 +298,8 @@ class Server:
 
 
 def _quiet_shutdown_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """Background tasks of hivemind lose their daemon connection on shutdown; that is not an error."""
+    """Installed when shutdown begins (never before: while serving, a lost connection is news): background
+    tasks of hivemind lose their daemon connection on shutdown; that is not an error."""
     if isinstance(context.get("exception"), (ConnectionError, EOFError)):
         logger.debug("ignored on shutdown: %s", context.get("exception"))
         return
@@ -322,7 +325,6 @@ def serve(config: ServerConfig) -> int:
     async def main() -> None:
         server = Server(config)
         loop = asyncio.get_running_loop()
-        loop.set_exception_handler(_quiet_shutdown_errors)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_stop)
         await server.run()

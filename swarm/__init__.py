@@ -4,6 +4,7 @@ Map of the shared package (``server/``, ``client/`` and ``health/`` import from 
 other way; the CLI imports them lazily):
 
 - ``errors``   the exception tree, retryable vs fatal, and its wire form
+- ``retry``    the one retry policy of client calls (budget, backoff, bans)
 - ``records``  DHT records (ServerRecord, ModelRecord) and key names
 - ``codec``    typed dataclasses <-> msgpack maps, tensors <-> raw buffers
 - ``wire``     RPC messages and stream framing

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarm.retry import RetryPolicy
 
 INITIAL_PEERS_ENV = "SWARM_INITIAL_PEERS"
 
@@ -183,7 +186,8 @@ class ClientConfig:
     connect_timeout: float = 15.0  # seconds to wait for a server to open a stream
     request_timeout: float = 60.0  # seconds one forward or inference step may take
     missing_blocks_timeout: float = 10.0  # how long to wait for servers of missing blocks before failing
-    max_retries: int = 3  # attempts after the first one, on retryable errors only
+    max_retries: int = 3  # retries of one forward, backward or inference step (retryable errors only)
+    retry_deadline: float = 300.0  # seconds after which one call stops retrying (swarm.retry.RetryPolicy)
     routing_refresh: float = 5.0  # seconds a DHT lookup of the model's servers is reused
     use_push: bool = True  # servers pass step outputs straight to the next server of the chain
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
@@ -192,11 +196,18 @@ class ClientConfig:
         if not self.initial_peers:
             raise ConfigError(f"the client needs initial_peers=[...] (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
                               "`swarm serve` or `swarm dht` printed")
-        for name in ("connect_timeout", "request_timeout", "missing_blocks_timeout", "routing_refresh"):
-            if getattr(self, name) <= 0:
+        for name in ("connect_timeout", "request_timeout", "missing_blocks_timeout", "routing_refresh",
+                     "retry_deadline"):
+            if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        from swarm.retry import RetryPolicy
+
+        return RetryPolicy(max_retries=self.max_retries, deadline=self.retry_deadline)
 
 
 def _check_maddrs(flag: str, maddrs: tuple[str, ...]) -> None:

@@ -1,10 +1,11 @@
-"""The one exception tree of Swarm.
+"""The one exception tree of Swarm, and whose fault each error is.
 
 ::
 
     SwarmError
     ├── RetryableError            another server or a later attempt may succeed
     │   ├── ServerUnavailable     a peer did not answer, closed the stream, or is gone
+    │   ├── ServerError           a peer failed on a valid request (a bug, out of memory) or answered garbage
     │   └── ServerBusy            a peer is out of cache or over its queue limits
     └── FatalError                retrying the same request cannot help
         ├── BadRequest            the request broke the protocol (shape, dtype, blocks, lengths)
@@ -13,7 +14,20 @@
         ├── MissingBlocksError    no online server holds some blocks of the model
         ├── ProtocolVersionError  the peer speaks an incompatible protocol version
         ├── ModelError            a model cannot be loaded or is not supported
-        └── ConfigError           a flag or argument has a bad value
+        ├── ConfigError           a flag or argument has a bad value
+        └── RetriesExhausted      the client's retry policy gave up (:mod:`swarm.retry`); never on the wire
+
+Three kinds of failure, decided by :func:`is_retryable`:
+
+- the *client's* fault: a :class:`FatalError` (a request the client could have checked, a missing
+  model): never retried;
+- a *server's* fault: :class:`ServerUnavailable`, :class:`ServerError`, and any error reply whose code
+  this peer does not know (a newer peer's, or a foreign exception an older server sent as plain
+  ``swarm_error``): the client bans that server and retries elsewhere;
+- *transient*: :class:`ServerBusy`: retried later or elsewhere.
+
+A server answers an exception it did not anticipate with :class:`ServerError` and logs it at ERROR
+(``server/handler.py``); it never passes a bug off as the client's :class:`BadRequest`.
 
 Errors cross the wire as ``code + message`` (:func:`to_wire` / :func:`from_wire`) and are raised
 on the other side as the same class.
@@ -34,6 +48,12 @@ class RetryableError(SwarmError):
 
 class ServerUnavailable(RetryableError):
     code = "server_unavailable"
+
+
+class ServerError(RetryableError):
+    """A server failed while handling a valid request, or answered with a malformed message: its fault."""
+
+    code = "server_error"
 
 
 class ServerBusy(RetryableError):
@@ -72,12 +92,24 @@ class ConfigError(FatalError):
     code = "config_error"
 
 
+class RetriesExhausted(FatalError):
+    """Raised by :class:`swarm.retry.Attempts` when a call's retry budget is spent; its message says
+    which blocks were done and where the call failed. ``errors`` holds every failure, oldest first."""
+
+    code = "retries_exhausted"
+
+    def __init__(self, message: str, errors: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.errors = errors
+
+
 _BY_CODE: dict[str, type[SwarmError]] = {
     cls.code: cls
     for cls in (
         SwarmError,
         RetryableError,
         ServerUnavailable,
+        ServerError,
         ServerBusy,
         FatalError,
         BadRequest,
@@ -87,8 +119,17 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         ProtocolVersionError,
         ModelError,
         ConfigError,
+        RetriesExhausted,
     )
 }
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True if another attempt (on another server, or later) may succeed: the server's fault or a
+    transient one. A :class:`SwarmError` that is neither retryable nor fatal came from a peer that
+    knows codes this one does not (or an older server's plain ``swarm_error``): the server's fault.
+    Anything that is not a :class:`SwarmError` is a bug on this side and is never retried."""
+    return isinstance(error, SwarmError) and not isinstance(error, FatalError)
 
 
 def to_wire(error: BaseException) -> tuple[str, str]:

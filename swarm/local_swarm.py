@@ -70,11 +70,11 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
         self._sockets_before = peer_sockets()
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = os.path.join(self.log_dir, f"{name}.log")
         with open(log_path, "w") as log:
-            popen = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+            popen = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env={**self.env, **(env or {})},
                                      start_new_session=True, preexec_fn=_die_with_parent)
         proc = Proc(name, popen, log_path, time.monotonic())
         self.procs.append(proc)
@@ -88,13 +88,14 @@ class LocalSwarm:
         return maddr
 
     def start_server(self, model: str, blocks: str | None, *extra: str, wait: bool = True,
-                     timeout: float = 180, name: str | None = None) -> Proc:
+                     timeout: float = 180, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
+        """Starts ``swarm serve`` (``env``: extra environment variables for this process only)."""
         args = ["serve", "--model", model, "--host-maddrs", LOOPBACK, *extra]
         if blocks is not None:
             args += ["--blocks", blocks]
         if self.initial_peers:
             args += ["--initial-peers", *self.initial_peers]
-        proc = self._spawn(name or f"server{len(self.procs)}_{(blocks or 'all').replace(':', '_')}", args)
+        proc = self._spawn(name or f"server{len(self.procs)}_{(blocks or 'all').replace(':', '_')}", args, env)
         if wait:
             proc.wait_for("Server ONLINE", timeout)
         return proc

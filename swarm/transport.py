@@ -1,4 +1,10 @@
-"""Calls to one server over its stream handlers, with timeouts and errors mapped to our tree."""
+"""Calls to one server over its stream handlers, with timeouts and errors mapped to our tree.
+
+What the other side did wrong becomes that server's retryable error (:mod:`swarm.errors`): no
+stream (:class:`ServerUnavailable`), no answer in time or a closed stream (:class:`ServerUnavailable`),
+a malformed message or one of the wrong type (:class:`ServerError`). An error reply is raised as the
+class the server sent. Anything else (a bug on this side) propagates as it is.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,15 @@ import time
 from typing import Any
 
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from swarm import aio
-from swarm.errors import ServerUnavailable
-from swarm.wire import HANDLERS, InfoRequest, InfoResponse, expect, read_message, write_message
+from swarm.errors import BadRequest, ServerError, ServerUnavailable
+from swarm.wire import HANDLERS, ErrorReply, InfoRequest, InfoResponse, read_message, write_message
+
+# what opening a stream raises when the peer cannot be reached: the daemon's refusals (no route, dial
+# failed, protocol not served) and a lost connection to our own daemon
+_UNREACHABLE = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, EOFError)
 
 
 class Stream:
@@ -23,12 +34,16 @@ class Stream:
     @classmethod
     async def open(cls, p2p: P2P, peer_id: str, handler: str, timeout: float) -> "Stream":
         try:
+            peer = PeerID.from_base58(peer_id)
+        except ValueError:  # a malformed id in some record: nothing to dial
+            raise ServerUnavailable(f"{peer_id[:60]!r} is not a peer id") from None
+        try:
             _info, reader, writer = await asyncio.wait_for(
-                p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), HANDLERS[handler]), timeout)
+                p2p.call_binary_stream_handler(peer, HANDLERS[handler]), timeout)
         except asyncio.TimeoutError:
             raise ServerUnavailable(f"server {peer_id} did not accept a {handler} stream in {timeout:.0f}s") from None
-        except Exception as e:
-            raise ServerUnavailable(f"cannot reach server {peer_id}: {e}") from None
+        except _UNREACHABLE as e:
+            raise ServerUnavailable(f"cannot reach server {peer_id}: {e or type(e).__name__}") from None
         return cls(peer_id, reader, writer)
 
     async def send(self, msg: Any) -> None:
@@ -37,26 +52,38 @@ class Stream:
         except (ConnectionError, OSError) as e:
             raise ServerUnavailable(f"server {self.peer_id} closed the stream: {e}") from None
 
-    async def receive(self, timeout: float) -> Any:
+    async def receive(self, timeout: float, expected: type | None = None) -> Any:
+        """The next message; with ``expected``, an :class:`ErrorReply` is raised as the server's error
+        and any other type is the server's fault (:class:`ServerError`)."""
         try:
-            return await aio.wait_for(read_message(self.reader), timeout)
+            msg = await aio.wait_for(read_message(self.reader), timeout)
         except asyncio.TimeoutError:
             raise ServerUnavailable(f"server {self.peer_id} did not answer in {timeout:.0f}s") from None
         except (EOFError, ConnectionError, OSError) as e:
-            raise ServerUnavailable(f"server {self.peer_id} closed the stream: {e}") from None
+            raise ServerUnavailable(f"server {self.peer_id} closed the stream: {e or type(e).__name__}") from None
+        except BadRequest as e:  # the frame broke the protocol: what it sent is wrong, not what we asked
+            raise ServerError(f"server {self.peer_id} sent a malformed message: {e}") from None
+        if expected is None:
+            return msg
+        if isinstance(msg, ErrorReply):
+            raise msg.to_exception()
+        if not isinstance(msg, expected):
+            raise ServerError(f"server {self.peer_id} answered {type(msg).__name__} where {expected.__name__} "
+                              "was due")
+        return msg
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
 
 
-async def call(p2p: P2P, peer_id: str, handler: str, request: Any, connect_timeout: float,
+async def call(p2p: P2P, peer_id: str, handler: str, request: Any, expected: type, connect_timeout: float,
                timeout: float) -> Any:
-    """One request, one reply (the reply may be an ErrorReply; see :func:`swarm.wire.expect`)."""
+    """One request, one reply of type ``expected`` (see :meth:`Stream.receive`)."""
     stream = await Stream.open(p2p, peer_id, handler, connect_timeout)
     try:
         await stream.send(request)
-        return await stream.receive(timeout)
+        return await stream.receive(timeout, expected)
     finally:
         stream.close()
 
@@ -69,5 +96,5 @@ async def ping(p2p: P2P, peer_id: str, timeout: float) -> float:
     within ``timeout`` or answers with an error.
     """
     t0 = time.perf_counter()
-    expect(await call(p2p, peer_id, "info", InfoRequest(), timeout, timeout), InfoResponse)
+    await call(p2p, peer_id, "info", InfoRequest(), InfoResponse, timeout, timeout)
     return time.perf_counter() - t0

@@ -359,6 +359,7 @@ ERROR_CLASSES = [
     errors.SwarmError,
     errors.RetryableError,
     errors.ServerUnavailable,
+    errors.ServerError,
     errors.ServerBusy,
     errors.FatalError,
     errors.BadRequest,
@@ -368,6 +369,7 @@ ERROR_CLASSES = [
     errors.ProtocolVersionError,
     errors.ModelError,
     errors.ConfigError,
+    errors.RetriesExhausted,
 ]
 
 
