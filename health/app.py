@@ -7,17 +7,11 @@ the state document (docs/health.md), ``/api/v1/is_reachable/{peer_id}``, ``/metr
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import pathlib
 import re
-import signal
-import socket
-from collections.abc import Iterator
 from typing import Any, Protocol
 
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,8 +22,8 @@ from starlette.templating import Jinja2Templates
 
 from swarm import aio
 from swarm.config import HealthConfig
-from swarm.errors import ConfigError
 from swarm.routing import format_blocks
+from swarm.web import listen, serve_until_signal, url_of
 
 from health.crawler import Crawler, Reachability, Snapshot
 from health.metrics import make_registry, render
@@ -88,52 +82,14 @@ def create_app(config: HealthConfig, crawler: SwarmSource) -> Starlette:
     ])
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server without its own signal handling: this process's owner stops it (see run_health).
-
-    uvicorn re-raises a captured SIGTERM after serving, which would kill the process before the
-    crawler has stopped its DHT client; so signals go to :meth:`request_stop` instead.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def request_stop(self) -> None:
-        self.should_exit = True
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        return socket.create_server((host, port), family=family)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port "
-                          "(0 picks a free one) or --host") from None
-
-
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
 async def serve_health(config: HealthConfig) -> None:
     """Joins the swarm, crawls it and serves the page until SIGINT/SIGTERM."""
-    sock = _listen(config.host, config.port)  # first: a busy port fails before joining the swarm
+    sock = listen(config.host, config.port)  # first: a busy port fails before joining the swarm
     try:
         async with Crawler(config) as crawler:
-            server = _Server(uvicorn.Config(create_app(config, crawler), log_config=None, log_level="warning",
-                                            access_log=False, lifespan="off"))
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, server.request_stop)
-            url = _url(sock)
+            url = url_of(sock)
             print(f"Health page: {url} (JSON: {url}api/v1/state, Prometheus: {url}metrics)", flush=True)
-            try:
-                await server.serve(sockets=[sock])
-            finally:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
+            await serve_until_signal(create_app(config, crawler), sock)
             logger.info("Stopping the health service")
     finally:
         sock.close()

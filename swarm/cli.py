@@ -1,8 +1,9 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``finetune``, ``demo``, ``models``.
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``demo``, ``models``.
 
-Flags of ``dht``, ``serve``, ``health`` and ``finetune`` are derived from :class:`~swarm.config.DHTConfig`,
-:class:`~swarm.config.ServerConfig`, :class:`~swarm.config.HealthConfig` and
-:class:`~swarm.config.FinetuneConfig`; the roles are imported only when their command runs.
+Flags of ``dht``, ``serve``, ``health``, ``api`` and ``finetune`` are derived from
+:class:`~swarm.config.DHTConfig`, :class:`~swarm.config.ServerConfig`, :class:`~swarm.config.HealthConfig`,
+:class:`~swarm.config.ApiConfig` and :class:`~swarm.config.FinetuneConfig`; the roles are imported only
+when their command runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import typing
 from typing import Any
 
 from swarm import aio
-from swarm.config import DHTConfig, FinetuneConfig, HealthConfig, ServerConfig
+from swarm.config import ApiConfig, DHTConfig, FinetuneConfig, HealthConfig, ServerConfig
 from swarm.errors import SwarmError
 
 
@@ -41,7 +42,7 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if field.default is not dataclasses.MISSING and field.default not in ((), None, ""):
             kwargs["help"] += f" (default: {field.default})"
         kwargs["default"] = argparse.SUPPRESS  # unset flags keep the dataclass default
-        if field.name == "model" or field.metadata.get("required"):
+        if field.metadata.get("required"):
             kwargs["required"] = True
         parser.add_argument(flag, **kwargs)
 
@@ -86,6 +87,11 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Crawl the swarm's DHT and serve its state: / (page), /api/v1/state (JSON, "
                                    "docs/health.md), /metrics (Prometheus), /api/v1/is_reachable/PEER_ID")
     _add_dataclass_flags(p, HealthConfig)
+
+    p = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a chat page over the swarm's models",
+                       description="Join the swarm as a client and serve /v1/models, /v1/chat/completions, "
+                                   "/v1/completions, /health, /metrics and a chat page at / (docs/api.md)")
+    _add_dataclass_flags(p, ApiConfig)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on instruction data through the swarm",
                        description="Train a LoRA adapter for --model on alpaca, sharegpt or messages JSON/JSONL "
@@ -151,6 +157,15 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
                 return 2
             return run_health(config)
+        if args.command == "api":
+            config = _build_config(ApiConfig, args)
+            try:
+                from api.app import run_api
+            except ImportError as e:
+                print(f"error: swarm api needs {e.name or 'its web stack'}: pip install 'swarm-llm[api]'",
+                      file=sys.stderr)
+                return 2
+            return run_api(config)
         if args.command == "finetune":
             from client.finetune import run_finetune
 

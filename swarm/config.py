@@ -90,7 +90,8 @@ class DHTConfig(NetworkFlags):
 class ServerConfig(NetworkFlags):
     """``swarm serve``: one server holding a span of blocks."""
 
-    model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model", flag="--model"))
+    model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model", flag="--model",
+                                                              required=True))
     blocks: str | None = dataclasses.field(
         default=None, metadata=_help("span to serve as START:END, END exclusive (default: --num-blocks blocks "
                                      "placed where the swarm is weakest, moved when it becomes lopsided)"))
@@ -273,7 +274,7 @@ class FinetuneConfig:
 
     initial_peers: tuple[str, ...] = _swarm_peers("that serves --model")
     model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model (its "
-                                                              "tokenizer and chat template are used)"))
+                                                              "tokenizer and chat template are used)", required=True))
     data: str = dataclasses.field(
         default="", metadata=_help("JSON or JSONL file of alpaca (instruction/input/output), sharegpt "
                                    "(conversations: from/value) or messages (role/content) examples", required=True))
@@ -329,3 +330,66 @@ class FinetuneConfig:
             raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    """``swarm api``: an OpenAI-compatible HTTP API and a chat page over the models a swarm serves (docs/api.md)."""
+
+    initial_peers: tuple[str, ...] = _swarm_peers("to serve")
+    host: str = dataclasses.field(
+        default="127.0.0.1", metadata=_help("address the API listens on (0.0.0.0 to offer it to your network)"))
+    port: int = dataclasses.field(default=8080, metadata=_help("TCP port of the API (0: any free port)"))
+    api_key: str | None = dataclasses.field(
+        default=None, metadata=_help("require 'Authorization: Bearer KEY' on every /v1 request (default: open)"))
+    model: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("serve only these models (ids as GET /v1/models lists them; default: every "
+                                   "model the swarm serves)", nargs="+"))
+    adapter: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("client-side LoRA adapters (saved by `swarm finetune`) to serve as extra model "
+                                   "ids, as NAME=PATH; the base model is the one the adapter was trained on",
+                                   nargs="+"))
+    max_concurrent: int = dataclasses.field(
+        default=16, metadata=_help("generations running at once; later requests wait for a free slot"))
+    default_max_tokens: int = dataclasses.field(
+        default=512, metadata=_help("tokens to generate when a request gives no max_tokens (each session reserves "
+                                    "cache for its prompt plus this on every server)"))
+    dtype: str = dataclasses.field(
+        default="float32", metadata=_help("dtype of the local embeddings/head and of the activations sent "
+                                          "(float32, bfloat16 or float16)"))
+    host_maddrs: tuple[str, ...] = dataclasses.field(
+        default=("/ip4/0.0.0.0/tcp/0",), metadata=_help("multiaddrs the API's DHT client listens on", nargs="+"))
+    request_timeout: float = dataclasses.field(
+        default=60.0, metadata=_help("seconds one inference step through the swarm may take before it is retried "
+                                     "elsewhere"))
+
+    def __post_init__(self) -> None:
+        _check_swarm_peers("swarm api", self.initial_peers)
+        if not self.host:
+            raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port {self.port} is not a TCP port (0..65535; 0 picks a free one)")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key must not be empty; leave it out to serve without a key")
+        for name in ("max_concurrent", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        if not self.request_timeout > 0:
+            raise ConfigError(f"--request-timeout must be positive seconds, got {self.request_timeout}")
+        if not self.host_maddrs:
+            raise ConfigError("--host-maddrs needs at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/0")
+        self.adapter_paths()
+
+    def adapter_paths(self) -> dict[str, str]:
+        """``--adapter NAME=PATH ...`` as ``{name: path}``."""
+        adapters: dict[str, str] = {}
+        for item in self.adapter:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(f"--adapter {item!r} is not NAME=PATH, e.g. --adapter my-bot=./my-adapter")
+            if name in adapters:
+                raise ConfigError(f"--adapter names {name!r} twice")
+            adapters[name.strip()] = path.strip()
+        return adapters

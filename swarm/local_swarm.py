@@ -59,6 +59,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def api_url(proc: Proc, timeout: float = 120) -> str:
+    """The base URL (``http://127.0.0.1:PORT/``) of a ``swarm api`` process, once it serves."""
+    line = proc.wait_for("OpenAI-compatible API: ", timeout)
+    return line.split("OpenAI-compatible API: ", 1)[1].split()[0].removesuffix("v1")
+
+
 class LocalSwarm:
     """``with LocalSwarm() as swarm: peer = swarm.start_dht(); swarm.start_server(model, "0:2")``."""
 
@@ -99,6 +105,12 @@ class LocalSwarm:
         if wait:
             proc.wait_for("Server ONLINE", timeout)
         return proc
+
+    def start_api(self, *extra: str, name: str | None = None) -> Proc:
+        """Starts ``swarm api`` on 127.0.0.1 and a free port (plus ``extra`` flags); :func:`api_url` waits for it."""
+        args = ["api", "--host", "127.0.0.1", "--port", "0", "--host-maddrs", LOOPBACK,
+                "--initial-peers", *self.initial_peers, *extra]
+        return self._spawn(name or f"api{len(self.procs)}", args)
 
     def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Stops one process (by pid first, so it can announce OFFLINE), then its whole group."""

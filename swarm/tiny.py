@@ -34,11 +34,13 @@ TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assi
 
 
 def make_tiny_tokenizer(path: str | None = None, texts: list[str] | tuple[str, ...] = (), vocab_size: int = 512,
-                        chat_template: str | None = TINY_CHAT_TEMPLATE):
+                        chat_template: str | None = TINY_CHAT_TEMPLATE, extra_special_tokens: tuple[str, ...] = (),
+                        eos_token: str = "</s>"):
     """A byte-level BPE tokenizer trained on ``texts`` on the fly (any text encodes; nothing is downloaded).
 
     Ids 0, 1, 2 are ``<pad>``, ``<s>``, ``</s>`` (the tiny models' pad/bos/eos), then the chat
-    tokens of :data:`TINY_CHAT_TEMPLATE`. ``chat_template=None`` leaves the template out. With
+    tokens of :data:`TINY_CHAT_TEMPLATE`, then ``extra_special_tokens`` (e.g. another template's
+    markers; ``eos_token`` may be one of them). ``chat_template=None`` leaves the template out. With
     ``path`` it is saved there too (next to a tiny model, ``AutoTokenizer`` finds it). Returns it.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -47,13 +49,26 @@ def make_tiny_tokenizer(path: str | None = None, texts: list[str] | tuple[str, .
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(TINY_SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*TINY_SPECIAL_TOKENS, *extra_special_tokens],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(list(texts) or ["A swarm of small machines"], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>")
+                                        eos_token=eos_token)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if path is not None:
         tokenizer.save_pretrained(path)
     return tokenizer
+
+
+def make_tiny_chat_model(path: str, model_type: str = "qwen2", texts: list[str] | tuple[str, ...] = (),
+                         seed: int = 0, model_overrides: dict | None = None, **tokenizer_kwargs) -> str:
+    """A tiny random-weight model with a tokenizer and chat template beside it (what ``swarm api`` serves):
+    the tokenizer of :func:`make_tiny_tokenizer` (``tokenizer_kwargs``) and a model whose vocabulary is
+    exactly the tokenizer's (``model_overrides``: other config fields, e.g. ``num_hidden_layers``)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    tokenizer = make_tiny_tokenizer(path, texts, **tokenizer_kwargs)
+    return make_tiny_model(path, model_type, seed=seed, vocab_size=len(tokenizer),
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, **(model_overrides or {}))

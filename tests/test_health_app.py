@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from health.app import _Server, create_app
+from health.app import create_app
+from swarm.web import make_server
 from health.crawler import ModelSnapshot, Reachability, Snapshot
 from health.probe import ProbeCache, ProbeResult
 from health.view import build_state, fmt_ms, fmt_throughput, fmt_tokens, redact_addresses, short_id
@@ -101,12 +102,9 @@ class Running:
 
 
 def serve(config: HealthConfig, snapshot: Snapshot) -> Iterator[Running]:
-    import uvicorn
-
     source = FixedSource(snapshot)
     sock = socket.create_server(("127.0.0.1", 0))
-    server = _Server(uvicorn.Config(create_app(config, source), log_config=None, log_level="warning",
-                                    access_log=False, lifespan="off"))
+    server = make_server(create_app(config, source))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
