@@ -22,7 +22,7 @@ from typing import Any
 
 from swarm.config import ApiConfig
 from swarm.dht import Peer, fetch_models, fetch_servers
-from swarm.errors import ConfigError, MissingBlocksError
+from swarm.errors import ConfigError, MissingBlocksError, SwarmError
 from swarm.records import ModelRecord, ServerState
 from swarm.routing import format_blocks, missing_blocks
 
@@ -137,7 +137,14 @@ class Catalog:
         async with lock:
             if model_id not in self._served:
                 loop = asyncio.get_running_loop()
-                self._served[model_id] = await loop.run_in_executor(self.executor, self._load, entry)
+                try:
+                    self._served[model_id] = await loop.run_in_executor(self.executor, self._load, entry)
+                except (OSError, ValueError, SwarmError) as e:  # no checkpoint or tokenizer here, or not a model
+                    logger.error("Cannot load %s: %s", model_id, e)
+                    raise ApiError(503, f"this API cannot load the embeddings, head and tokenizer of {entry.base!r} "
+                                        f"({type(e).__name__}: {e}); the machine running `swarm api` needs the "
+                                        "model's checkpoint (a hub id it can download, or the same local path)",
+                                   code="model_unavailable") from None
         return self._served[model_id]
 
     def _load(self, entry: Entry) -> Served:

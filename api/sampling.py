@@ -68,7 +68,8 @@ class Sampler:
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keeps the most likely tokens whose probabilities sum to ``top_p`` (at least one), renormalised."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # tokens whose predecessors already reach top_p
+    drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # tokens whose predecessors already reach top_p
+    drop[..., 0] = False
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return kept / kept.sum(dim=-1, keepdim=True)
