@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 HERE = pathlib.Path(__file__).resolve().parent
 T = TypeVar("T")
 CLIENT_GONE = 499  # what the metrics count a request as when its client disconnected first
+MAX_BODY = 16 << 20  # bytes of JSON one request may send
 
 
 class _Disconnected(Exception):
@@ -134,6 +135,17 @@ async def _send_whole(send: Send, status: int, body: bytes, media_type: str) -> 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def _read_body(request: Request) -> bytes:
+    """The request body, refused (413) past :data:`MAX_BODY` bytes without reading the rest."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(config: ApiConfig, service: ApiService) -> Starlette:
     metrics = service.metrics
 
@@ -181,7 +193,7 @@ def create_app(config: ApiConfig, service: ApiService) -> Starlette:
         endpoint = "chat.completions" if chat else "completions"
         try:
             check_key(request)
-            body = parse_body(await request.body())
+            body = parse_body(await _read_body(request))
             parsed = parse_chat(body) if chat else parse_completion(body)
             prepare = service.prepare_chat(parsed, arrived) if chat else service.prepare_completion(parsed, arrived)
             job = await _unless_disconnected(request.receive, prepare)

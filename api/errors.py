@@ -15,7 +15,7 @@ from swarm.errors import BadRequest, MissingBlocksError, RetryableError, Session
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          422: "invalid_request_error", 503: "service_unavailable_error"}
+          413: "invalid_request_error", 422: "invalid_request_error", 503: "service_unavailable_error"}
 
 
 class ApiError(Exception):

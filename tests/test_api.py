@@ -312,8 +312,9 @@ def test_errors_have_openai_shape_and_status(api):
                          api.raw("POST", "v1/chat/completions", b"{not json"),
                          api.raw("POST", "v1/completions", {"model": chat, "prompt": "x", "echo": True}),
                          api.raw("POST", "v1/completions", {"model": chat, "prompt": [10 ** 9]}),
-                         api.raw("GET", "v1/chat/completions"), api.raw("GET", "v1/nothing")):
-        assert status in (400, 401, 404, 405), body
+                         api.raw("GET", "v1/chat/completions"), api.raw("GET", "v1/nothing"),
+                         api.raw("POST", "v1/completions", b" " * (17 << 20))):
+        assert status in (400, 401, 404, 405, 413), body
         error = json.loads(body)["error"]
         assert error["message"] and error["type"] and "Traceback" not in body
 

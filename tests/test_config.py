@@ -9,6 +9,7 @@ import pytest
 import swarm.cli
 from swarm.config import (
     INITIAL_PEERS_ENV,
+    ApiConfig,
     ClientConfig,
     DHTConfig,
     ServerConfig,
@@ -310,3 +311,33 @@ def test_relayed_addresses():
     direct = "/ip4/10.0.0.5/tcp/31337/p2p/QmMe"
     assert all_relayed([relay]) and all_relayed([relay, relay.replace("1.2.3.4", "5.6.7.8")])
     assert not all_relayed([relay, direct]) and not all_relayed([direct]) and not all_relayed([])
+
+
+# ---------------------------------------------------------------- swarm api
+
+
+def test_cli_api_builds_api_config(tmp_path):
+    args = swarm.cli.make_parser().parse_args(
+        ["api", "--initial-peers", PEER, "--port", "0", "--api-key", "k", "--model", "a", "b/c",
+         "--adapter", "x=/p/x", "y=/p/y", "--max-concurrent", "4"])
+    config = swarm.cli._build_config(ApiConfig, args)
+    assert config == ApiConfig(initial_peers=(PEER,), port=0, api_key="k", model=("a", "b/c"),
+                               adapter=("x=/p/x", "y=/p/y"), max_concurrent=4)
+    assert config.adapter_paths() == {"x": "/p/x", "y": "/p/y"}
+    api = swarm.cli.make_parser()._subparsers._group_actions[0].choices["api"]
+    assert {f.name for f in dataclasses.fields(ApiConfig)} <= {action.dest for action in api._actions}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(initial_peers=()), "swarm api needs --initial-peers"),
+    (dict(port=70000), "--port 70000"),
+    (dict(api_key=" "), "--api-key must not be empty"),
+    (dict(max_concurrent=0), "--max-concurrent must be at least 1"),
+    (dict(default_max_tokens=0), "--default-max-tokens"),
+    (dict(dtype="int8"), "--dtype 'int8'"),
+    (dict(adapter=("noequals",)), "is not NAME=PATH"),
+    (dict(adapter=("a=/x", "a=/y")), "names 'a' twice"),
+])
+def test_api_config_checks(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ApiConfig(**{"initial_peers": (PEER,), **kwargs})
