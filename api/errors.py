@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from swarm.errors import BadRequest, MissingBlocksError, RetryableError, SessionLengthExceeded, SwarmError
+from swarm.errors import (BadRequest, MissingBlocksError, RetriesExhausted, RetryableError, SessionLengthExceeded,
+                          SwarmError)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def from_exception(error: BaseException) -> ApiError:
         return error
     if isinstance(error, MissingBlocksError):
         return ApiError(503, str(error), code="missing_blocks")
-    if isinstance(error, RetryableError):
+    if isinstance(error, (RetryableError, RetriesExhausted)):
         return ApiError(503, f"the swarm could not serve this request: {error}", code="swarm_unavailable")
     if isinstance(error, SessionLengthExceeded):
         return ApiError(400, str(error), param="max_tokens", code="context_length_exceeded")

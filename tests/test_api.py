@@ -32,7 +32,7 @@ from swarm.dht import NetworkConfig, Peer, declare_server, fetch_servers
 from swarm.local_swarm import LOOPBACK, LocalSwarm, api_url
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.transport import call
-from swarm.wire import InfoRequest, InfoResponse, expect
+from swarm.wire import InfoRequest, InfoResponse
 
 from api_models import WEATHER_TOOL, make_chat_model, make_rigged_tool_model
 from cdp import Browser
@@ -346,7 +346,7 @@ def test_two_dozen_concurrent_streams(api):
 
 
 async def _tokens_left(peer: Peer, server_ids: list[str]) -> list[int]:
-    infos = [expect(await call(peer.p2p, s, "info", InfoRequest(), 10, 10), InfoResponse) for s in server_ids]
+    infos = [await call(peer.p2p, s, "info", InfoRequest(), InfoResponse, 10, 10) for s in server_ids]
     return [info.cache_tokens_left for info in infos]
 
 

@@ -15,7 +15,7 @@ from api.sampling import Sampler, top_p_filter
 from api.schemas import Sampling, parse_body, parse_chat, parse_completion
 from api.text import ChoiceText
 from api.tools import ToolFormat, detect_format, partial_suffix
-from swarm.errors import MissingBlocksError, ServerUnavailable, SessionLengthExceeded
+from swarm.errors import MissingBlocksError, RetriesExhausted, ServerUnavailable, SessionLengthExceeded
 from swarm.tiny import make_tiny_tokenizer
 
 from api_models import CORPUS, LLAMA31_TOOLS_TEMPLATE, LLAMA_TOKENS, QWEN_TOKENS, QWEN_TOOLS_TEMPLATE, WEATHER_TOOL
@@ -89,6 +89,7 @@ def test_completion_request_parsing():
 def test_exceptions_map_to_statuses():
     assert from_exception(MissingBlocksError("blocks 2:4")).status == 503
     assert from_exception(ServerUnavailable("gone")).status == 503
+    assert from_exception(RetriesExhausted("blocks 0:2 done; 2:4 failed")).status == 503
     assert from_exception(SessionLengthExceeded("too long")).status == 400
     internal = from_exception(KeyError("secret internals"))
     assert internal.status == 500 and "secret" not in internal.message and "KeyError" in internal.message
