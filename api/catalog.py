@@ -73,19 +73,35 @@ class Catalog:
         self._entries: dict[str, Entry] = {}
         self._listed_at = -float("inf")
         self._list_lock = asyncio.Lock()
+        self._refresher: asyncio.Future | None = None  # a background renewal of the listing
         self._served: dict[str, Served] = {}
         self._bases: dict[str, tuple[LocalModel, Any, set[int], RemoteSequence]] = {}
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._variants: list[Any] = []  # variant models whose remote sequences are in use
         self._client_adapters = {name: (path, _adapter_base(path)) for name, path in config.adapter_paths().items()}
 
-    async def entries(self) -> dict[str, Entry]:
-        """Every id this API offers now (cached for ``LIST_TTL`` seconds)."""
+    async def entries(self, fresh: bool = False) -> dict[str, Entry]:
+        """Every id this API offers. A listing older than ``LIST_TTL`` seconds is renewed in the background
+        while requests go on with it (``fresh``: wait for a new one); the first listing is waited for."""
+        if fresh or self._listed_at == -float("inf"):
+            await self._refresh()
+        elif time.monotonic() - self._listed_at > LIST_TTL and (self._refresher is None or self._refresher.done()):
+            self._refresher = asyncio.ensure_future(self._refresh_logged())
+        return self._entries
+
+    async def _refresh(self) -> None:
+        asked = time.monotonic()
         async with self._list_lock:
-            if time.monotonic() - self._listed_at > LIST_TTL:
-                self._entries = await self._list()
-                self._listed_at = time.monotonic()
-            return self._entries
+            if self._listed_at >= asked:  # another request listed while this one waited
+                return
+            self._entries = await self._list()
+            self._listed_at = time.monotonic()
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as e:  # the old listing stays; the next request tries again
+            logger.warning("Listing the swarm's models failed: %s", e)
 
     async def _list(self) -> dict[str, Entry]:
         models = {prefix: record for prefix, record in (await fetch_models(self.peer)).items()
@@ -119,6 +135,8 @@ class Catalog:
 
     async def entry(self, model_id: str) -> Entry:
         entries = await self.entries()
+        if model_id not in entries and time.monotonic() - self._listed_at > 1.0:
+            entries = await self.entries(fresh=True)  # it may have joined since the last listing
         if model_id not in entries:
             if model_id in self._client_adapters:
                 raise ApiError(404, f"model {model_id!r} is an adapter of {self._client_adapters[model_id][1]!r}, "
@@ -203,6 +221,9 @@ class Catalog:
         return limit, reason
 
     async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
         sequences = [s for _, _, _, s in self._bases.values()] + self._variants
         for sequence in sequences:
             try:
