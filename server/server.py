@@ -30,7 +30,7 @@ from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_se
 from swarm.errors import ConfigError
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
 from swarm.records import ModelRecord, ServerRecord, ServerState
-from swarm.weights import Checkpoint
+from swarm.weights import TensorSource, open_checkpoint
 
 from server import throughput as probe
 from server.compute import PRIORITY_FORWARD, ComputeExecutor
@@ -48,7 +48,7 @@ class Server:
     # set by run() before anything reads them
     peer: Peer
     executor: ComputeExecutor
-    checkpoint: Checkpoint
+    checkpoint: TensorSource
     model_config: PretrainedConfig
     model_record: ModelRecord
     device: torch.device
@@ -77,12 +77,12 @@ class Server:
     async def run(self) -> None:
         cfg = self.config
         model_config = load_config(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token,
-                                   trust_remote_code=cfg.trust_remote_code)
+                                   trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file)
         num_blocks = model_config.num_hidden_layers
         device = pick_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model_config, device)
         self.model_config, self.device, self.dtype = model_config, device, dtype
-        self.model_record = ModelRecord(name=cfg.model, num_blocks=num_blocks, family=model_config.model_type)
+        self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type)
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
         length = fixed[1] - fixed[0] if fixed else self._span_length(num_blocks)
 
@@ -91,7 +91,8 @@ class Server:
             identity_path=cfg.identity_path, use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay))
         self.executor = executor = ComputeExecutor(num_threads=cfg.num_threads)
         self.next_pings = NextPings(peer.p2p)
-        self.checkpoint = Checkpoint(cfg.model, revision=cfg.revision, cache_dir=cfg.cache_dir, token=cfg.token)
+        self.checkpoint = open_checkpoint(cfg.model, model_config, gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                          cache_dir=cfg.cache_dir, token=cfg.token)
         key = probe.speed_key(model_config, device, dtype, torch.get_num_threads())
         cached = None if cfg.throughput is not None else probe.load_cached(key)
         if cfg.throughput is not None or cached is not None:
@@ -107,7 +108,7 @@ class Server:
             self._set_span(start, end)
             await self._announce()  # JOINING: the swarm sees the span being loaded
             logger.info("Serving %s blocks %d:%d of %d on %s in %s; KV cache budget %d tokens (%s); DHT prefix %r",
-                        cfg.model, start, end, num_blocks, device, str(dtype).removeprefix("torch."),
+                        cfg.model_name, start, end, num_blocks, device, str(dtype).removeprefix("torch."),
                         cfg.cache_tokens, human_bytes(self.budget.capacity * self.budget.bytes_per_token_block),
                         cfg.dht_prefix)
             span = await self._load(lambda: load_span(self.checkpoint, model_config, start, end, dtype, device,
@@ -159,9 +160,10 @@ class Server:
                                   kv_bytes_per_token(self.model_config, self.dtype))
 
     async def _load(self, load: Callable[[], Span], what: str) -> Span:
-        t0 = time.perf_counter()
+        t0, read = time.perf_counter(), self.checkpoint.bytes_read
         span = await asyncio.get_running_loop().run_in_executor(None, load)
-        logger.info("Loaded blocks %s in %.1fs", what, time.perf_counter() - t0)
+        logger.info("Loaded blocks %s in %.1fs (read %s of tensors)", what, time.perf_counter() - t0,
+                    human_bytes(self.checkpoint.bytes_read - read))
         return span
 
     async def _measure(self, span: Span, key: str) -> probe.Throughput:
@@ -175,7 +177,7 @@ class Server:
         """Registers handlers for ``span`` and announces ONLINE."""
         cfg = self.config
         self.handler = SpanHandler(
-            span, model_name=cfg.model, dtype=self.dtype, device=self.device, budget=self.budget,
+            span, model_name=cfg.model_name, dtype=self.dtype, device=self.device, budget=self.budget,
             executor=self.executor, public_name=cfg.public_name,
             adapters=load_adapters(cfg.adapters, span, self.device, self.dtype),
             limits=HandlerLimits(cfg.max_session_length, cfg.max_batch_size, cfg.max_forward_tokens,
@@ -218,6 +220,7 @@ class Server:
         speed = self.throughput
         return ServerRecord(
             state=self.state, start=self.start, end=self.end, dtype=str(self.dtype).removeprefix("torch."),
+            quant=self.checkpoint.quant,
             throughput=self.offered_throughput, inference_rps=speed.inference_rps if speed else 0.0,
             forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
             device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=self.budget.tokens_left,

@@ -17,6 +17,7 @@ other way; the CLI imports them lazily):
 - ``models``   family adapters (the only family-specific code)
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)
 - ``weights``  reading only the needed tensors/shards of a checkpoint
+- ``gguf``     GGUF files as checkpoints: config, tensor index, a span's tensors dequantized
 - ``aio``      event loops (uvloop where available)
 - ``cli``      the ``swarm`` command
 """

@@ -41,7 +41,8 @@ def parse_span(text: str, num_blocks: int | None = None) -> tuple[int, int]:
 
 
 def default_prefix(model: str) -> str:
-    """The DHT namespace of a model: its repository or directory name, e.g. ``Qwen2.5-7B-Instruct``."""
+    """The DHT namespace of a model: its repository or directory name, e.g. ``Qwen2.5-7B-Instruct``, or
+    its GGUF file name (``SmolLM2-135M-Instruct.Q4_1.gguf``), wherever that file lies."""
     name = os.path.basename(os.path.normpath(model)) or model
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
@@ -90,8 +91,12 @@ class DHTConfig(NetworkFlags):
 class ServerConfig(NetworkFlags):
     """``swarm serve``: one server holding a span of blocks."""
 
-    model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model", flag="--model",
-                                                              required=True))
+    model: str = dataclasses.field(
+        default="", metadata=_help("hub id or local directory of the model, or a GGUF file (x.gguf)", flag="--model",
+                                   required=True))
+    gguf_file: str | None = dataclasses.field(
+        default=None, metadata=_help("a GGUF file in --model (a local directory or hub repository) to serve, "
+                                     "e.g. --model ORG/REPO-GGUF --gguf-file model.Q4_K_M.gguf"))
     blocks: str | None = dataclasses.field(
         default=None, metadata=_help("span to serve as START:END, END exclusive (default: --num-blocks blocks "
                                      "placed where the swarm is weakest, moved when it becomes lopsided)"))
@@ -175,7 +180,12 @@ class ServerConfig(NetworkFlags):
 
     @property
     def dht_prefix(self) -> str:
-        return self.prefix or default_prefix(self.model)
+        return self.prefix or default_prefix(self.gguf_file or self.model)
+
+    @property
+    def model_name(self) -> str:
+        """What the model index and rpc_info call the model: --model, with --gguf-file if given."""
+        return f"{self.model.rstrip('/')}/{self.gguf_file}" if self.gguf_file else self.model
 
 
 @dataclasses.dataclass(frozen=True)

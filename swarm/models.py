@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from swarm import position_bias, translate
+from swarm import gguf, position_bias, translate
 from swarm.errors import ConfigError, ModelError
 
 
@@ -112,13 +112,24 @@ def family_of(config: PretrainedConfig) -> FamilyAdapter:
 
 
 def load_config(name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None,
-                token: str | bool | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
+                token: str | bool | None = None, trust_remote_code: bool = False,
+                gguf_file: str | None = None) -> PretrainedConfig:
     """The model's transformers config, from a local directory or a hub id; checks the family.
 
     A renamed family (Baichuan) gets the native config it is served with. A model that needs its
     own code is refused unless ``trust_remote_code`` (then its own classes run the generic block path).
+    A GGUF file (``name_or_path`` ending in ``.gguf``, or ``gguf_file`` in a directory or repository)
+    gets the config transformers reads from its metadata (:mod:`swarm.gguf`).
     """
     hub: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token)
+    location = gguf.gguf_location(name_or_path, gguf_file)
+    if location is not None:
+        config = gguf.load_config(*location, hub)
+        if config.model_type not in FAMILIES or FAMILIES[config.model_type].translation is not None:
+            raise ModelError(f"GGUF file {location[1]!r} holds a {config.model_type!r} model, which Swarm does not "
+                             f"serve from GGUF; {_supported()}")
+        _set_implementations(config, family_of(config))
+        return config
     try:
         raw, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
     except (OSError, ValueError) as e:

