@@ -346,6 +346,10 @@ class AutoDistributedModelForCausalLM:
                                      cache_dir=cache_dir, token=token)
         block_re = re.compile(re.escape(family.block_prefix).replace(r"\{\}", r"\d+"))
         names = [n for n in checkpoint.weight_map if not block_re.match(n)]
+        packed = [n for n in names if n.endswith((".qweight", ".qzeros"))]
+        if packed:
+            raise ModelError(f"{name_or_path!r} has 4-bit {packed[0]}: a client holds the embeddings and LM head in "
+                             "float, so they must not be quantized")
         state = to_native(causal_lm_class(model_config), model_config, checkpoint.load(names, dtype))
         if family.translation is not None:  # a renamed checkpoint: its names/values -> the native model's
             state = family.translation.top(state, model_config)

@@ -74,12 +74,18 @@ def load_span(checkpoint: TensorSource, config: PretrainedConfig, start: int, en
             if not names:
                 raise ModelError(f"checkpoint {checkpoint.name_or_path!r} has no tensors for block {i} "
                                  f"(expected names starting with {prefix!r})")
-            tensors = to_native(lm_class, config, checkpoint.load(names, dtype))
-            state = {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+            block = span.blocks[i - start]
+            if checkpoint.int4 is not None:  # GPTQ/AWQ: its 4-bit layers replace the block's Linear modules
+                raw = {name[len(prefix):]: t for name, t in checkpoint.load(names).items()}
+                int4_layers, state = checkpoint.int4.modules(raw, dtype, f"block {i}")
+                for path, layer in int4_layers.items():
+                    block.set_submodule(path, layer.to(device))
+            else:
+                tensors = to_native(lm_class, config, checkpoint.load(names, dtype))
+                state = {name[len(prefix):]: tensor for name, tensor in tensors.items()}
             if family.translation is not None:  # a renamed checkpoint: its names/layout -> the native block's
                 state = family.translation.block(state, config)
             state = {name: tensor.to(device) for name, tensor in state.items()}
-            block = span.blocks[i - start]
             result = block.load_state_dict(state, strict=False, assign=True)
             if result.unexpected_keys:
                 raise ModelError(f"block {i} of the checkpoint has tensors the model class does not expect: "

@@ -18,6 +18,8 @@ other way; the CLI imports them lazily):
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)
 - ``weights``  reading only the needed tensors/shards of a checkpoint
 - ``gguf``     GGUF files as checkpoints: config, tensor index, a span's tensors dequantized
+- ``prequantized`` GPTQ/AWQ checkpoints: their quantization_config, a block's 4-bit layers
+- ``int4``     the 4-bit linear layer (packed weights, plain-torch dequantization) and GPTQ/AWQ unpacking
 - ``aio``      event loops (uvloop where available)
 - ``cli``      the ``swarm`` command
 """

@@ -168,6 +168,7 @@ class GGUFCheckpoint:
             raise ModelError(f"none of the {len(self.tensors)} tensors of {self.path!r} map to a "
                              f"{config.model_type} model (GGUF architecture {self.architecture!r})")
         self.bytes_read = 0  # tensor bytes read so far (the header is read through a memory map)
+        self.int4 = None  # blocks are served dequantized
 
     def names_with_prefix(self, prefixes: Iterable[str]) -> list[str]:
         prefixes = tuple(prefixes)

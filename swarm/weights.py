@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from swarm.errors import ModelError
 from swarm.gguf import GGUFCheckpoint, gguf_location
+from swarm.prequantized import Int4Format, int4_format
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class TensorSource(Protocol):
     name_or_path: str
     quant: str  # what ServerRecord.quant says of the weights as read ("none": full precision)
     weight_map: dict[str, Any]  # the model's tensor names -> where each is stored
+    int4: Int4Format | None  # set: blocks hold 4-bit layers (swarm.prequantized); the tensors come raw
     bytes_read: int  # bytes of tensors read so far, as stored
 
     def names_with_prefix(self, prefixes: Iterable[str]) -> list[str]: ...
@@ -45,6 +47,7 @@ class Checkpoint:
     """A checkpoint's tensor index; fetches shard files only when their tensors are read."""
 
     quant = "none"  # what ServerRecord.quant says of weights served as read (full precision)
+    int4: Int4Format | None = None  # a GPTQ/AWQ checkpoint's format: its blocks hold 4-bit layers
 
     def __init__(self, name_or_path: str, *, revision: str | None = None, cache_dir: str | None = None,
                  token: str | bool | None = None):
@@ -132,8 +135,13 @@ def open_checkpoint(name_or_path: str, config: PretrainedConfig, *, gguf_file: s
                     revision: str | None = None, cache_dir: str | None = None,
                     token: str | bool | None = None) -> TensorSource:
     """The checkpoint ``name_or_path`` names: a GGUF file (``x.gguf``, or ``gguf_file`` in a directory or
-    repository; :mod:`swarm.gguf`) or a safetensors checkpoint. Both read only the tensors asked for."""
+    repository; :mod:`swarm.gguf`) or a safetensors checkpoint, maybe pre-quantized (GPTQ/AWQ:
+    :mod:`swarm.prequantized`). Both read only the tensors asked for."""
     location = gguf_location(name_or_path, gguf_file)
     if location is not None:
         return GGUFCheckpoint(*location, config, revision=revision, cache_dir=cache_dir, token=token)
-    return Checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+    checkpoint = Checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
+    checkpoint.int4 = int4_format(config)
+    if checkpoint.int4 is not None:
+        checkpoint.quant = checkpoint.int4.label
+    return checkpoint
