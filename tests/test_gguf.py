@@ -149,6 +149,25 @@ def test_two_gguf_servers_equal_local_transformers(tiny_gguf, reference, llama_s
             llama_swarm.stop(proc)
 
 
+def test_gguf_in_a_hub_repository_offline(tiny_gguf, reference, tmp_path, monkeypatch):
+    """--model ORG/REPO --gguf-file NAME: the file comes through huggingface_hub (here its cache, offline)."""
+    import huggingface_hub.constants
+
+    from hub_layout import make_hub_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    make_hub_cache(tmp_path / "hub", "tiny-org/tiny-GGUF", os.path.dirname(tiny_gguf), files=[NAME])
+    hub = dict(gguf_file=NAME, cache_dir=str(tmp_path / "hub"))
+    config = load_config("tiny-org/tiny-GGUF", **hub)
+    checkpoint = open_checkpoint("tiny-org/tiny-GGUF", config, **hub)
+    assert checkpoint.name_or_path == f"tiny-org/tiny-GGUF/{NAME}"
+    span = load_span(checkpoint, config, 3, 4, torch.float32, CPU)
+    assert torch.equal(span.blocks[0].mlp.up_proj.weight, reference.model.layers[3].mlp.up_proj.weight)
+    with pytest.raises(ModelError, match="cannot download other.gguf of 'tiny-org/tiny-GGUF'"):
+        load_config("tiny-org/tiny-GGUF", gguf_file="other.gguf", cache_dir=str(tmp_path / "hub"))
+
+
 # -- files that cannot be served ------------------------------------------------------------------
 
 
