@@ -19,7 +19,8 @@ from transformers import PretrainedConfig
 
 from swarm.blocks import Span
 from swarm.errors import ConfigError, ModelError
-from swarm.models import causal_lm_class, decoder_layer_class, family_of, kv_bytes_per_token
+from swarm.models import causal_lm_class, family_of, kv_bytes_per_token
+from swarm.quant import quantize_block, quantized_block_bytes
 from swarm.translate import to_native
 from swarm.weights import TensorSource
 
@@ -59,8 +60,12 @@ def pick_device(requested: str) -> torch.device:
 
 
 def load_span(checkpoint: TensorSource, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype,
-              device: torch.device, should_stop: Callable[[], bool] = lambda: False) -> Span:
-    """Reads blocks ``start:end`` (and nothing else) from ``checkpoint`` onto ``device``."""
+              device: torch.device, should_stop: Callable[[], bool] = lambda: False, quant: str = "none") -> Span:
+    """Reads blocks ``start:end`` (and nothing else) from ``checkpoint`` onto ``device``.
+
+    With ``quant`` (:mod:`swarm.quant`) each block is quantized as soon as it is loaded and its float
+    weights are freed before the next block loads: the span is never whole in ``dtype``.
+    """
     family = family_of(config)
     lm_class = causal_lm_class(config)
     span = Span.empty(config, start, end, dtype)
@@ -80,9 +85,11 @@ def load_span(checkpoint: TensorSource, config: PretrainedConfig, start: int, en
                 int4_layers, state = checkpoint.int4.modules(raw, dtype, f"block {i}")
                 for path, layer in int4_layers.items():
                     block.set_submodule(path, layer.to(device))
+                del raw
             else:
                 tensors = to_native(lm_class, config, checkpoint.load(names, dtype))
                 state = {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+                del tensors
             if family.translation is not None:  # a renamed checkpoint: its names/layout -> the native block's
                 state = family.translation.block(state, config)
             state = {name: tensor.to(device) for name, tensor in state.items()}
@@ -93,6 +100,8 @@ def load_span(checkpoint: TensorSource, config: PretrainedConfig, start: int, en
             still_meta = [n for n, p in block.named_parameters() if p.is_meta]
             if still_meta:
                 raise ModelError(f"block {i} of the checkpoint lacks tensors: {still_meta[:5]}")
+            del state, result  # the block holds the only references to its float weights now
+            quantize_block(block, quant, device)
             progress.update(1)
     finally:
         progress.close()
@@ -106,9 +115,10 @@ def shared_blocks(old: Span, start: int, end: int) -> dict[int, torch.nn.Module]
 
 
 def respan(config: PretrainedConfig, kept: dict[int, torch.nn.Module], checkpoint: TensorSource, start: int, end: int,
-           dtype: torch.dtype, device: torch.device, should_stop: Callable[[], bool] = lambda: False) -> Span:
+           dtype: torch.dtype, device: torch.device, should_stop: Callable[[], bool] = lambda: False,
+           quant: str = "none") -> Span:
     """Blocks ``start:end`` from the ``kept`` blocks (reused as they are, never reloaded: see
-    :func:`shared_blocks`) plus the others read from ``checkpoint``."""
+    :func:`shared_blocks`) plus the others read from ``checkpoint`` (quantized with ``quant`` as they load)."""
     missing = [i for i in range(start, end) if i not in kept]
     runs: list[tuple[int, int]] = []  # contiguous runs of missing blocks
     for i in missing:
@@ -118,7 +128,7 @@ def respan(config: PretrainedConfig, kept: dict[int, torch.nn.Module], checkpoin
             runs.append((i, i + 1))
     blocks = {i: block for i, block in kept.items() if start <= i < end}
     for run_start, run_end in runs:
-        loaded = load_span(checkpoint, config, run_start, run_end, dtype, device, should_stop)
+        loaded = load_span(checkpoint, config, run_start, run_end, dtype, device, should_stop, quant)
         blocks.update({run_start + k: block for k, block in enumerate(loaded.blocks)})
     span = Span(config, start, end, [blocks[i] for i in range(start, end)])
     span.to(device)
@@ -182,12 +192,10 @@ def device_memory(device: torch.device) -> tuple[int, str]:
     return available_ram(), "available RAM"
 
 
-def block_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """Bytes one block's parameters and buffers take in ``dtype`` (counted on the meta device, no memory used)."""
-    with torch.device("meta"):
-        block = decoder_layer_class(config)(config, layer_idx=0)
-    block.to(dtype=dtype)
-    return sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()])
+def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
+    """Bytes one block's parameters and buffers take in ``dtype``, quantized with ``quant`` (counted on the
+    meta device, no memory used)."""
+    return quantized_block_bytes(config, dtype, quant)
 
 
 def blocks_that_fit(free_bytes: int, fraction: float, bytes_per_block: int, model_blocks: int) -> int:
@@ -197,23 +205,26 @@ def blocks_that_fit(free_bytes: int, fraction: float, bytes_per_block: int, mode
     return max(0, min(model_blocks, usable // max(bytes_per_block, 1)))
 
 
-def default_num_blocks(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, cache_tokens: int) -> int:
-    """As many blocks as fit this device's free memory after each block's KV cache budget; prints the budget.
+def default_num_blocks(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, cache_tokens: int,
+                       quant: str = "none") -> int:
+    """As many blocks as fit this device's free memory after each block's KV cache budget (a block's weights
+    counted as ``quant`` stores them); prints the budget.
 
     Raises ConfigError if not even one block fits.
     """
     free, where = device_memory(device)
     fraction = USABLE_FRACTION.get(device.type, ACCELERATOR_FRACTION)
-    weights = block_bytes(config, dtype)
+    weights = block_bytes(config, dtype, quant)
     cache = cache_tokens * kv_bytes_per_token(config, dtype)
+    stored = "" if quant == "none" else f", quantized to {quant}"
     fit = blocks_that_fit(free, fraction, weights + cache, config.num_hidden_layers)
     print(f"Memory budget: {human_bytes(max(0, free * fraction - HEADROOM_BYTES))} for blocks "
           f"({fraction:.0%} of {human_bytes(free)} {where}, less {human_bytes(HEADROOM_BYTES)} headroom); "
-          f"a block takes {human_bytes(weights)} of weights + {human_bytes(cache)} of KV cache "
+          f"a block takes {human_bytes(weights)} of weights ({weights} bytes{stored}) + {human_bytes(cache)} of KV cache "
           f"(--cache-tokens {cache_tokens}): {fit} of the model's {config.num_hidden_layers} blocks fit "
           "(--num-blocks overrides)", flush=True)
     if fit == 0:
         raise ConfigError(f"not one block fits: a block needs {human_bytes(weights + cache)} and "
-                          f"{human_bytes(free)} is free ({where}); lower --cache-tokens, pick a smaller --dtype, "
+                          f"{human_bytes(free)} is free ({where}); lower --cache-tokens, pick a smaller --dtype or --quant, "
                           "free memory, or pass --num-blocks to decide yourself")
     return fit
