@@ -20,7 +20,14 @@ from swarm.config import ClientConfig
 from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.errors import MissingBlocksError, ServerError, SwarmError
 from swarm.records import ServerState
-from swarm.routing import ChainLink, make_forward_chain, make_latency_chain, missing_blocks
+from swarm.routing import (
+    ChainLink,
+    allowed_servers,
+    make_forward_chain,
+    make_latency_chain,
+    missing_blocks,
+    quant_excluded,
+)
 from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
 
 from swarm import transport
@@ -90,11 +97,9 @@ class RemoteSequence:
         delay = 0.1
         force = False
         while True:
-            servers = await self.servers(force)
+            every_server = await self.servers(force)
             adapter = self.tuning.active_adapter if self.tuning is not None else ""
-            if adapter:  # only servers that preloaded it
-                servers = {b: {p: r for p, r in by_peer.items() if adapter in r.adapters}
-                           for b, by_peer in servers.items()}
+            servers = allowed_servers(every_server, adapter=adapter, allowed_quant=self.config.allowed_quant)
             try:
                 if purpose == "forward":
                     return make_forward_chain(servers, start, end, rng=self._rng,
@@ -104,13 +109,14 @@ class RemoteSequence:
                 return make_latency_chain(servers, start, end, pings=pings, min_cache_tokens=min_cache_tokens,
                                           banned=self.bans.banned(time.monotonic()), push=self.config.use_push,
                                           model=repr(self.model_name))
-            except MissingBlocksError:
+            except MissingBlocksError as e:
+                banned = self.bans.banned(time.monotonic())
+                missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
                 if force and time.monotonic() + delay > deadline:
-                    raise
+                    raise MissingBlocksError(f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}"
+                                             ) from None
                 if force:
-                    banned = self.bans.banned(time.monotonic())
-                    logger.info("Waiting for servers of blocks %s",
-                                missing_blocks(servers, start, end, banned, min_cache_tokens))
+                    logger.info("Waiting for servers of blocks %s", missing)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                 force = True  # the cached view may be stale: look again before waiting

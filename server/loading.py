@@ -20,7 +20,7 @@ from transformers import PretrainedConfig
 from swarm.blocks import Span
 from swarm.errors import ConfigError, ModelError
 from swarm.models import causal_lm_class, family_of, kv_bytes_per_token
-from swarm.quant import quantize_block, quantized_block_bytes
+from swarm.quant import quant_scratch_bytes, quantize_block, quantized_block_bytes
 from swarm.translate import to_native
 from swarm.weights import TensorSource
 
@@ -198,33 +198,36 @@ def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none
     return quantized_block_bytes(config, dtype, quant)
 
 
-def blocks_that_fit(free_bytes: int, fraction: float, bytes_per_block: int, model_blocks: int) -> int:
+def blocks_that_fit(free_bytes: int, fraction: float, bytes_per_block: int, model_blocks: int,
+                    reserved: int = 0) -> int:
     """How many blocks (each ``bytes_per_block`` with its KV cache) fit ``fraction`` of ``free_bytes``
-    minus :data:`HEADROOM_BYTES`; never more than ``model_blocks``, maybe 0."""
-    usable = int(free_bytes * fraction) - HEADROOM_BYTES
+    minus :data:`HEADROOM_BYTES` and ``reserved``; never more than ``model_blocks``, maybe 0."""
+    usable = int(free_bytes * fraction) - HEADROOM_BYTES - reserved
     return max(0, min(model_blocks, usable // max(bytes_per_block, 1)))
 
 
 def default_num_blocks(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, cache_tokens: int,
                        quant: str = "none") -> int:
-    """As many blocks as fit this device's free memory after each block's KV cache budget (a block's weights
-    counted as ``quant`` stores them); prints the budget.
+    """As many blocks as fit this device's free memory after each block's KV cache budget; prints the budget.
 
-    Raises ConfigError if not even one block fits.
+    With ``quant``, a block's weights count as :mod:`swarm.quant` stores them, and the scratch buffer a
+    quantized matmul dequantizes into is reserved once. Raises ConfigError if not even one block fits.
     """
     free, where = device_memory(device)
     fraction = USABLE_FRACTION.get(device.type, ACCELERATOR_FRACTION)
     weights = block_bytes(config, dtype, quant)
     cache = cache_tokens * kv_bytes_per_token(config, dtype)
+    scratch = quant_scratch_bytes(config, dtype, quant)
+    fit = blocks_that_fit(free, fraction, weights + cache, config.num_hidden_layers, reserved=scratch)
     stored = "" if quant == "none" else f", quantized to {quant}"
-    fit = blocks_that_fit(free, fraction, weights + cache, config.num_hidden_layers)
-    print(f"Memory budget: {human_bytes(max(0, free * fraction - HEADROOM_BYTES))} for blocks "
-          f"({fraction:.0%} of {human_bytes(free)} {where}, less {human_bytes(HEADROOM_BYTES)} headroom); "
-          f"a block takes {human_bytes(weights)} of weights ({weights} bytes{stored}) + {human_bytes(cache)} of KV cache "
-          f"(--cache-tokens {cache_tokens}): {fit} of the model's {config.num_hidden_layers} blocks fit "
+    reserved = f" and {human_bytes(scratch)} of {quant} dequantization scratch" if scratch else ""
+    print(f"Memory budget: {human_bytes(max(0, free * fraction - HEADROOM_BYTES - scratch))} for blocks "
+          f"({fraction:.0%} of {human_bytes(free)} {where}, less {human_bytes(HEADROOM_BYTES)} headroom{reserved}); "
+          f"a block takes {human_bytes(weights)} of weights ({weights} bytes{stored}) + {human_bytes(cache)} of KV "
+          f"cache (--cache-tokens {cache_tokens}): {fit} of the model's {config.num_hidden_layers} blocks fit "
           "(--num-blocks overrides)", flush=True)
     if fit == 0:
         raise ConfigError(f"not one block fits: a block needs {human_bytes(weights + cache)} and "
-                          f"{human_bytes(free)} is free ({where}); lower --cache-tokens, pick a smaller --dtype or --quant, "
-                          "free memory, or pass --num-blocks to decide yourself")
+                          f"{human_bytes(free)} is free ({where}); lower --cache-tokens, pick a smaller --dtype or "
+                          "--quant, free memory, or pass --num-blocks to decide yourself")
     return fit

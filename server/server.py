@@ -29,6 +29,7 @@ from swarm.config import ServerConfig, parse_span
 from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
+from swarm.quant import check_scheme
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.weights import TensorSource, open_checkpoint
 
@@ -71,6 +72,12 @@ class Server:
         self.stop_event.set()
 
     @property
+    def quant(self) -> str:
+        """How the blocks' weights are stored: a pre-quantized checkpoint's own format (its 4-bit layers are
+        not plain Linear modules, so ``--quant`` leaves them as they are), else ``--quant``."""
+        return self.checkpoint.quant if self.checkpoint.quant != "none" else self.config.quant
+
+    @property
     def offered_throughput(self) -> float:
         return self.throughput.throughput if self.throughput is not None else 0.0
 
@@ -81,6 +88,7 @@ class Server:
         num_blocks = model_config.num_hidden_layers
         device = pick_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model_config, device)
+        check_scheme(cfg.quant, device, dtype)  # before anything is announced or loaded
         self.model_config, self.device, self.dtype = model_config, device, dtype
         self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type)
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
@@ -93,7 +101,7 @@ class Server:
         self.next_pings = NextPings(peer.p2p)
         self.checkpoint = open_checkpoint(cfg.model, model_config, gguf_file=cfg.gguf_file, revision=cfg.revision,
                                           cache_dir=cfg.cache_dir, token=cfg.token)
-        key = probe.speed_key(model_config, device, dtype, torch.get_num_threads())
+        key = probe.speed_key(model_config, device, dtype, torch.get_num_threads(), self.quant)
         cached = None if cfg.throughput is not None else probe.load_cached(key)
         if cfg.throughput is not None or cached is not None:
             self.throughput = probe.make_throughput(cached, network_rps=cfg.network_rps, override=cfg.throughput,
@@ -107,12 +115,13 @@ class Server:
                                                      self.offered_throughput or None)
             self._set_span(start, end)
             await self._announce()  # JOINING: the swarm sees the span being loaded
-            logger.info("Serving %s blocks %d:%d of %d on %s in %s; KV cache budget %d tokens (%s); DHT prefix %r",
+            logger.info("Serving %s blocks %d:%d of %d on %s in %s%s; KV cache budget %d tokens (%s); DHT prefix %r",
                         cfg.model_name, start, end, num_blocks, device, str(dtype).removeprefix("torch."),
+                        "" if cfg.quant == "none" else f", weights quantized to {cfg.quant}",
                         cfg.cache_tokens, human_bytes(self.budget.capacity * self.budget.bytes_per_token_block),
                         cfg.dht_prefix)
             span = await self._load(lambda: load_span(self.checkpoint, model_config, start, end, dtype, device,
-                                                      self.stop_event.is_set), f"{start}:{end}")
+                                                      self.stop_event.is_set, cfg.quant), f"{start}:{end}")
             self.throughput = self.throughput or await self._measure(span, key)
             logger.info("Throughput: %s", self.throughput.describe())
             await self._serve(span)
@@ -147,7 +156,7 @@ class Server:
     def _span_length(self, num_blocks: int) -> int:
         cfg = self.config
         if cfg.num_blocks is None:
-            return default_num_blocks(self.model_config, self.device, self.dtype, cfg.cache_tokens)
+            return default_num_blocks(self.model_config, self.device, self.dtype, cfg.cache_tokens, cfg.quant)
         if cfg.num_blocks > num_blocks:
             raise ConfigError(f"--num-blocks {cfg.num_blocks} is more than the {num_blocks} blocks of {cfg.model}; "
                               f"pass --num-blocks {num_blocks} or less")
@@ -209,7 +218,7 @@ class Server:
         kept = shared_blocks(old.span, start, end)
         del old  # the blocks it alone held are freed before the new ones load
         span = await self._load(lambda: respan(self.model_config, kept, self.checkpoint, start, end, self.dtype,
-                                               self.device, self.stop_event.is_set),
+                                               self.device, self.stop_event.is_set, self.config.quant),
                                 f"{start}:{end} ({end - start - len(kept)} new, {len(kept)} kept)")
         await self._serve(span)
         print(f"Server ONLINE: {self.config.dht_prefix} blocks {start}:{end} as {self.peer.peer_id} "
@@ -220,7 +229,7 @@ class Server:
         speed = self.throughput
         return ServerRecord(
             state=self.state, start=self.start, end=self.end, dtype=str(self.dtype).removeprefix("torch."),
-            quant=self.checkpoint.quant,
+            quant=self.quant,
             throughput=self.offered_throughput, inference_rps=speed.inference_rps if speed else 0.0,
             forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
             device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=self.budget.tokens_left,

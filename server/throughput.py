@@ -12,8 +12,9 @@ A server publishes four numbers in its :class:`~swarm.records.ServerRecord`:
 The measurement runs random inputs through the first block of the loaded span: a few warm-up
 runs, then as many timed runs as fit a time budget (one run for a block too big to repeat), so it
 takes about a second per number on a CPU. Results are cached in ``throughput.json`` under
-``$SWARM_CACHE_DIR`` (default ``~/.cache/swarm``), keyed by device, block config, dtype, torch
-version and thread count: :func:`speed_key` says exactly what.
+``$SWARM_CACHE_DIR`` (default ``~/.cache/swarm``), keyed by device, block config, dtype, quant
+(``--quant``: a quantized block computes at its own speed), torch version and thread count:
+:func:`speed_key` says exactly what.
 """
 
 from __future__ import annotations
@@ -111,13 +112,15 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-def speed_key(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, num_threads: int) -> str:
-    """The cache key: device kind and name, block config (hashed), dtype, torch version, CPU threads."""
+def speed_key(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, num_threads: int,
+              quant: str = "none") -> str:
+    """The cache key: device kind and name, block config (hashed), dtype and quant, torch version, CPU threads."""
     fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _NOT_SPEED}
     fields["attn_implementation"] = getattr(config, "_attn_implementation", None)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    precision = str(dtype).removeprefix("torch.") + ("" if quant == "none" else f" {quant}")
     return (f"{device.type}:{_device_name(device)} | {config.model_type}-{digest} | "
-            f"{str(dtype).removeprefix('torch.')} | torch {torch.__version__} | {num_threads} threads")
+            f"{precision} | torch {torch.__version__} | {num_threads} threads")
 
 
 def _read(path: pathlib.Path) -> dict[str, dict]:

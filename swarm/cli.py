@@ -39,6 +39,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = base
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
         if field.default is not dataclasses.MISSING and field.default not in ((), None, ""):
             kwargs["help"] += f" (default: {field.default})"
         kwargs["default"] = argparse.SUPPRESS  # unset flags keep the dataclass default

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from swarm.retry import RetryPolicy
 
 INITIAL_PEERS_ENV = "SWARM_INITIAL_PEERS"
+QUANT_SCHEMES = ("none", "int8", "nf4")  # how a server stores its blocks' Linear weights (swarm.quant)
 
 
 def _help(text: str, **extra) -> dict:
@@ -107,6 +108,10 @@ class ServerConfig(NetworkFlags):
     dtype: str = dataclasses.field(
         default="auto", metadata=_help("auto, float32, bfloat16 or float16 (auto: checkpoint dtype on "
                                        "accelerators, float32 on cpu)"))
+    quant: str = dataclasses.field(
+        default="none", metadata=_help("store the blocks' Linear weights quantized, each block as it loads: int8 "
+                                       "(~0.5x of bfloat16) or nf4 (4-bit NormalFloat, ~0.28x); none keeps --dtype",
+                                       choices=QUANT_SCHEMES))
     public_name: str = dataclasses.field(default="", metadata=_help("a name shown on the health page"))
     cache_tokens: int = dataclasses.field(
         default=16384, metadata=_help("KV cache budget: tokens (summed over sessions and their batch) this server "
@@ -156,6 +161,8 @@ class ServerConfig(NetworkFlags):
             raise ConfigError("--model is required: a hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a local directory")
         if self.blocks is not None:
             parse_span(self.blocks)
+        if self.quant not in QUANT_SCHEMES:
+            raise ConfigError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
         for name in ("cache_tokens", "max_session_length", "max_batch_size", "max_forward_tokens",
                      "max_backward_tokens", "max_lora_rank", "max_adapter_mb"):
             if getattr(self, name) <= 0:
@@ -202,6 +209,9 @@ class ClientConfig:
     routing_refresh: float = 5.0  # seconds a DHT lookup of the model's servers is reused
     use_push: bool = True  # servers pass step outputs straight to the next server of the chain
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    # the quant schemes (ServerRecord.quant) the client's requests may run on, e.g. ("none",) for full
+    # precision only or ("int8", "none"); None: any server
+    allowed_quant: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -213,6 +223,13 @@ class ClientConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if isinstance(self.allowed_quant, (str, list)):  # allowed_quant="none" or a list: a tuple
+            allowed = (self.allowed_quant,) if isinstance(self.allowed_quant, str) else tuple(self.allowed_quant)
+            object.__setattr__(self, "allowed_quant", allowed)
+        if self.allowed_quant is not None and (not self.allowed_quant or not all(
+                isinstance(q, str) and q for q in self.allowed_quant)):
+            raise ConfigError(f"allowed_quant must be None (any server) or quant names such as ('none',) or "
+                              f"('int8', 'nf4') (servers run {', '.join(QUANT_SCHEMES)}), got {self.allowed_quant!r}")
 
     @property
     def retry_policy(self) -> RetryPolicy:

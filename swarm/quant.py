@@ -3,129 +3,44 @@
 :func:`quantize_block` replaces every plain ``torch.nn.Linear`` of a loaded block by a frozen
 :class:`QuantizedLinear` and frees the float weight; nothing else changes, so the block runtime
 (:mod:`swarm.blocks`), LoRA hooks (:mod:`swarm.lora`) and the RPC handler run a quantized block
-exactly like a float one. Schemes (:data:`SCHEMES`):
+exactly like a float one. Schemes (:data:`SCHEMES`; formats in :mod:`swarm.quantizers`):
 
-- ``int8``: symmetric per-output-channel int8 (``w ~= q * scale[out]``, ``q`` in -127..127);
-  ~1 byte per weight.
-- ``nf4``: QLoRA's 4-bit NormalFloat code (:data:`NF4_CODE`) with one absmax scale per
-  :data:`NF4_GROUP` weights of the flattened matrix, two codes packed per byte; ~0.56 bytes per
-  weight. Groups run over the flattened weight, so any shape works (``in_features`` need not divide
-  by the group).
+- ``int8``: per-output-channel int8, ~1 byte per weight (~0.5x of bfloat16);
+- ``nf4``: QLoRA's 4-bit NormalFloat with an absmax per 64 weights, ~0.56 bytes per weight (~0.28x).
 
 Both are pure torch: they run wherever torch runs (CPU, CUDA, ROCm, MPS, XPU, Ascend NPU) with no
-extra package. A matmul dequantizes the weight to the input's dtype and calls ``F.linear``, except
-int8 on a CPU, where torch's ``_weight_int8pack_mm`` kernel computes it from the int8 weight where
-it proved faster (see :func:`_int8_kernel`). Activations, norms, biases and MoE expert tensors
-(not ``Linear`` modules in transformers 5) stay in the block's float dtype. Gradients flow to the
-inputs (QLoRA: LoRA weights and prompts train through a quantized span); the quantized weights are
-frozen.
+extra package (:func:`check_scheme` probes the device at start). A matmul dequantizes the weight into
+a reusable per-thread buffer in the input's dtype and calls ``F.linear``, except for int8 inputs of at
+most 16 rows on a CPU, where torch's ``_weight_int8pack_mm`` kernel computes it from the int8 weight
+(measured faster there; unproven elsewhere, so not used). Activations, norms, biases and MoE expert
+tensors (not ``Linear`` modules in transformers 5) stay in the block's float dtype. Gradients flow to
+the inputs (QLoRA: LoRA weights and prompts train through a quantized span); the quantized weights
+are frozen. docs/benchmarks.md has the measurements behind these choices.
 """
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
+from swarm.config import QUANT_SCHEMES
 from swarm.errors import ConfigError, ModelError
+from swarm.models import decoder_layer_class
+from swarm.quantizers import (
+    NF4_GROUP,
+    dequantize_int8,
+    dequantize_nf4,
+    nf4_padded,
+    quantize_int8,
+    quantize_nf4,
+    scratch,
+)
 
-SCHEMES = ("none", "int8", "nf4")
-NF4_GROUP = 64
-# QLoRA's NormalFloat4 (Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1], with an exact 0
-# (8 positive levels, 7 negative, and 0); ``nf4_code()`` rebuilds it from its definition
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-            0.7229568362236023, 1.0)
-_CHUNK = 1 << 20  # weights quantized at a time: bounds the temporaries (int64 codes) to a few MiB
-_INT8_KERNEL_MAX_ROWS = 16  # float32 rows above this: dequantize + F.linear beats the int8 kernel on a CPU
-
-
-def nf4_code() -> torch.Tensor:
-    """NF4's 16 levels from their definition: ``Phi^-1`` at evenly spaced probabilities from
-    ``delta = (1/32 + 1/30) / 2`` to 1/2 (8 positive, 7 negative) and 0, normalized by the largest."""
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
-    delta = 0.5 * (1 / 32 + 1 / 30)
-    positive = normal.icdf(torch.linspace(1 - delta, 0.5, 9, dtype=torch.float64)[:-1])
-    negative = -normal.icdf(torch.linspace(1 - delta, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
-    return levels / levels.abs().max()
-
-
-# ---------------------------------------------------------------- the quantizers (weights only)
-
-
-def _finite_absmax(weight: torch.Tensor, dim: int, what: str) -> torch.Tensor:
-    absmax = weight.abs().amax(dim=dim).float()
-    if not torch.isfinite(absmax).all():
-        raise ModelError(f"{what} has non-finite weights (inf or nan); the checkpoint is broken, cannot quantize it")
-    return absmax
-
-
-def quantize_int8(weight: torch.Tensor, what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` [out, in] -> (``q`` int8 [out, in], ``scale`` float32 [out]) with ``weight ~= q * scale``;
-    the error per weight is at most ``scale / 2`` (half a step of its row)."""
-    rows = max(1, _CHUNK // max(weight.shape[1], 1))
-    absmax = torch.cat([_finite_absmax(weight[r:r + rows], 1, what) for r in range(0, weight.shape[0], rows)])
-    scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    for r in range(0, weight.shape[0], rows):
-        chunk = weight[r:r + rows].float() / scale[r:r + rows, None]
-        q[r:r + rows] = chunk.round_().clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q.to(dtype) * scale.to(dtype)[:, None]
-
-
-def quantize_nf4(weight: torch.Tensor, what: str = "weight",
-                 group: int = NF4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` (any shape) -> (``packed`` uint8 [groups * group / 2], ``absmax`` float32 [groups]).
-
-    The flattened weight is zero-padded to whole groups; each weight becomes the index of the
-    nearest NF4 level to ``w / absmax(its group)``, two indices per byte (high nibble first).
-    """
-    if group <= 0 or group % 2:
-        raise ValueError(f"the NF4 group must be a positive even number, got {group}")
-    flat = weight.reshape(-1)
-    groups = max(1, math.ceil(flat.numel() / group))
-    absmax = torch.empty(groups, dtype=torch.float32, device=weight.device)
-    packed = torch.empty(groups * group // 2, dtype=torch.uint8, device=weight.device)
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=weight.device)
-    midpoints = (code[1:] + code[:-1]) / 2
-    per_chunk = max(1, _CHUNK // group)
-    for g in range(0, groups, per_chunk):
-        g_end = min(groups, g + per_chunk)
-        chunk = flat[g * group:g_end * group].float()
-        if chunk.numel() < (g_end - g) * group:  # the last group: pad with zeros
-            chunk = F.pad(chunk, (0, (g_end - g) * group - chunk.numel()))
-        chunk = chunk.view(g_end - g, group)
-        absmax[g:g_end] = _finite_absmax(chunk, 1, what)
-        normalized = chunk / absmax[g:g_end, None].clamp_min(torch.finfo(torch.float32).tiny)
-        codes = torch.bucketize(normalized, midpoints).to(torch.uint8).view(-1)
-        packed[g * group // 2:g_end * group // 2] = (codes[0::2] << 4) | codes[1::2]
-    return packed, absmax
-
-
-def _nf4_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[256, 2]: the two NF4 levels each packed byte holds (high nibble, low nibble)."""
-    code = torch.tensor(NF4_CODE, dtype=torch.float32)
-    byte = torch.arange(256)
-    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).to(device, dtype)
-
-
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...],
-                   dtype: torch.dtype, pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``shape`` tensor :func:`quantize_nf4` encoded, in ``dtype``; ``pairs``: a cached :func:`_nf4_pairs`."""
-    if pairs is None:
-        pairs = _nf4_pairs(dtype, packed.device)
-    levels = F.embedding(packed.int(), pairs).view(absmax.numel(), -1)  # [groups, group]
-    values = levels * absmax.to(dtype)[:, None]
-    return values.view(-1)[:math.prod(shape)].view(shape)
+SCHEMES = QUANT_SCHEMES
+_INT8_KERNEL_MAX_ROWS = 16  # above this many rows, dequantizing + F.linear beat the int8 kernel on a CPU
 
 
 # ---------------------------------------------------------------- the modules
@@ -141,15 +56,17 @@ class _FrozenWeightMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.layer.dequantized(grad.dtype), None  # [..., out] @ [out, in] -> [..., in]
+        weight = ctx.layer.dequantized(grad.dtype, reuse=True)
+        return grad @ weight, None  # [..., out] @ [out, in] -> [..., in]
 
 
 class QuantizedLinear(torch.nn.Linear):
     """A frozen ``Linear`` whose weight is stored quantized. Subclasses set :attr:`scheme` and implement
-    :meth:`quantize`, :meth:`dequantized`, :meth:`matmul` and :meth:`stored_bytes`.
+    :meth:`quantize`, :meth:`dequantized`, :meth:`stored_bytes` and :meth:`scratch_bytes`.
 
     It stays an ``nn.Linear`` (``in_features``, ``out_features``, ``bias``, forward hooks), so LoRA
-    targets it like any Linear; ``weight`` is not a float tensor anymore, but :meth:`dequantized` is.
+    (Swarm's and peft's) targets it like any Linear. Its ``weight`` buffer holds the stored integers
+    (not a float tensor, and for nf4 not of shape [out, in]); :meth:`dequantized` is the float weight.
     """
 
     scheme: ClassVar[str]
@@ -168,17 +85,23 @@ class QuantizedLinear(torch.nn.Linear):
     def quantize(self, weight: torch.Tensor, what: str) -> None:
         raise NotImplementedError
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [out, in] as the float tensor the stored one stands for."""
+    def dequantized(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """The weight [out, in] as the float tensor the stored one stands for. ``reuse``: in this thread's
+        scratch buffer (no allocation; overwritten by the next dequantization: use it at once)."""
         raise NotImplementedError
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] -> ``x @ W.T`` [..., out] in ``x.dtype`` (no bias)."""
-        return F.linear(x, self.dequantized(x.dtype))
+        return F.linear(x, self.dequantized(x.dtype, reuse=True))
 
     @staticmethod
     def stored_bytes(in_features: int, out_features: int) -> int:
         """Bytes of the stored weight (and its scales) of an ``[out, in]`` Linear, bias not included."""
+        raise NotImplementedError
+
+    @staticmethod
+    def scratch_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
+        """Bytes of the scratch buffers a matmul of an ``[out, in]`` Linear in ``dtype`` uses."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -193,58 +116,72 @@ class QuantizedLinear(torch.nn.Linear):
                f"bias={self.bias is not None}, scheme={self.scheme}"
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class Int8Linear(QuantizedLinear):
-    """``qweight`` int8 [out, in] and ``scale`` float32 [out]: ``W ~= qweight * scale[:, None]``."""
+    """``weight`` int8 [out, in] and ``scale`` float32 [out]: ``W ~= weight * scale[:, None]``."""
 
     scheme = "int8"
 
     def quantize(self, weight: torch.Tensor, what: str) -> None:
         q, scale = quantize_int8(weight, what)
-        self.register_buffer("qweight", q)
+        self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int8(self.qweight, self.scale, dtype)
+    def dequantized(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        out = scratch("weight", self.weight.numel(), dtype, self.weight.device) if reuse else None
+        return dequantize_int8(self.weight, self.scale, dtype, out)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # [tokens, in]
         scale = self.scale.to(x.dtype)
         if _int8_kernel(rows):
-            out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scale)
-        else:
-            out = F.linear(rows, self.qweight.to(x.dtype)) * scale
+            out = torch._weight_int8pack_mm(rows.contiguous(), self.weight, scale)
+        else:  # the scale applies to the output rows: [tokens, out] multiplications instead of [out, in]
+            weight = scratch("weight", self.weight.numel(), x.dtype, x.device).view(self.weight.shape)
+            out = F.linear(rows, weight.copy_(self.weight)).mul_(scale)
         return out.view(*x.shape[:-1], self.out_features)
 
     @staticmethod
     def stored_bytes(in_features: int, out_features: int) -> int:
         return out_features * in_features + 4 * out_features
 
+    @staticmethod
+    def scratch_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
+        return out_features * in_features * _element_size(dtype)
+
 
 class NF4Linear(QuantizedLinear):
-    """``qweight`` uint8 [groups * 32] (two NF4 codes per byte) and ``absmax`` float32 [groups] of the
-    flattened weight (:func:`quantize_nf4`)."""
+    """``weight`` uint8 [padded / 2] (two NF4 codes per byte) and ``absmax`` float32 [padded / 64] of the
+    flattened weight (:func:`~swarm.quantizers.quantize_nf4`)."""
 
     scheme = "nf4"
 
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
-        super().__init__(in_features, out_features, bias)
-        self._pairs: dict[torch.dtype, torch.Tensor] = {}  # the byte -> two levels table, per dtype
-
     def quantize(self, weight: torch.Tensor, what: str) -> None:
         packed, absmax = quantize_nf4(weight, what)
-        self.register_buffer("qweight", packed)
+        self.register_buffer("weight", packed)
         self.register_buffer("absmax", absmax)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        pairs = self._pairs.get(dtype)
-        if pairs is None or pairs.device != self.qweight.device:
-            pairs = self._pairs[dtype] = _nf4_pairs(dtype, self.qweight.device)
-        return dequantize_nf4(self.qweight, self.absmax, (self.out_features, self.in_features), dtype, pairs)
+    def dequantized(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        if not reuse:
+            return dequantize_nf4(self.weight, self.absmax, shape, dtype)
+        device = self.weight.device
+        return dequantize_nf4(self.weight, self.absmax, shape, dtype,
+                              out=scratch("weight", 2 * self.weight.numel(), dtype, device),
+                              index=scratch("nf4 index", self.weight.numel(), torch.int32, device))
 
     @staticmethod
     def stored_bytes(in_features: int, out_features: int) -> int:
-        groups = max(1, math.ceil(in_features * out_features / NF4_GROUP))
-        return groups * NF4_GROUP // 2 + 4 * groups
+        padded = nf4_padded(in_features * out_features)
+        return padded // 2 + 4 * (padded // NF4_GROUP)
+
+    @staticmethod
+    def scratch_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
+        padded = nf4_padded(in_features * out_features)
+        return padded * _element_size(dtype) + 4 * (padded // 2)
 
 
 LINEAR_CLASSES: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "nf4": NF4Linear}
@@ -312,25 +249,34 @@ def quantize_block(block: torch.nn.Module, scheme: str, device: torch.device | s
     return block.requires_grad_(False)
 
 
+def _meta_block(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    with torch.device("meta"):
+        block = decoder_layer_class(config)(config, layer_idx=0)
+    return block.to(dtype=dtype)
+
+
 def quantized_block_bytes(config: PretrainedConfig, dtype: torch.dtype, scheme: str) -> int:
     """Bytes one decoder block of ``config`` takes once loaded in ``dtype`` and quantized with ``scheme``
     (counted on the meta device: allocates nothing); equals the bytes of a real quantized block."""
-    from swarm.models import decoder_layer_class
-
     check_scheme_name(scheme)
-    with torch.device("meta"):
-        block = decoder_layer_class(config)(config, layer_idx=0)
-    block.to(dtype=dtype)
+    block = _meta_block(config, dtype)
     total = 0
-    linears = [m for m in block.modules() if _quantizable(m)] if scheme != "none" else []
-    counted = set()
-    for linear in linears:
+    replaced = set()
+    for linear in [m for m in block.modules() if _quantizable(m)] if scheme != "none" else []:
         total += LINEAR_CLASSES[scheme].stored_bytes(linear.in_features, linear.out_features)
-        counted.add(id(linear.weight))
-    for tensor in [*block.parameters(), *block.buffers()]:
-        if id(tensor) not in counted:
-            total += tensor.numel() * tensor.element_size()
-    return total
+        replaced.add(id(linear.weight))
+    return total + sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()]
+                       if id(t) not in replaced)
+
+
+def quant_scratch_bytes(config: PretrainedConfig, dtype: torch.dtype, scheme: str) -> int:
+    """Bytes of the scratch buffers a server computing ``scheme`` blocks of ``config`` in ``dtype`` keeps
+    (one dequantized weight of the largest Linear, on its compute thread); 0 for ``none``."""
+    check_scheme_name(scheme)
+    if scheme == "none":
+        return 0
+    return max((LINEAR_CLASSES[scheme].scratch_bytes(m.in_features, m.out_features, dtype)
+                for m in _meta_block(config, dtype).modules() if _quantizable(m)), default=0)
 
 
 def module_bytes(module: torch.nn.Module) -> int:

@@ -1,5 +1,6 @@
 """Pure routing: which servers a request goes through. No I/O; the clock is passed in.
 
+- :func:`allowed_servers` — the servers a client's requests may use (a preloaded adapter, allowed quants)
 - :func:`missing_blocks` — blocks no usable server holds
 - :func:`make_chain` — a chain of spans covering ``start:end`` with as few hops as possible
 - :func:`make_latency_chain` — the chain with the least expected step latency (inference), from client
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping, Set
+from collections.abc import Collection, Mapping, Set
 
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord, ServerState
@@ -32,6 +33,31 @@ class ChainLink:
 def _usable(record: ServerRecord, peer_id: str, block: int, banned: Set[str], min_cache_tokens: int) -> bool:
     return (record.state == ServerState.ONLINE and record.start <= block < record.end and peer_id not in banned
             and record.cache_tokens_left >= min_cache_tokens)
+
+
+def allowed_servers(servers: ServersByBlock, *, adapter: str = "",
+                    allowed_quant: Collection[str] | None = None) -> dict[int, dict[str, ServerRecord]]:
+    """The servers that preloaded ``adapter`` (if one is named) and store their blocks in one of
+    ``allowed_quant`` (``ServerRecord.quant``; None: any)."""
+    return {block: {peer_id: record for peer_id, record in by_peer.items()
+                    if (not adapter or adapter in record.adapters)
+                    and (allowed_quant is None or record.quant in allowed_quant)}
+            for block, by_peer in servers.items()}
+
+
+def quant_excluded(servers: ServersByBlock, blocks: list[int], allowed_quant: Collection[str] | None) -> str:
+    """Why ``blocks`` may be missing because of ``allowed_quant``: "" if it excluded no online server of them."""
+    if allowed_quant is None:
+        return ""
+    excluded = {(peer_id, record.quant) for b in blocks for peer_id, record in servers.get(b, {}).items()
+                if record.state == ServerState.ONLINE and record.start <= b < record.end
+                and record.quant not in allowed_quant}
+    if not excluded:
+        return ""
+    quants = sorted({quant for _, quant in excluded})
+    return (f"; the client's quant filter (allowed_quant={tuple(allowed_quant)!r}) excluded {len(excluded)} online "
+            f"server(s) of these blocks that serve quant {', '.join(quants)}: allow it, or start a server with "
+            f"--quant {sorted(allowed_quant)[0]}")
 
 
 def missing_blocks(servers: ServersByBlock, start: int, end: int, banned: Set[str] = frozenset(),

@@ -231,6 +231,22 @@ def test_cli_unset_env_peers_default(monkeypatch):
     assert swarm.cli._build_config(ServerConfig, args).initial_peers == ()
 
 
+def test_quant_flag_and_client_filter():
+    args = swarm.cli.make_parser().parse_args(["serve", "--model", "x", "--quant", "nf4"])
+    assert swarm.cli._build_config(ServerConfig, args).quant == "nf4"
+    assert ServerConfig(model="x").quant == "none"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        swarm.cli.make_parser().parse_args(["serve", "--model", "x", "--quant", "int4"])
+    with pytest.raises(ConfigError, match="--quant 'int4' is not one of none, int8, nf4"):
+        ServerConfig(model="x", quant="int4")
+    assert ClientConfig(initial_peers=(PEER,)).allowed_quant is None  # any server
+    assert ClientConfig(initial_peers=(PEER,), allowed_quant="none").allowed_quant == ("none",)
+    assert ClientConfig(initial_peers=(PEER,), allowed_quant=["int8", "nf4"]).allowed_quant == ("int8", "nf4")
+    for bad in ((), ("",), (8,)):
+        with pytest.raises(ConfigError, match="allowed_quant must be None"):
+            ClientConfig(initial_peers=(PEER,), allowed_quant=bad)
+
+
 def test_cli_every_config_field_has_a_flag():
     parser = swarm.cli.make_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]

@@ -14,22 +14,27 @@ import swarm.quant as quant
 from swarm.errors import ConfigError, ModelError
 from swarm.lora import AppliedLora, applied, check_lora
 from swarm.models import decoder_layer_class, load_config
+import swarm.quantizers as quantizers
 from swarm.quant import (
-    NF4_CODE,
-    NF4_GROUP,
     Int8Linear,
     NF4Linear,
     QuantizedLinear,
     check_scheme,
-    dequantize_int8,
-    dequantize_nf4,
     module_bytes,
-    nf4_code,
+    quant_scratch_bytes,
     quantize_block,
-    quantize_int8,
-    quantize_nf4,
     quantized_block_bytes,
     runnable_schemes,
+)
+from swarm.quantizers import (
+    NF4_CODE,
+    NF4_GROUP,
+    dequantize_int8,
+    dequantize_nf4,
+    nf4_code,
+    quantize_int8,
+    quantize_nf4,
+    scratch,
 )
 
 CPU = torch.device("cpu")
@@ -100,10 +105,27 @@ def test_hostile_shapes_multiply_like_their_dequantized_weight(cls, shape):
         assert (module(x) - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantizing_into_scratch_buffers_equals_fresh_tensors(dtype):
+    weight = _randn(33, 70)
+    packed, absmax = quantize_nf4(weight)
+    fresh = dequantize_nf4(packed, absmax, weight.shape, dtype)
+    reference = (CODE[(packed.long()[:, None] >> torch.tensor([4, 0])) & 15].view(absmax.numel(), -1).to(dtype)
+                 * absmax.to(dtype)[:, None]).view(-1)[:33 * 70].view(33, 70)  # one level at a time
+    assert fresh.dtype == dtype and torch.equal(fresh, reference)
+    out, index = scratch("test", 4096, dtype, CPU), scratch("test index", 4096, torch.int32, CPU)
+    out.fill_(7)
+    assert torch.equal(dequantize_nf4(packed, absmax, weight.shape, dtype, out=out, index=index), fresh)
+    q, scale = quantize_int8(weight)
+    assert torch.equal(dequantize_int8(q, scale, dtype, out=out), dequantize_int8(q, scale, dtype))
+    assert scratch("test", 100, dtype, CPU).data_ptr() == out.data_ptr()  # reused, not reallocated
+    assert scratch("test", 8192, dtype, CPU).numel() == 8192  # grown
+
+
 def test_chunked_quantization_equals_one_pass(monkeypatch):
     weight = _randn(33, 200)
     whole_int8, whole_nf4 = quantize_int8(weight), quantize_nf4(weight)
-    monkeypatch.setattr(quant, "_CHUNK", 128)  # many chunks, none aligned with rows
+    monkeypatch.setattr(quantizers, "_CHUNK", 128)  # many chunks, none aligned with rows
     for got, want in zip((*quantize_int8(weight), *quantize_nf4(weight)), (*whole_int8, *whole_nf4)):
         assert torch.equal(got, want)
 
@@ -120,6 +142,9 @@ def test_non_finite_weights_are_refused_with_the_module_name():
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
 def test_gradients_flow_to_inputs_not_to_quantized_weights(scheme):
     module = quant.LINEAR_CLASSES[scheme].from_linear(torch.nn.Linear(48, 20))
+    quantizers._SCRATCH.__dict__.pop("buffers", None)
+    with torch.inference_mode():  # a forward request first: its scratch must serve backward passes too
+        module(_randn(3, 48))
     x = _randn(3, 48).requires_grad_()
     module(x).pow(2).sum().backward()
     reference = x.detach().clone().requires_grad_()
@@ -164,6 +189,9 @@ def test_quantize_block_replaces_every_linear_and_counts_its_bytes(tiny_config, 
     for dtype in (torch.float32, torch.bfloat16):
         assert module_bytes(quantize_block(_block(tiny_config).to(dtype), scheme, CPU)) == \
             quantized_block_bytes(tiny_config, dtype, scheme)
+    # the scratch of a matmul: the largest Linear (64 x 128) dequantized, plus NF4's int32 index
+    per_weight = {"none": 0, "int8": 4, "nf4": 4 + 2}[scheme]
+    assert quant_scratch_bytes(tiny_config, torch.float32, scheme) == 64 * 128 * per_weight
 
 
 def test_quantized_bytes_of_a_7b_shaped_block():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -11,17 +12,20 @@ from swarm.records import ServerRecord, ServerState
 from swarm.routing import (
     Bans,
     ChainLink,
+    allowed_servers,
     format_blocks,
     make_chain,
     make_forward_chain,
     make_latency_chain,
     missing_blocks,
+    quant_excluded,
 )
 
 
 def rec(start: int, end: int, *, state: ServerState = ServerState.ONLINE, throughput: float = 1.0,
-        cache: int = 1000) -> ServerRecord:
-    return ServerRecord(state=state, start=start, end=end, throughput=throughput, cache_tokens_left=cache)
+        cache: int = 1000, quant: str = "none", adapters: tuple[str, ...] = ()) -> ServerRecord:
+    return ServerRecord(state=state, start=start, end=end, throughput=throughput, cache_tokens_left=cache,
+                        quant=quant, adapters=adapters)
 
 
 def swarm_of(servers: dict[str, ServerRecord], num_blocks: int | None = None) -> dict[int, dict[str, ServerRecord]]:
@@ -370,3 +374,35 @@ def test_latency_chain_without_published_pings_costs_the_sum_of_client_pings():
     assert [p for p, _, _ in links(make_latency_chain(servers, 0, 3, pings=pings))] == ["x", "y", "z"]
     pings["far"] = 0.029
     assert links(make_latency_chain(servers, 0, 3, pings=pings)) == [("far", 0, 3)]
+
+
+# ---------------------------------------------------------------- what a client allows
+
+
+def test_allowed_quant_filters_servers_for_every_kind_of_chain():
+    servers = swarm_of({"float": rec(0, 4, throughput=1.0), "nf4": rec(0, 4, throughput=100.0, quant="nf4"),
+                        "int8a": rec(0, 2, quant="int8", adapters=("chat",)), "int8b": rec(2, 4, quant="int8")})
+    assert allowed_servers(servers) == servers
+    only_float = allowed_servers(servers, allowed_quant=("none",))
+    assert links(make_chain(only_float, 0, 4)) == [("float", 0, 4)]  # although nf4 is 100x faster
+    assert links(make_latency_chain(only_float, 0, 4, pings={})) == [("float", 0, 4)]
+    assert all(link.peer_id == "float" for _ in range(20)
+               for link in make_forward_chain(only_float, 0, 4, rng=random.Random(_)))
+    assert links(make_chain(allowed_servers(servers, allowed_quant=("int8",)), 0, 4)) == [("int8a", 0, 2),
+                                                                                           ("int8b", 2, 4)]
+    assert allowed_servers(servers, adapter="chat", allowed_quant=("int8", "nf4")) == {
+        0: {"int8a": servers[0]["int8a"]}, 1: {"int8a": servers[1]["int8a"]}, 2: {}, 3: {}}
+
+
+def test_missing_blocks_say_when_the_quant_filter_excluded_servers():
+    servers = swarm_of({"a": rec(0, 2), "b": rec(2, 4, quant="nf4"), "c": rec(3, 4, quant="int8"),
+                        "gone": rec(2, 4, quant="int8", state=ServerState.OFFLINE)})
+    allowed = ("none",)
+    filtered = allowed_servers(servers, allowed_quant=allowed)
+    with pytest.raises(MissingBlocksError, match="blocks 2:4"):
+        make_chain(filtered, 0, 4)
+    note = quant_excluded(servers, missing_blocks(filtered, 0, 4), allowed)
+    assert note == ("; the client's quant filter (allowed_quant=('none',)) excluded 2 online server(s) of these "
+                    "blocks that serve quant int8, nf4: allow it, or start a server with --quant none")
+    assert quant_excluded(servers, [0, 1], allowed) == ""  # nothing was excluded there
+    assert quant_excluded(servers, [2, 3], None) == ""  # no filter

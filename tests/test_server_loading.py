@@ -61,6 +61,27 @@ def test_default_num_blocks_says_what_to_change_when_nothing_fits(tiny_config, m
     assert kv_bytes_per_token(tiny_config, torch.float32) > 0
 
 
+def test_default_num_blocks_counts_quantized_blocks(tiny_config, monkeypatch, capsys):
+    import server.loading
+    from swarm.quant import quant_scratch_bytes, quantized_block_bytes
+
+    cache = 64 * kv_bytes_per_token(tiny_config, torch.float32)
+    float_block = block_bytes(tiny_config, torch.float32) + cache
+    scratch = quant_scratch_bytes(tiny_config, torch.float32, "nf4")  # reserved once for quantized matmuls
+    assert scratch >= quant_scratch_bytes(tiny_config, torch.float32, "int8") > 0
+    # RAM for 1.2 float blocks (with their KV cache) after the headroom and the scratch, at the CPU's fraction
+    ram = int((server.loading.HEADROOM_BYTES + scratch + 1.2 * float_block)
+              / server.loading.USABLE_FRACTION["cpu"]) + 1
+    monkeypatch.setattr(server.loading, "available_ram", lambda: ram)
+    fits = {quant: default_num_blocks(tiny_config, CPU, torch.float32, 64, quant) for quant in ("none", "int8", "nf4")}
+    assert fits["none"] == 1 and fits["int8"] == 3 and fits["nf4"] == 4  # the model has 4 blocks
+    out = capsys.readouterr().out
+    nf4_bytes = quantized_block_bytes(tiny_config, torch.float32, "nf4")
+    assert nf4_bytes == block_bytes(tiny_config, torch.float32, "nf4") < block_bytes(tiny_config, torch.float32) / 5
+    assert f"({nf4_bytes} bytes, quantized to nf4)" in out and "4 of the model's 4 blocks fit" in out
+    assert "headroom and 48.00 KiB of nf4 dequantization scratch" in out  # 64 x 128 weights, 6 bytes each
+
+
 # ---------------------------------------------------------------- moving to another span
 
 

@@ -103,6 +103,9 @@ def test_speed_key_changes_with_what_changes_speed(tiny_config):
     assert "cpu:" in key and "float32" in key and f"torch {torch.__version__}" in key and "1 threads" in key
     assert key != probe.speed_key(tiny_config, CPU, torch.bfloat16, 1)
     assert key != probe.speed_key(tiny_config, CPU, torch.float32, 2)
+    assert key == probe.speed_key(tiny_config, CPU, torch.float32, 1, "none")
+    by_quant = {quant: probe.speed_key(tiny_config, CPU, torch.float32, 1, quant) for quant in ("int8", "nf4")}
+    assert len({key, *by_quant.values()}) == 3 and "float32 nf4" in by_quant["nf4"]  # measured per quant
     wider = tiny_config.__class__.from_dict({**tiny_config.to_dict(), "intermediate_size": 256})
     assert key != probe.speed_key(wider, CPU, torch.float32, 1)
     # the same block in a deeper model, or saved elsewhere, computes as fast
