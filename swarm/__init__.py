@@ -16,7 +16,8 @@ other way; the CLI imports them lazily):
 - ``config``   one frozen config dataclass per component
 - ``models``   family adapters (the only family-specific code)
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)
-- ``quant``    quantized blocks (int8, nf4): a transform on a loaded block, and its size
+- ``quant``    quantized blocks (int8, nf4): a transform on a loaded block, its size, where it runs
+- ``quantizers`` the int8 and NF4 weight formats (quantize, dequantize) in pure torch
 - ``weights``  reading only the needed tensors/shards of a checkpoint
 - ``gguf``     GGUF files as checkpoints: config, tensor index, a span's tensors dequantized
 - ``prequantized`` GPTQ/AWQ checkpoints: their quantization_config, a block's 4-bit layers
