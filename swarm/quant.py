@@ -191,12 +191,10 @@ _INT8_KERNEL_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 def _int8_kernel(rows: torch.Tensor) -> bool:
     """Whether torch's int8 weight-only matmul kernel runs these ``rows`` [tokens, in]: on a CPU where it
-    exists and agrees with the dequantizing path (checked once per dtype), for 16/bfloat16 inputs
-    and for float32 inputs of at most :data:`_INT8_KERNEL_MAX_ROWS` rows (measured: its float32 path
-    is slow for long inputs). Elsewhere it is unproven, so the portable path runs."""
-    if rows.device.type != "cpu" or not hasattr(torch, "_weight_int8pack_mm"):
-        return False
-    if rows.dtype == torch.float32 and rows.shape[0] > _INT8_KERNEL_MAX_ROWS:
+    exists and agrees with the dequantizing path (checked once per dtype), for at most
+    :data:`_INT8_KERNEL_MAX_ROWS` rows (measured: faster there for decoding steps, slower for prefills).
+    Elsewhere it is unproven, so the portable path runs."""
+    if rows.device.type != "cpu" or rows.shape[0] > _INT8_KERNEL_MAX_ROWS or not hasattr(torch, "_weight_int8pack_mm"):
         return False
     key = (rows.device.type, rows.dtype)
     if key not in _INT8_KERNEL_OK:

@@ -98,7 +98,7 @@ def test_hostile_shapes_multiply_like_their_dequantized_weight(cls, shape):
     assert (module.in_features, module.out_features) == (in_features, out_features)
     weight = module.dequantized(torch.float32)
     assert weight.shape == (out_features, in_features)
-    for tokens in (1, 5, 40):  # the int8 kernel (<= 16 float32 rows) and the dequantizing path
+    for tokens in (1, 5, 40):  # the int8 kernel (<= 16 rows on a CPU) and the dequantizing path
         x = _randn(2, tokens, in_features, seed=tokens)  # [batch, seq, in]
         expected = F.linear(x, weight, linear.bias)
         assert module(x).shape == expected.shape
