@@ -323,5 +323,6 @@ def check_scheme(scheme: str, device: torch.device, dtype: torch.dtype) -> None:
     if problem is not None:
         others = [s for s in runnable_schemes(device, dtype) if s != scheme]
         dtype_name = str(dtype).removeprefix("torch.")
+        runs = f"--quant {', '.join(others)}" if others else "nothing (try another --dtype or --device)"
         raise ConfigError(f"--quant {scheme} cannot run on {device} in {dtype_name} ({problem}); what runs there: "
-                          f"--quant {', '.join(others) if others else '(nothing: try another --dtype or --device)'}")
+                          f"{runs}")
