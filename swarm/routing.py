@@ -15,6 +15,7 @@ import dataclasses
 import random
 from collections.abc import Collection, Mapping, Set
 
+from swarm.config import QUANT_SCHEMES
 from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord, ServerState
 
@@ -55,9 +56,10 @@ def quant_excluded(servers: ServersByBlock, blocks: list[int], allowed_quant: Co
     if not excluded:
         return ""
     quants = sorted({quant for _, quant in excluded})
+    startable = sorted(q for q in allowed_quant if q in QUANT_SCHEMES)
+    start = f", or start a server with --quant {startable[0]}" if startable else ""
     return (f"; the client's quant filter (allowed_quant={tuple(allowed_quant)!r}) excluded {len(excluded)} online "
-            f"server(s) of these blocks that serve quant {', '.join(quants)}: allow it, or start a server with "
-            f"--quant {sorted(allowed_quant)[0]}")
+            f"server(s) of these blocks that serve quant {', '.join(quants)}: allow it{start}")
 
 
 def missing_blocks(servers: ServersByBlock, start: int, end: int, banned: Set[str] = frozenset(),

@@ -406,3 +406,4 @@ def test_missing_blocks_say_when_the_quant_filter_excluded_servers():
                     "blocks that serve quant int8, nf4: allow it, or start a server with --quant none")
     assert quant_excluded(servers, [0, 1], allowed) == ""  # nothing was excluded there
     assert quant_excluded(servers, [2, 3], None) == ""  # no filter
+    assert quant_excluded(servers, [3], ("fp8",)).endswith("serve quant int8, nf4: allow it")  # nothing to start
