@@ -29,6 +29,7 @@ from swarm.config import ServerConfig, parse_span
 from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
+from swarm.prequantized import int4_format
 from swarm.quant import check_scheme
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.weights import TensorSource, open_checkpoint
@@ -73,9 +74,10 @@ class Server:
 
     @property
     def quant(self) -> str:
-        """How the blocks' weights are stored: a pre-quantized checkpoint's own format (its 4-bit layers are
-        not plain Linear modules, so ``--quant`` leaves them as they are), else ``--quant``."""
-        return self.checkpoint.quant if self.checkpoint.quant != "none" else self.config.quant
+        """How the blocks' weights are stored (``ServerRecord.quant``): ``--quant`` when the span was quantized
+        while loading (a GGUF's dequantized blocks too), else the checkpoint's own format (``gptq-int4``,
+        ``gguf-q4_k_m``) or "none". A GPTQ/AWQ checkpoint with ``--quant`` is refused at start."""
+        return self.config.quant if self.config.quant != "none" else self.checkpoint.quant
 
     @property
     def offered_throughput(self) -> float:
@@ -89,6 +91,10 @@ class Server:
         device = pick_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, model_config, device)
         check_scheme(cfg.quant, device, dtype)  # before anything is announced or loaded
+        prequantized = int4_format(model_config)
+        if prequantized is not None and cfg.quant != "none":
+            raise ConfigError(f"--quant {cfg.quant}: {cfg.model_name} is already quantized ({prequantized.label}) and "
+                              "is served as its own 4-bit layers; drop --quant")
         self.model_config, self.device, self.dtype = model_config, device, dtype
         self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type)
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None

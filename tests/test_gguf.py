@@ -88,16 +88,42 @@ def test_span_equals_transformers_and_reads_only_its_tensors(tiny_gguf, referenc
         torch.testing.assert_close(span(hidden), _reference_layers(reference, hidden, 1, 3), rtol=0, atol=1e-6)
 
 
-def _reference_layers(model, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def _reference_layers(model, hidden: torch.Tensor, start: int, end: int, layers=None) -> torch.Tensor:
     position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
     embeddings = model.model.rotary_emb(hidden, position_ids)
     from transformers.masking_utils import create_causal_mask
 
     mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None,
                               position_ids=position_ids)
-    for layer in model.model.layers[start:end]:
+    for layer in layers if layers is not None else model.model.layers[start:end]:
         hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=embeddings)
     return hidden
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_gguf_span_requantized_equals_transformers_quantized_the_same_way(tiny_gguf, reference, scheme):
+    """`--quant`: the dequantized GGUF blocks are quantized as they load; they equal transformers' GGUF
+    blocks quantized by the same transform, and the server announces the scheme it stores."""
+    import copy
+
+    from server.server import Server
+    from swarm.config import ServerConfig
+    from swarm.quant import quantize_block
+
+    config = load_config(tiny_gguf)
+    checkpoint = open_checkpoint(tiny_gguf, config)
+    span = load_span(checkpoint, config, 1, 3, torch.float32, CPU, quant=scheme)
+    local = [quantize_block(copy.deepcopy(reference.model.layers[i]), scheme) for i in (1, 2)]
+    with torch.no_grad():
+        hidden = reference.model.embed_tokens(torch.randint(3, 1000, (2, 9)))
+        expected = _reference_layers(reference, hidden, 1, 3, layers=local)
+        torch.testing.assert_close(span(hidden), expected, rtol=0, atol=1e-6)
+    server = Server(ServerConfig(model=tiny_gguf, quant=scheme))
+    server.checkpoint = checkpoint
+    assert server.quant == scheme
+    server = Server(ServerConfig(model=tiny_gguf))
+    server.checkpoint = checkpoint
+    assert server.quant == "gguf-q4_0"
 
 
 def test_qwen2_gguf_span_equals_transformers(tmp_path):

@@ -212,6 +212,18 @@ def test_unsupported_quantization_configs_are_refused(checkpoints, tmp_path, qua
         open_checkpoint(path, load_config(path))
 
 
+def test_serve_refuses_quant_on_a_4bit_checkpoint(checkpoints):
+    """Its 4-bit layers are not plain Linear modules: --quant would change nothing while announcing it did."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "swarm.cli", "serve", "--model", checkpoints["awq"][0], "--quant",
+                          "int8", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"], capture_output=True, text=True,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    assert "already quantized (awq-int4)" in out.stderr + out.stdout and "drop --quant" in out.stderr + out.stdout
+
+
 def test_malformed_4bit_tensors_name_the_block_and_layer(checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 
