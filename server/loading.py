@@ -1,6 +1,6 @@
-"""Choosing the device, how many blocks fit on it, and loading a span's blocks onto it.
+"""How many blocks fit the device, and loading a span's blocks onto it (the device itself is chosen
+by :func:`swarm.devices.pick_device`).
 
-- :func:`pick_device` — ``--device auto`` and its checks
 - :func:`load_span` — reads blocks ``start:end`` of a checkpoint (and nothing else)
 - :func:`shared_blocks` / :func:`respan` — another span that keeps the blocks two spans share, loading only the new ones
 - :func:`default_num_blocks` — ``--num-blocks`` when it is not given: what fits the device's memory
@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable
 
 import torch
@@ -18,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from swarm.blocks import Span
+from swarm.devices import available_ram
 from swarm.errors import ConfigError, ModelError
 from swarm.models import causal_lm_class, family_of, kv_bytes_per_token
 from swarm.quant import quant_scratch_bytes, quantize_block, quantized_block_bytes
@@ -25,38 +24,6 @@ from swarm.translate import to_native
 from swarm.weights import TensorSource
 
 logger = logging.getLogger(__name__)
-
-
-def pick_device(requested: str) -> torch.device:
-    """``auto`` picks an accelerator torch can use, else the CPU, and says loudly which one and why."""
-    if requested != "auto":
-        try:
-            device = torch.device(requested)
-        except RuntimeError as e:
-            raise ConfigError(f"--device {requested!r} is not a torch device: {e}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested} was asked for, but this torch build sees no CUDA/ROCm device "
-                              f"(torch {torch.__version__}); install a GPU build of torch or use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        kind = "ROCm" if getattr(torch.version, "hip", None) else "CUDA"
-        logger.warning("Using %s device cuda:0 (%s)", kind, torch.cuda.get_device_name(0))
-        return torch.device("cuda:0")
-    for name in ("xpu", "npu"):
-        backend = getattr(torch, name, None)
-        if backend is not None and backend.is_available():
-            logger.warning("Using %s:0", name)
-            return torch.device(f"{name}:0")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        logger.warning("Using Apple MPS device")
-        return torch.device("mps")
-    hint = ""
-    if shutil.which("nvidia-smi") or shutil.which("rocm-smi"):
-        hint = (" A GPU driver is installed but this torch build cannot use it "
-                f"(torch {torch.__version__}, cuda={torch.version.cuda}, hip={getattr(torch.version, 'hip', None)}): "
-                "install the torch build for your GPU.")
-    logger.warning("No accelerator is visible to torch: serving on the CPU.%s Pass --device to choose.", hint)
-    return torch.device("cpu")
 
 
 def load_span(checkpoint: TensorSource, config: PretrainedConfig, start: int, end: int, dtype: torch.dtype,
@@ -147,39 +114,6 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
-
-
-def _cgroup_ram_left() -> int | None:
-    """RAM this process's cgroup (v2) may still use, if it has a limit: containers see the host's meminfo."""
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    return None if limit == "max" or not limit.isdigit() else max(0, int(limit) - used)
-
-
-def available_ram() -> int:
-    """Bytes of RAM available to new allocations: ``MemAvailable`` of /proc/meminfo (capped by a cgroup
-    limit), else ``os.sysconf``'s available pages, else half the physical RAM."""
-    available: int | None = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        available = None
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):  # macOS has no SC_AVPHYS_PAGES
-            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    cgroup_left = _cgroup_ram_left()
-    return available if cgroup_left is None else min(available, cgroup_left)
 
 
 def device_memory(device: torch.device) -> tuple[int, str]:

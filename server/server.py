@@ -26,6 +26,7 @@ from transformers import PretrainedConfig
 from swarm import __version__, aio
 from swarm.blocks import Span
 from swarm.config import ServerConfig, parse_span
+from swarm.devices import adapt_to_device, device_name, pick_device
 from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
 from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
@@ -39,7 +40,7 @@ from server.compute import PRIORITY_FORWARD, ComputeExecutor
 from server.adapters import load_adapters, parse_adapter_arg
 from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import CacheBudget
-from server.loading import default_num_blocks, human_bytes, load_span, pick_device, respan, shared_blocks
+from server.loading import default_num_blocks, human_bytes, load_span, respan, shared_blocks
 from server.pings import PING_TIMEOUT, NextPings, next_candidates
 from server.rebalancer import Rebalancer, initial_span
 
@@ -89,6 +90,7 @@ class Server:
                                    trust_remote_code=cfg.trust_remote_code, gguf_file=cfg.gguf_file)
         num_blocks = model_config.num_hidden_layers
         device = pick_device(cfg.device)
+        adapt_to_device(model_config, device)
         dtype = resolve_dtype(cfg.dtype, model_config, device)
         check_scheme(cfg.quant, device, dtype)  # before anything is announced or loaded
         prequantized = int4_format(model_config)
@@ -238,7 +240,7 @@ class Server:
             quant=self.quant,
             throughput=self.offered_throughput, inference_rps=speed.inference_rps if speed else 0.0,
             forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
-            device=self.device.type, device_name=_device_name(self.device), cache_tokens_left=self.budget.tokens_left,
+            device=self.device.type, device_name=device_name(self.device), cache_tokens_left=self.budget.tokens_left,
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
             adapters=tuple(parse_adapter_arg(arg)[0] for arg in cfg.adapters),
             using_relay=self.using_relay, next_pings=dict(self.next_pings.rtts),
@@ -329,12 +331,6 @@ async def _bounded(coro, what: str, timeout: float = 5.0) -> None:
         await asyncio.wait_for(coro, timeout)
     except Exception as e:
         logger.warning("Shutdown step skipped (%s): %s", what, e or type(e).__name__)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 def serve(config: ServerConfig) -> int:

@@ -35,6 +35,7 @@ import torch
 from transformers import PretrainedConfig
 
 from swarm.blocks import Span
+from swarm.devices import device_name, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ def cache_path() -> pathlib.Path:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device_name(device)
     if device.type == "cpu":
         with contextlib.suppress(OSError):
             with open("/proc/cpuinfo") as f:
@@ -168,29 +169,22 @@ def store_cached(key: str, speed: ComputeSpeed, path: pathlib.Path | None = None
 # ---------------------------------------------------------------- measuring
 
 
-def _synchronize(device: torch.device) -> None:
-    backend = getattr(torch, device.type, None)
-    sync = getattr(backend, "synchronize", None)
-    if device.type != "cpu" and callable(sync):
-        sync()
-
-
 def _rate(run: Callable[[], None], work: float, device: torch.device, budget_s: float, max_runs: int) -> float:
     """``work`` units per second of ``run()``: warm up, then time as many runs as fit ``budget_s``."""
     t0 = time.perf_counter()
     run()
-    _synchronize(device)
+    synchronize(device)
     first = time.perf_counter() - t0
     if first >= budget_s:  # a block too big to repeat: the first run is the measurement
         return work / first
     for _ in range(WARMUPS - 1):
         run()
-    _synchronize(device)
+    synchronize(device)
     runs = max(1, min(max_runs, int(budget_s / max(first, 1e-9))))
     t0 = time.perf_counter()
     for _ in range(runs):
         run()
-    _synchronize(device)
+    synchronize(device)
     return work * runs / (time.perf_counter() - t0)
 
 

@@ -22,6 +22,10 @@ other way; the CLI imports them lazily):
 - ``gguf``     GGUF files as checkpoints: config, tensor index, a span's tensors dequantized
 - ``prequantized`` GPTQ/AWQ checkpoints: their quantization_config, a block's 4-bit layers
 - ``int4``     the 4-bit linear layer (packed weights, plain-torch dequantization) and GPTQ/AWQ unpacking
+- ``accelerators`` the GPUs/DCUs/NPUs the OS shows (vendor tools, device nodes)
+- ``devices``  what torch can use, the --device verdict and its fixes, dtype/attention per backend, RAM
+- ``doctor``   ``swarm doctor``: what this machine can serve with
+- ``slurm``    the Slurm job a process runs in and when its time runs out
 - ``aio``      event loops (uvloop where available)
 - ``cli``      the ``swarm`` command
 """

@@ -1,4 +1,4 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``demo``, ``models``.
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``doctor``, ``demo``, ``models``.
 
 Flags of ``dht``, ``serve``, ``health``, ``api`` and ``finetune`` are derived from
 :class:`~swarm.config.DHTConfig`, :class:`~swarm.config.ServerConfig`, :class:`~swarm.config.HealthConfig`,
@@ -19,7 +19,7 @@ import typing
 from typing import Any
 
 from swarm import aio
-from swarm.config import ApiConfig, DHTConfig, FinetuneConfig, HealthConfig, ServerConfig
+from swarm.config import ApiConfig, DHTConfig, DoctorConfig, FinetuneConfig, HealthConfig, ServerConfig
 from swarm.errors import SwarmError
 
 
@@ -101,6 +101,13 @@ def make_parser() -> argparse.ArgumentParser:
                                    "--output (docs/finetune.md)")
     _add_dataclass_flags(p, FinetuneConfig)
 
+    p = sub.add_parser("doctor", help="say what this machine can serve with: torch build vs accelerators, memory, "
+                                      "a matmul per device, p2pd, peers; and the fix for every mismatch",
+                       description="Checks Python, the torch build, the GPUs/DCUs/NPUs the OS shows against what "
+                                   "torch can use, free memory, a small matmul per device, p2pd and the given "
+                                   "initial peers. Exit code 0 when nothing is wrong, 1 otherwise (docs/hpc.md)")
+    _add_dataclass_flags(p, DoctorConfig)
+
     p = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and stream a generation through it")
     p.add_argument("--model", default=None,
                    help="hub id or local directory (default: a small random-weight Llama built on the fly)")
@@ -172,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             from client.finetune import run_finetune
 
             return run_finetune(_build_config(FinetuneConfig, args))
+        if args.command == "doctor":
+            from swarm.doctor import run_doctor
+
+            return run_doctor(_build_config(DoctorConfig, args))
         if args.command == "demo":
             from swarm.demo import run_demo
 

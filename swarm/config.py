@@ -104,7 +104,10 @@ class ServerConfig(NetworkFlags):
     num_blocks: int | None = dataclasses.field(
         default=None, metadata=_help("how many blocks to hold when --blocks is not given (default: as many as fit "
                                      "the device's memory with their KV cache, at most the model's)"))
-    device: str = dataclasses.field(default="auto", metadata=_help("cpu, cuda, cuda:1, mps, xpu, npu... or auto"))
+    device: str = dataclasses.field(
+        default="auto", metadata=_help("auto, cpu, cuda, cuda:1 (NVIDIA; AMD/Hygon on a ROCm build: rocm, dcu), npu "
+                                       "(Ascend), xpu, mps; auto never falls back to the CPU while a GPU is present "
+                                       "(`swarm doctor` says why)"))
     dtype: str = dataclasses.field(
         default="auto", metadata=_help("auto, float32, bfloat16 or float16 (auto: checkpoint dtype on "
                                        "accelerators, float32 on cpu)"))
@@ -420,3 +423,21 @@ class ApiConfig:
                 raise ConfigError(f"--adapter names {name!r} twice")
             adapters[name.strip()] = path.strip()
         return adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class DoctorConfig:
+    """``swarm doctor``: what this machine can serve with, and the fix for every mismatch."""
+
+    initial_peers: tuple[str, ...] = dataclasses.field(
+        default_factory=env_initial_peers,
+        metadata=_help(f"multiaddrs of swarm peers to try to reach (default: ${INITIAL_PEERS_ENV})", nargs="*"))
+    device: str = dataclasses.field(default="auto", metadata=_help("the --device that `swarm serve` would get"))
+    json: bool = dataclasses.field(default=False, metadata=_help("print one JSON document instead of the report"))
+    timeout: float = dataclasses.field(
+        default=10.0, metadata=_help("seconds each check may take (p2pd start, each peer, each matmul)"))
+
+    def __post_init__(self) -> None:
+        _check_maddrs("--initial-peers", self.initial_peers)
+        if not 0 < self.timeout < float("inf"):
+            raise ConfigError(f"--timeout must be positive seconds, got {self.timeout}")

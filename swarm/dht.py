@@ -7,12 +7,14 @@ hivemind's :class:`RSASignatureValidator` rejects anyone else's writes to it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import glob
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Sequence
 
 from hivemind.dht.crypto import RSASignatureValidator
@@ -130,6 +132,22 @@ async def declare_server(
         subkeys.append(prefix)
     stored = await peer.node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return all(stored.values())
+
+
+async def dial(p2p: P2P, maddr: str, timeout: float) -> float:
+    """Connects to the peer at the full multiaddr ``maddr`` (``/ip4/.../tcp/.../p2p/<id>``); returns the
+    seconds it took. Raises ConfigError for a malformed address, TimeoutError or the daemon's error else."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    try:
+        address = Multiaddr(maddr)
+        peer_id = PeerID.from_base58(address.value_for_protocol("p2p"))
+        transport = address.decapsulate(Multiaddr(f"/p2p/{peer_id.to_base58()}"))
+    except Exception as e:
+        raise ConfigError(f"{maddr!r} is not a full multiaddr (/ip4/HOST/tcp/PORT/p2p/PEER_ID): {e}") from None
+    started = time.monotonic()
+    await asyncio.wait_for(p2p._client.connect(peer_id, [transport]), timeout)  # hivemind has no public dial
+    return time.monotonic() - started
 
 
 def all_relayed(maddrs: Sequence[str]) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,10 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from swarm import gguf, position_bias, translate
+from swarm.devices import bf16_supported
 from swarm.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,17 +190,26 @@ def _set_implementations(config: PretrainedConfig, family: FamilyAdapter) -> Non
 
 
 def resolve_dtype(name: str, config: PretrainedConfig, device: torch.device) -> torch.dtype:
-    """``auto`` -> the checkpoint's dtype on accelerators, float32 on CPU (bf16 matmuls are slow there)."""
+    """``auto`` -> the checkpoint's dtype on accelerators (float16 where the device has no bfloat16: Volta
+    and older NVIDIA, Vega-based AMD/Hygon DCU, Ascend 910A/310), float32 on CPU (bf16 matmuls are slow there)."""
     if name != "auto":
         if name not in DTYPES:
             raise ConfigError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+        if DTYPES[name] == torch.bfloat16 and not bf16_supported(device):
+            raise ConfigError(f"--dtype bfloat16: {device} has no native bfloat16; use --dtype float16 "
+                              "(or float32, exact but twice the memory)")
         return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(saved, str):
         saved = DTYPES.get(saved)
-    return saved if saved in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    dtype = saved if saved in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        logger.warning("%s has no native bfloat16: serving in float16 (a model trained in bfloat16 may overflow "
+                       "in float16; --dtype float32 is exact)", device)
+        return torch.float16
+    return dtype
 
 
 def causal_lm_class(config: PretrainedConfig) -> type:
