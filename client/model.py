@@ -13,7 +13,6 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
-import re
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from swarm.errors import BadRequest, ModelError
 from swarm.lora import LoraSpec
 from swarm.models import causal_lm_class, config_without_layers, family_of, load_config
 from swarm.translate import to_native
-from swarm.weights import open_checkpoint
+from swarm.weights import open_checkpoint, outside_blocks
 
 from client.autograd import RemoteBlocks
 from client.inference_session import InferenceSession
@@ -344,8 +343,7 @@ class AutoDistributedModelForCausalLM:
 
         checkpoint = open_checkpoint(name_or_path, model_config, gguf_file=gguf_file, revision=revision,
                                      cache_dir=cache_dir, token=token)
-        block_re = re.compile(re.escape(family.block_prefix).replace(r"\{\}", r"\d+"))
-        names = [n for n in checkpoint.weight_map if not block_re.match(n)]
+        names = outside_blocks(checkpoint.weight_map, family.block_prefix)
         packed = [n for n in names if n.endswith((".qweight", ".qzeros"))]
         if packed:
             raise ModelError(f"{name_or_path!r} has 4-bit {packed[0]}: a client holds the embeddings and LM head in "

@@ -1,9 +1,8 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``doctor``, ``demo``, ``models``.
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``doctor``, ``download``,
+``demo``, ``models``.
 
-Flags of ``dht``, ``serve``, ``health``, ``api`` and ``finetune`` are derived from
-:class:`~swarm.config.DHTConfig`, :class:`~swarm.config.ServerConfig`, :class:`~swarm.config.HealthConfig`,
-:class:`~swarm.config.ApiConfig` and :class:`~swarm.config.FinetuneConfig`; the roles are imported only
-when their command runs.
+The flags of every command but ``demo`` and ``models`` are derived from its config dataclass in
+:mod:`swarm.config` (``ServerConfig`` for ``serve``...); the roles are imported only when their command runs.
 """
 
 from __future__ import annotations
@@ -19,13 +18,16 @@ import typing
 from typing import Any
 
 from swarm import aio
-from swarm.config import ApiConfig, DHTConfig, DoctorConfig, FinetuneConfig, HealthConfig, ServerConfig
+from swarm.config import ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig, ServerConfig
 from swarm.errors import SwarmError
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.name in positional:
+            parser.add_argument(field.name, help=field.metadata.get("help", ""))
+            continue
         hint = hints[field.name]
         flag = field.metadata.get("flag", "--" + field.name.replace("_", "-"))
         kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata.get("help", "")}
@@ -108,6 +110,13 @@ def make_parser() -> argparse.ArgumentParser:
                                    "initial peers. Exit code 0 when nothing is wrong, 1 otherwise (docs/hpc.md)")
     _add_dataclass_flags(p, DoctorConfig)
 
+    p = sub.add_parser("download", help="fetch only the shards a span needs, for nodes without network",
+                       description="Downloads the config and only the checkpoint shards that hold --blocks (with "
+                                   "--client also the embeddings/head and tokenizer) into the hub cache, so that "
+                                   "`HF_HUB_OFFLINE=1 swarm serve --blocks ...` runs on a node with no network "
+                                   "(docs/hpc.md)")
+    _add_dataclass_flags(p, DownloadConfig, positional=("model",))
+
     p = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and stream a generation through it")
     p.add_argument("--model", default=None,
                    help="hub id or local directory (default: a small random-weight Llama built on the fly)")
@@ -183,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             from swarm.doctor import run_doctor
 
             return run_doctor(_build_config(DoctorConfig, args))
+        if args.command == "download":
+            from swarm.download import run_download
+
+            return run_download(_build_config(DownloadConfig, args))
         if args.command == "demo":
             from swarm.demo import run_demo
 

@@ -441,3 +441,30 @@ class DoctorConfig:
         _check_maddrs("--initial-peers", self.initial_peers)
         if not 0 < self.timeout < float("inf"):
             raise ConfigError(f"--timeout must be positive seconds, got {self.timeout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadConfig:
+    """``swarm download MODEL``: fetch a span's weights on a node with network, for nodes without it."""
+
+    model: str = dataclasses.field(default="", metadata=_help("hub id of the model (e.g. Qwen/Qwen2.5-7B-Instruct)"))
+    blocks: str | None = dataclasses.field(
+        default=None, metadata=_help("span to fetch as START:END, END exclusive, the --blocks the offline server "
+                                     "will serve (default: every block)"))
+    client: bool = dataclasses.field(
+        default=False, metadata=_help("also fetch what a client reads: embeddings, final norm, LM head, tokenizer"))
+    revision: str | None = dataclasses.field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
+    cache_dir: str | None = dataclasses.field(
+        default=None, metadata=_help("hub cache directory (default: huggingface_hub's, $HF_HOME); pass the same "
+                                     "--cache-dir to `swarm serve` on the offline node"))
+    token: str | None = dataclasses.field(default=None, metadata=_help("hub access token for gated models"))
+    trust_remote_code: bool = dataclasses.field(
+        default=False, metadata=_help("allow models that ship their own modeling code (as `swarm serve` needs)"))
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("swarm download needs a model: a hub id, e.g. swarm download Qwen/Qwen2.5-7B-Instruct "
+                              "--blocks 0:14")
+        if self.blocks is not None:
+            parse_span(self.blocks)
+

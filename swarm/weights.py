@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -71,13 +72,19 @@ class Checkpoint:
             if not required:
                 return None
             raise ModelError(f"cannot download {filename} of {self.name_or_path!r} (offline, and not in the "
-                             f"hub cache): {e}") from None
+                             f"hub cache): {e}. On a node with network, fetch what this node serves first: "
+                             f"swarm download {self.name_or_path} --blocks START:END (docs/hpc.md)") from None
         except EntryNotFoundError:
             return None
         except Exception as e:  # the hub raises many kinds; they all mean the same to the caller
             if not required and "404" in str(e):
                 return None
             raise ModelError(f"cannot download {filename} of {self.name_or_path!r}: {e}") from None
+
+    def fetch_file(self, filename: str, *, required: bool = True) -> str | None:
+        """The local path of a file of the checkpoint (downloaded into the hub cache if needed);
+        None if it does not exist and ``required`` is False."""
+        return self._fetch(filename, required=required)
 
     def _read_weight_map(self) -> dict[str, str]:
         index_path = self._fetch(INDEX_FILE, required=False)
@@ -100,6 +107,20 @@ class Checkpoint:
     def names_with_prefix(self, prefixes: Iterable[str]) -> list[str]:
         prefixes = tuple(prefixes)
         return [name for name in self.weight_map if name.startswith(prefixes)]
+
+    def block_names(self, block_prefix: str, blocks: Iterable[int]) -> list[str]:
+        """The tensors of ``blocks``, whose names start with ``block_prefix.format(i)`` (a server's span)."""
+        return self.names_with_prefix(block_prefix.format(i) for i in blocks)
+
+    def fetch(self, names: Iterable[str]) -> list[str]:
+        """Downloads (or finds in the cache) the shard files that hold ``names``; returns their local paths."""
+        paths = []
+        for shard in self.shards_for(names):
+            path = self._fetch(shard)
+            if path is None:
+                raise ModelError(f"shard {shard} of {self.name_or_path!r} is missing")
+            paths.append(path)
+        return paths
 
     def shards_for(self, names: Iterable[str]) -> list[str]:
         return sorted({self.weight_map[n] for n in names})
@@ -129,6 +150,13 @@ class Checkpoint:
                     if on_tensor is not None:
                         on_tensor(name)
         return out
+
+
+def outside_blocks(names: Iterable[str], block_prefix: str) -> list[str]:
+    """The tensors of ``names`` that belong to no block (``block_prefix.format(i)``): embeddings, final
+    norm, LM head; what a client reads."""
+    block = re.compile(re.escape(block_prefix).replace(r"\{\}", r"\d+"))
+    return [name for name in names if not block.match(name)]
 
 
 def open_checkpoint(name_or_path: str, config: PretrainedConfig, *, gguf_file: str | None = None,

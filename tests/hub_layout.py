@@ -37,6 +37,17 @@ def repo_cache_dir(cache_dir: str | os.PathLike, repo_id: str) -> str:
     return os.path.join(os.fspath(cache_dir), "--".join(["models", *repo_id.split("/")]))
 
 
+def snapshot_of(source_dir: str | os.PathLike) -> tuple[str, dict[str, str]]:
+    """``(commit, {relative path: etag})`` of a directory's files as one hub commit: the commit hash is
+    derived from the full content, the etags as the Hub computes them (sha256 for LFS files)."""
+    source_dir = os.fspath(source_dir)
+    files = sorted(os.path.relpath(os.path.join(root, name), source_dir).replace(os.sep, "/")
+                   for root, _, names in os.walk(source_dir) for name in names)
+    etags = {rel: _etag(os.path.join(source_dir, rel), rel) for rel in files}
+    commit = hashlib.sha1("".join(f"{rel}\0{etags[rel]}\n" for rel in files).encode()).hexdigest()
+    return commit, etags
+
+
 def make_hub_cache(cache_dir: str | os.PathLike, repo_id: str, source_dir: str | os.PathLike, revision: str = "main",
                    *, files: Iterable[str] | None = None, symlinks: bool = True) -> str:
     """Puts ``source_dir``'s files (or only ``files``, paths relative to it) into a hub-like cache.
@@ -48,12 +59,8 @@ def make_hub_cache(cache_dir: str | os.PathLike, repo_id: str, source_dir: str |
     not supported).
     """
     source_dir = os.fspath(source_dir)
-    all_files = sorted(
-        os.path.relpath(os.path.join(root, name), source_dir).replace(os.sep, "/")
-        for root, _, names in os.walk(source_dir) for name in names
-    )
-    etags = {rel: _etag(os.path.join(source_dir, rel), rel) for rel in all_files}
-    commit = hashlib.sha1("".join(f"{rel}\0{etags[rel]}\n" for rel in all_files).encode()).hexdigest()
+    commit, etags = snapshot_of(source_dir)
+    all_files = sorted(etags)
 
     wanted = all_files if files is None else sorted(files)
     unknown = sorted(set(wanted) - set(all_files))
