@@ -3,7 +3,7 @@
 - ``server``      the lifecycle: place, announce JOINING, load, measure, serve ONLINE, move, leave OFFLINE
 - ``rebalancer``  placement at startup and the periodic check whether to move (I/O around ``swarm.placement``)
 - ``throughput``  measuring compute speed on the loaded blocks, and its cache
-- ``loading``     picking the device, how many blocks fit it, loading (and re-spanning) blocks
+- ``loading``     how many blocks fit the device (chosen by ``swarm.devices``), loading (and re-spanning) blocks
 - ``handler``     the RPC handlers: info, forward, backward, inference sessions, push
 - ``adapters``    LoRA adapters preloaded with --adapters, selected per request by name
 - ``push``        sending a step's output straight to the next server of a chain
@@ -11,4 +11,5 @@
 - ``compute``     the compute executor: one thread per device, inference before forward
 - ``kv_cache``    the KV cache budget sessions reserve from
 - ``faults``      test-only fault injection (``SWARM_TEST_FAULTS``)
+- ``walltime``    in a Slurm job: leaving the swarm before its time limit without losing a generation
 """

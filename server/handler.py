@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from swarm import __version__, aio
 from swarm.blocks import Span
-from swarm.errors import BadRequest, ServerError, SessionLengthExceeded, SwarmError, UnknownSession
+from swarm.errors import BadRequest, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError, UnknownSession
 from swarm.lora import AppliedLora, applied, check_lora, parse_wire_name
 from swarm.wire import (
     HANDLERS,
@@ -98,6 +98,7 @@ class SpanHandler:
         # {global block index: {module path: module}}: where request LoRA weights go
         self._modules = {span.start + i: dict(block.named_modules()) for i, block in enumerate(span.blocks)}
         self.sessions: dict[str, Session] = {}
+        self.leaving: str | None = None  # why this server takes no new sessions (it is leaving the swarm)
         self.pusher: PushSender | None = None
         self._streams: set[asyncio.Task] = set()
         self._wire_limits = WireLimits(max_message_bytes=self._max_message_bytes())
@@ -251,6 +252,8 @@ class SpanHandler:
         msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
         if not isinstance(msg, OpenSession):
             raise BadRequest(f"an inference stream must start with OpenSession, got {type(msg).__name__}")
+        if self.leaving is not None:
+            raise ServerUnavailable(f"this server takes no new sessions: {self.leaving}")
         self._check_blocks(msg.start, msg.end)
         if not 0 < msg.max_length <= self.limits.max_session_length:
             raise SessionLengthExceeded(f"max_length {msg.max_length} is outside 1..{self.limits.max_session_length} "

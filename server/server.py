@@ -5,8 +5,8 @@ is weakest: :mod:`server.rebalancer`) -> announce JOINING -> load blocks -> meas
 (once per setup: :mod:`server.throughput`) -> register handlers -> announce ONLINE (and again every
 ``update_period``, with the round trips to the servers that may come next: :mod:`server.pings`;
 without ``--blocks``, re-check the placement every ``rebalance_period`` and
-:meth:`Server.move_to` when it says so) -> on SIGINT/SIGTERM announce OFFLINE, end sessions, stop
-the peer.
+:meth:`Server.move_to` when it says so; in a Slurm job, :meth:`Server.leave` before its time limit:
+:mod:`server.walltime`) -> on SIGINT/SIGTERM announce OFFLINE, end sessions, stop the peer.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
 from swarm.prequantized import int4_format
 from swarm.quant import check_scheme
 from swarm.records import ModelRecord, ServerRecord, ServerState
+from swarm.slurm import SlurmJob
 from swarm.weights import TensorSource, open_checkpoint
 
 from server import throughput as probe
@@ -43,6 +44,7 @@ from server.kv_cache import CacheBudget
 from server.loading import default_num_blocks, human_bytes, load_span, respan, shared_blocks
 from server.pings import PING_TIMEOUT, NextPings, next_candidates
 from server.rebalancer import Rebalancer, initial_span
+from server.walltime import catch_warning, watch_walltime
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +104,15 @@ class Server:
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
         length = fixed[1] - fixed[0] if fixed else self._span_length(num_blocks)
 
+        job = SlurmJob.from_env()  # compute nodes often accept no inbound connections: be reachable via relays
+        warning = catch_warning() if job is not None else None  # Slurm's early warning must not end the process
+        if job is not None:
+            logger.info("Running in Slurm %s; leaving the swarm %.0fs before its time limit (--leave-before)",
+                        job.describe(), cfg.leave_before)
         self.peer = peer = await Peer.start(NetworkConfig(
             initial_peers=cfg.initial_peers, host_maddrs=cfg.listen_maddrs(), announce_maddrs=cfg.announce_maddrs,
-            identity_path=cfg.identity_path, use_relay=cfg.use_relay, use_auto_relay=cfg.use_auto_relay))
+            identity_path=cfg.identity_path, use_relay=cfg.use_relay,
+            use_auto_relay=cfg.use_auto_relay or job is not None))
         self.executor = executor = ComputeExecutor(num_threads=cfg.num_threads)
         self.next_pings = NextPings(peer.p2p)
         self.checkpoint = open_checkpoint(cfg.model, model_config, gguf_file=cfg.gguf_file, revision=cfg.revision,
@@ -135,6 +143,8 @@ class Server:
             await self._serve(span)
             print(f"Server ONLINE: {cfg.dht_prefix} blocks {start}:{end} as {peer.peer_id}", flush=True)
             tasks.append(asyncio.create_task(self._announce_loop()))
+            if job is not None:
+                tasks.append(asyncio.create_task(watch_walltime(self, job, cfg.leave_before, warning=warning)))
             if fixed is None and length < num_blocks:
                 rebalancer = Rebalancer(self, prefix=cfg.dht_prefix, num_blocks=num_blocks,
                                         period=cfg.rebalance_period, balance_quality=cfg.balance_quality)
@@ -204,11 +214,29 @@ class Server:
         self.state = ServerState.ONLINE
         await self._announce()
 
+    async def leave(self, reason: str, drain_until: float) -> None:
+        """Leaves the swarm without losing a generation: OFFLINE and no new sessions now, the open ones
+        until ``drain_until`` (epoch seconds), then the usual shutdown, which closes the rest (their
+        clients fail over and replay). See :mod:`server.walltime`."""
+        self.state = ServerState.OFFLINE
+        if self.handler is not None:
+            self.handler.leaving = reason
+        await self._announce()
+        print(f"Leaving the swarm: {reason}. Announced OFFLINE; taking no new sessions", flush=True)
+        while self.handler is not None and self.handler.sessions and time.time() < drain_until:
+            await asyncio.sleep(min(0.5, max(0.01, drain_until - time.time())))
+        if self.handler is not None and self.handler.sessions:
+            logger.info("Closing %d open session(s); their clients continue on other servers",
+                        len(self.handler.sessions))
+        self.request_stop()
+
     async def move_to(self, start: int, end: int, reason: str) -> None:
         """Serves blocks ``start:end`` instead of the current span: announces the move (JOINING there,
         OFFLINE on the blocks it leaves), ends the sessions on the old span, keeps the blocks both spans
         share, loads only the new ones, and serves again."""
         old_start, old_end = self.start, self.end
+        if self.state == ServerState.OFFLINE:
+            return  # leaving the swarm (server.walltime): no more moves
         print(f"Moving from blocks {old_start}:{old_end} to {start}:{end}: {reason}", flush=True)
         left = [b for b in range(old_start, old_end) if not start <= b < end]
         if left:

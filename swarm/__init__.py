@@ -26,6 +26,7 @@ other way; the CLI imports them lazily):
 - ``devices``  what torch can use, the --device verdict and its fixes, dtype/attention per backend, RAM
 - ``doctor``   ``swarm doctor``: what this machine can serve with
 - ``slurm``    the Slurm job a process runs in and when its time runs out
+- ``sbatch``   ``swarm slurm``: the sbatch script for servers as batch jobs, and submitting it
 - ``download`` ``swarm download``: only a span's shards, for nodes without network
 - ``aio``      event loops (uvloop where available)
 - ``cli``      the ``swarm`` command

@@ -1,4 +1,4 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``doctor``, ``download``,
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``doctor``, ``download``, ``slurm``,
 ``demo``, ``models``.
 
 The flags of every command but ``demo`` and ``models`` are derived from its config dataclass in
@@ -18,7 +18,8 @@ import typing
 from typing import Any
 
 from swarm import aio
-from swarm.config import ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig, ServerConfig
+from swarm.config import (ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig,
+                          ServerConfig, SlurmConfig)
 from swarm.errors import SwarmError
 
 
@@ -117,6 +118,16 @@ def make_parser() -> argparse.ArgumentParser:
                                    "(docs/hpc.md)")
     _add_dataclass_flags(p, DownloadConfig, positional=("model",))
 
+    p = sub.add_parser("slurm", help="run servers as Slurm batch jobs: write an sbatch script and submit it",
+                       description="Writes an sbatch script that runs `swarm serve` with the flags after -- (one "
+                                   "server per job; --array N for N servers that place themselves), with the "
+                                   "partition, --gres, walltime, modules and env file, and submits it. Servers leave "
+                                   "the swarm before the walltime without losing a generation (docs/hpc.md)")
+    _add_dataclass_flags(p, SlurmConfig)
+    from swarm.sbatch import add_serve_args
+
+    add_serve_args(p)
+
     p = sub.add_parser("demo", help="run a whole swarm on 127.0.0.1 and stream a generation through it")
     p.add_argument("--model", default=None,
                    help="hub id or local directory (default: a small random-weight Llama built on the fly)")
@@ -196,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             from swarm.download import run_download
 
             return run_download(_build_config(DownloadConfig, args))
+        if args.command == "slurm":
+            from swarm.sbatch import run_slurm, split_serve_args
+
+            return run_slurm(_build_config(SlurmConfig, args), split_serve_args(args.serve_args))
         if args.command == "demo":
             from swarm.demo import run_demo
 

@@ -157,6 +157,10 @@ class ServerConfig(NetworkFlags):
     max_lora_rank: int = dataclasses.field(default=128, metadata=_help("the largest LoRA rank a request may send"))
     max_adapter_mb: float = dataclasses.field(
         default=256.0, metadata=_help("the most MiB of LoRA weights one request may send for its blocks"))
+    leave_before: float = dataclasses.field(
+        default=120.0, metadata=_help("in a Slurm job: seconds before its time limit at which the server announces "
+                                      "OFFLINE and takes no new sessions; open sessions go on for half of this, then "
+                                      "move to other servers, and the server exits"))
 
     def __post_init__(self) -> None:
         self.check_network()
@@ -187,6 +191,8 @@ class ServerConfig(NetworkFlags):
                               f"got {self.balance_quality}")
         if not self.rebalance_period > 0:
             raise ConfigError(f"--rebalance-period must be positive seconds, got {self.rebalance_period}")
+        if not 0 < self.leave_before < float("inf"):
+            raise ConfigError(f"--leave-before must be positive seconds, got {self.leave_before}")
 
     @property
     def dht_prefix(self) -> str:
@@ -468,3 +474,53 @@ class DownloadConfig:
         if self.blocks is not None:
             parse_span(self.blocks)
 
+
+@dataclasses.dataclass(frozen=True)
+class SlurmConfig:
+    """``swarm slurm [flags] -- [swarm serve flags]``: servers as Slurm batch jobs (docs/hpc.md)."""
+
+    array: int = dataclasses.field(
+        default=1, metadata=_help("how many servers: a job array of this many tasks, each a server that places "
+                                  "itself in the swarm"))
+    time: str = dataclasses.field(default="04:00:00", metadata=_help("walltime of each job (sbatch --time)"))
+    partition: str | None = dataclasses.field(default=None, metadata=_help("Slurm partition (sbatch --partition)"))
+    gres: str | None = dataclasses.field(
+        default=None, metadata=_help("devices per server, as your site names them: gpu:1, gpu:a100:1, dcu:1, npu:1"))
+    cpus_per_task: int | None = dataclasses.field(default=None, metadata=_help("CPU cores per server"))
+    mem: str | None = dataclasses.field(default=None, metadata=_help("RAM per server (sbatch --mem, e.g. 64G)"))
+    job_name: str = dataclasses.field(default="swarm", metadata=_help("job name (squeue shows it)"))
+    modules: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("environment modules to load first, e.g. --modules cuda/12.4 pytorch/2.5",
+                                   nargs="+"))
+    env_file: str | None = dataclasses.field(
+        default=None, metadata=_help("a shell file of VAR=value lines sourced before serving (e.g. HF_HUB_OFFLINE=1, "
+                                     "SWARM_INITIAL_PEERS=...)"))
+    output: str | None = dataclasses.field(
+        default=None, metadata=_help("the job's log file (sbatch --output; default JOB_NAME-%%j.out, or "
+                                     "JOB_NAME-%%A_%%a.out for arrays)"))
+    swarm: str | None = dataclasses.field(
+        default=None, metadata=_help("the command that runs swarm on the compute node (default: this Python: "
+                                     "PYTHON -m swarm.cli)"))
+    sbatch_args: tuple[str, ...] = dataclasses.field(
+        default=(), metadata=_help("more sbatch options, one per value, e.g. --sbatch-args --account=proj42 "
+                                   "--qos=low", nargs="+"))
+    script: str = dataclasses.field(default="swarm-serve.sbatch", metadata=_help("where to write the sbatch script"))
+    submit: bool = dataclasses.field(default=True, metadata=_help("submit the script with sbatch (--no-submit: "
+                                                                  "only write it)"))
+
+    def __post_init__(self) -> None:
+        if self.array < 1:
+            raise ConfigError(f"--array must be at least 1 server, got {self.array}")
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise ConfigError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
+        for name in ("time", "partition", "gres", "mem", "job_name", "output"):  # each becomes one #SBATCH line
+            value = getattr(self, name)
+            if value is not None and (not value or re.search(r"\s", value)):
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be one word without spaces")
+        for name in ("modules", "sbatch_args", "swarm", "env_file", "script"):
+            value = getattr(self, name)
+            if value is not None and any("\n" in v or "\r" in v for v in ((value,) if isinstance(value, str) else value)):
+                raise ConfigError(f"--{name.replace('_', '-')} must not contain line breaks")
+        for arg in self.sbatch_args:
+            if not arg.startswith("-"):
+                raise ConfigError(f"--sbatch-args {arg!r}: give sbatch options, e.g. --account=proj42")
