@@ -154,7 +154,7 @@ class InferenceSession:
             self._key_mask = None if self._key_mask is None else self._key_mask[hypo_ids]
             self._positions = None if self._positions is None else self._positions[hypo_ids]
         padding = self._remember_padding(position, hidden, attention_mask, position_ids)
-        dtype = hidden.dtype
+        dtype, device = hidden.dtype, hidden.device  # the output returns to the client's device (CPU or GPU)
         first = 0
         while True:
             try:
@@ -168,7 +168,7 @@ class InferenceSession:
                 first, hidden = await self._replace(failed.index, position, attempts)
                 hypo_ids = None  # applied to the histories the replacements were rebuilt from
         self.position = position + hidden.shape[1]
-        return hidden.to(dtype)
+        return hidden.to(device, dtype)
 
     def _remember_padding(self, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                           positions: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
@@ -177,13 +177,13 @@ class InferenceSession:
         if mask is not None or self._key_mask is not None:
             kept = self._key_mask[:, :position] if self._key_mask is not None else torch.ones(
                 batch, position, dtype=torch.int64)
-            mask = torch.ones(batch, new, dtype=torch.int64) if mask is None else mask.to(torch.int64)
+            mask = torch.ones(batch, new, dtype=torch.int64) if mask is None else mask.to("cpu", torch.int64)
             self._key_mask = torch.cat([kept, mask], dim=1)
         if positions is not None or self._positions is not None:
             kept = self._positions[:, :position] if self._positions is not None else torch.arange(
                 position).expand(batch, position)
             positions = torch.arange(position, position + new).expand(batch, new) if positions is None else positions
-            self._positions = torch.cat([kept, positions.to(torch.int64)], dim=1)
+            self._positions = torch.cat([kept, positions.to("cpu", torch.int64)], dim=1)
         return self._padding_fields(position, position + new)
 
     def _padding_fields(self, start: int, end: int) -> dict[str, torch.Tensor | None]:

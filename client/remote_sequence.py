@@ -158,6 +158,7 @@ class RemoteSequence:
         """
         extras = extras or self.extras()
         attempts = self.policy.begin(f"forward through blocks 0:{self.num_blocks}", self.ban)
+        device = hidden.device  # the reply comes back to where the client's own layers are (CPU or GPU)
         position = 0
         while position < self.num_blocks:
             link: ChainLink | None = None
@@ -173,7 +174,7 @@ class RemoteSequence:
             position = link.end
             hidden = out.to(hidden.dtype)
             attempts.progress(f"blocks 0:{position} done")
-        return hidden
+        return hidden.to(device)
 
     async def _forward_link(self, link: ChainLink, hidden: torch.Tensor, extras: Extras) -> torch.Tensor:
         request = ForwardRequest(start=link.start, end=link.end, hidden=hidden, **extras.fields(link.start, link.end))
