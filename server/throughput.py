@@ -103,14 +103,12 @@ def cache_path() -> pathlib.Path:
 def _device_name(device: torch.device) -> str:
     if device.type != "cpu":
         return device_name(device)
-    if device.type == "cpu":
-        with contextlib.suppress(OSError):
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-        return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
-    return device.type
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
 def speed_key(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, num_threads: int,
