@@ -8,8 +8,9 @@ Builds a random-weight Llama checkpoint with Llama-2-7B's block shape (hidden 40
 each setup (compute dtype x quant), in fresh processes:
 
 - a worker loads the span as a server does (``server.loading.load_span``) and reports the bytes one
-  block stores (parameters + buffers), the process RSS after loading and its peak (VmHWM; on a GPU:
-  allocated and peak allocated device memory), and step latency through one block: a 1-token step
+  block stores (parameters + buffers), the process RSS (all, anonymous, file-backed) after one step
+  through every block and its peak (VmHWM; on a GPU: allocated and peak allocated device memory),
+  and step latency through one block: a 1-token step
   into a KV cache (median of ``--steps``, after a 16-token prefill) and a 128-token prefill (median of 3);
 - a real ``swarm serve --quant ... --blocks 0:N`` process (its own swarm, no throughput probe): its
   RSS once ONLINE and its peak RSS.
@@ -76,6 +77,13 @@ def _status_kib(pid: int | str, field: str) -> int:
     return 0
 
 
+def _rss(pid: int | str) -> dict:
+    """Resident memory: all of it, anonymous (owned by the process) and file pages (memory-mapped
+    checkpoint tensors: the weights of a span served in the checkpoint's dtype, or pages quantizing read)."""
+    return {f"{name}_mib": round(_status_kib(pid, field) / 1024)
+            for name, field in (("rss", "VmRSS"), ("rss_anon", "RssAnon"), ("rss_file", "RssFile"))}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -107,10 +115,11 @@ def worker(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     span = load_span(Checkpoint(args.model), config, 0, config.num_hidden_layers, dtype, device, quant=args.quant)
     _sync(device)
-    result: dict = {"load_s": round(time.perf_counter() - t0, 1),
-                    "bytes_per_block": module_bytes(span.blocks[0]),
-                    "rss_after_load_mib": round(_status_kib("self", "VmRSS") / 1024),
+    result: dict = {"load_s": round(time.perf_counter() - t0, 1), "bytes_per_block": module_bytes(span.blocks[0]),
                     "peak_rss_mib": round(_status_kib("self", "VmHWM") / 1024)}
+    with torch.inference_mode():  # touch every weight: memory-mapped ones become resident only when read
+        span(torch.zeros(1, 1, config.hidden_size, device=device, dtype=dtype))
+    result.update(_rss("self"))
     if device.type == "cuda":
         result["device_allocated_mib"] = round(torch.cuda.memory_allocated(device) / 2**20)
         result["device_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -145,7 +154,7 @@ def server_rss(model: str, device: str, dtype: str, quant: str, blocks: int, thr
         proc = swarm.start_server(model, f"0:{blocks}", *extra, timeout=900)
         pid = proc.popen.pid
         return {"server_start_to_online_s": round(time.monotonic() - t0, 1),
-                "server_rss_mib": round(_status_kib(pid, "VmRSS") / 1024),
+                **{f"server_{key}": value for key, value in _rss(pid).items()},
                 "server_peak_rss_mib": round(_status_kib(pid, "VmHWM") / 1024)}
 
 
@@ -190,7 +199,7 @@ def main() -> None:
     if "bytes_per_block" in base:
         results["vs_bfloat16"] = {
             setup: {key: round(entry[key] / base[key], 3) for key in
-                    ("bytes_per_block", "server_rss_mib", "step_1_token_ms", "prefill_128_ms")
+                    ("bytes_per_block", "rss_anon_mib", "server_rss_anon_mib", "step_1_token_ms", "prefill_128_ms")
                     if key in entry and base.get(key)}
             for setup, entry in results["setups"].items() if "error" not in entry}
         ratios = results["vs_bfloat16"]
