@@ -15,7 +15,9 @@ import torch
 
 from fake_hub import FakeHub
 from server.loading import load_span
-from swarm.errors import ModelError
+from swarm.config import DownloadConfig
+from swarm.download import download
+from swarm.errors import ConfigError, ModelError
 from swarm.models import load_config
 from swarm.tiny import TINY_LLAMA
 from swarm.weights import INDEX_FILE, Checkpoint
@@ -86,11 +88,12 @@ def test_download_for_a_client_adds_the_head_and_tokenizer_files(sharded, tmp_pa
     assert "and the client's parts" in done.stdout
 
 
-def test_download_refuses_bad_spans(sharded, tmp_path):
+def test_download_refuses_bad_spans(sharded):
     path, _, _ = sharded
-    with FakeHub(path, REPO) as hub:
-        too_far = _download(hub, "--blocks", "2:9", "--cache-dir", str(tmp_path / "cache"))
-    assert too_far.returncode == 2 and "the model has 4 blocks (0:4)" in too_far.stderr
-    malformed = subprocess.run([sys.executable, "-m", "swarm.cli", "download", REPO, "--blocks", "x"],
-                               capture_output=True, text=True, timeout=60)
-    assert malformed.returncode == 2 and "is not START:END" in malformed.stderr
+    with pytest.raises(ConfigError, match=r"the model has 4 blocks \(0:4\)"):
+        download(DownloadConfig(model=path, blocks="2:9"))
+    for bad in ("x", "3:1", "-1:2"):
+        with pytest.raises(ConfigError, match="--blocks"):
+            DownloadConfig(model=REPO, blocks=bad)
+    with pytest.raises(ConfigError, match="needs a model"):
+        DownloadConfig()

@@ -149,9 +149,10 @@ def test_bad_slurm_requests_are_refused_before_submitting():
             SlurmConfig(**bad)
 
 
-def test_swarm_slurm_without_sbatch_says_where_to_run_it(tmp_path):
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable)}
-    done = subprocess.run([sys.executable, "-m", "swarm.cli", "slurm", "--script", str(tmp_path / "s.sbatch"), "--",
-                           "--model", "m"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert done.returncode == 2 and "sbatch is not on PATH" in done.stderr
+def test_swarm_slurm_without_sbatch_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    from swarm.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert main(["slurm", "--script", str(tmp_path / "s.sbatch"), "--", "--model", "m"]) == 2
+    assert "sbatch is not on PATH" in capsys.readouterr().err
     assert (tmp_path / "s.sbatch").read_text().startswith("#!/bin/bash")
