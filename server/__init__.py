@@ -8,8 +8,10 @@
 - ``adapters``    LoRA adapters preloaded with --adapters, selected per request by name
 - ``push``        sending a step's output straight to the next server of a chain
 - ``pings``       round trips to the servers that may come next in a chain, published in the record
-- ``compute``     the compute executor: one thread per device, inference before forward
-- ``kv_cache``    the KV cache budget sessions reserve from
+- ``compute``     the compute executor: one thread per device, inference batches before queued jobs
+- ``batching``    continuous batching: concurrent sessions' steps over the same blocks in one forward
+- ``scheduler``   which waiting steps run together next, and chunks of long prefills (pure)
+- ``kv_cache``    the paged KV cache: pages from one pool, charged to --cache-tokens as sessions fill them
 - ``faults``      test-only fault injection (``SWARM_TEST_FAULTS``)
 - ``walltime``    in a Slurm job: leaving the swarm before its time limit without losing a generation
 """

@@ -17,11 +17,11 @@ import time
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from swarm import __version__, aio
 from swarm.blocks import Span
-from swarm.errors import BadRequest, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError, UnknownSession
+from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError,
+                          UnknownSession)
 from swarm.lora import AppliedLora, applied, check_lora, parse_wire_name
 from swarm.wire import (
     HANDLERS,
@@ -44,8 +44,9 @@ from swarm.wire import (
 
 from server import faults
 from server.adapters import Adapter
-from server.compute import PRIORITY_BACKWARD, PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeExecutor
-from server.kv_cache import CacheBudget
+from server.batching import StepBatcher
+from server.compute import PRIORITY_BACKWARD, PRIORITY_FORWARD, ComputeExecutor
+from server.kv_cache import PagedKV, PagePool, SessionCache
 from server.push import MAX_NEXT_SERVERS, PushSender
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class HandlerLimits:
     max_backward_tokens: int = 8192
     max_lora_rank: int = 128
     max_adapter_bytes: int = 256 << 20
+    max_batch_tokens: int = 512  # tokens of one batched inference forward; longer steps run in chunks
+    batching: bool = True  # concurrent sessions' steps share a forward (off: one session's step at a time)
 
 
 @dataclasses.dataclass
@@ -74,11 +77,10 @@ class Session:
     end: int
     max_length: int
     batch_size: int
-    cache: DynamicCache
+    cache: SessionCache  # its pages of the server's KV cache, its length and padding
     writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
     lora: AppliedLora | None = None  # the adapter every step of this session runs with
     prompts: torch.Tensor | None = None  # deep prompts, added to the positions below their length
-    key_mask: torch.Tensor | None = None  # [batch, position] bool, False for padding; None: no padding yet
     position: int = 0
     last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -89,10 +91,12 @@ class SpanHandler:
     """Serves one :class:`Span`; register with :meth:`add_to` and remove with :meth:`remove_from`."""
 
     def __init__(self, span: Span, *, model_name: str, dtype: torch.dtype, device: torch.device,
-                 budget: CacheBudget, limits: HandlerLimits, executor: ComputeExecutor, public_name: str = "",
+                 pool: PagePool, limits: HandlerLimits, executor: ComputeExecutor, public_name: str = "",
                  adapters: dict[str, Adapter] | None = None):
         self.span, self.model_name, self.dtype, self.device = span, model_name, dtype, device
-        self.budget, self.limits, self.executor, self.public_name = budget, limits, executor, public_name
+        self.pool, self.limits, self.executor, self.public_name = pool, limits, executor, public_name
+        self.batcher = StepBatcher(span, PagedKV(pool, span.start, len(span.blocks), device), executor, dtype,
+                                   limits.max_batch_tokens, limits.batching)
         self.adapters = adapters or {}  # preloaded with --adapters, selected per request by name
         self.hidden_size = span.config.hidden_size
         # {global block index: {module path: module}}: where request LoRA weights go
@@ -126,6 +130,7 @@ class SpanHandler:
         """Ends every open stream (and so every session); called on shutdown."""
         if self.pusher is not None:
             self.pusher.close()
+        self.batcher.close()
         for task in list(self._streams):
             task.cancel()
         if self._streams:
@@ -162,7 +167,7 @@ class SpanHandler:
             protocol_version=PROTOCOL_VERSION, version=__version__, model=self.model_name,
             start=self.span.start, end=self.span.end, hidden_size=self.hidden_size,
             dtype=str(self.dtype).removeprefix("torch."), max_session_length=self.limits.max_session_length,
-            max_batch_size=self.limits.max_batch_size, cache_tokens_left=self.budget.tokens_left,
+            max_batch_size=self.limits.max_batch_size, cache_tokens_left=self.pool.tokens_left,
             public_name=self.public_name,
         )
 
@@ -268,15 +273,20 @@ class SpanHandler:
         if lora is not None:  # cast once: every step of the session uses them
             lora.modules = [(m, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
                             for m, a, b in lora.modules]
-        with self.budget.reserve(msg.max_length * msg.batch_size, msg.end - msg.start):
-            session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
-                              self.span.new_cache(), writer, lora=lora, prompts=prompts)
-            self.sessions[session.session_id] = session
-            try:
-                await write_message(writer, SessionOpened(session.session_id, self.budget.tokens_left))
-                await self._serve_session(session, reader, writer)
-            finally:
-                del self.sessions[session.session_id]
+        if self.pool.tokens_left < msg.batch_size * self.pool.page_tokens:
+            raise ServerBusy(f"this server's KV cache is full ({self.pool.tokens_left} tokens free of --cache-tokens "
+                             f"{self.pool.capacity * self.pool.page_tokens}); retry later or use another server")
+        session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
+                          SessionCache(self.pool, msg.batch_size), writer, lora=lora, prompts=prompts)
+        self.sessions[session.session_id] = session
+        try:
+            await write_message(writer, SessionOpened(session.session_id, self.pool.tokens_left))
+            await self._serve_session(session, reader, writer)
+        finally:
+            del self.sessions[session.session_id]
+            session.cache.close()
+            self.batcher.forget(session)
+            self.batcher.release_memory()
 
     async def _serve_session(self, session: Session, reader, writer) -> None:
         while True:
@@ -307,10 +317,10 @@ class SpanHandler:
                 return  # already answered: it was pushed and then sent by the client too
             try:
                 step = self._check_step(session, msg)
-                kind = f"step:{step.hidden.shape[0] * step.hidden.shape[1]}:{session.end - session.start}"
-                out = await self.executor.run(PRIORITY_INFERENCE, self._step, session, step, kind=kind)
-            except BadRequest as e:
-                # the session stays usable: the client may correct the request and go on
+                out = await self.batcher.run(session, step)
+            except (BadRequest, ServerBusy) as e:
+                # the session stays usable: the client may correct the request, retry, or go elsewhere
+                session.position = session.cache.length
                 await write_error(session.writer, e)
                 return
             except Exception as e:
@@ -322,6 +332,8 @@ class SpanHandler:
                     await write_error(session.writer, e)
                 session.writer.close()
                 return
+            session.position = session.cache.length
+            session.last_used = time.monotonic()
             session.last_step_id = max(session.last_step_id, step_id)
             pushed = False
             if step.next_servers and self.pusher is not None:
@@ -365,36 +377,6 @@ class SpanHandler:
         if hidden is msg.hidden and mask is msg.attention_mask:
             return msg
         return dataclasses.replace(msg, hidden=hidden, attention_mask=mask, position_ids=positions)
-
-    @torch.inference_mode()
-    def _step(self, session: Session, step: InferenceStep) -> torch.Tensor:
-        faults.check("inference")
-        if step.start_position < session.position:
-            try:  # transformers crops by a negative count of tokens to drop
-                session.cache.crop(step.start_position - session.position)
-            except (RuntimeError, ValueError) as e:
-                raise BadRequest(f"cannot roll this session back to position {step.start_position}: {e}") from None
-            session.position = step.start_position
-            if session.key_mask is not None:
-                session.key_mask = session.key_mask[:, :step.start_position]
-        if step.hypo_ids is not None:
-            session.cache.reorder_cache(step.hypo_ids.to(self.device))
-            if session.key_mask is not None:
-                session.key_mask = session.key_mask[step.hypo_ids]
-        hidden = step.hidden.to(self.device, self.dtype)
-        batch, new = hidden.shape[:2]
-        if step.attention_mask is not None or session.key_mask is not None:
-            kept = session.key_mask if session.key_mask is not None else torch.ones(
-                batch, step.start_position, dtype=torch.bool)
-            new_mask = step.attention_mask if step.attention_mask is not None else torch.ones(batch, new, dtype=torch.bool)
-            session.key_mask = torch.cat([kept, new_mask], dim=1)
-        key_mask, position_ids = self._on_device((session.key_mask, step.position_ids))
-        with applied(session.lora):
-            out = self.span(hidden, session.cache, step.start_position, session.start, session.end,
-                            prompts=session.prompts, key_mask=key_mask, position_ids=position_ids)
-        session.position = step.start_position + new
-        session.last_used = time.monotonic()
-        return out.cpu()
 
     # ---------------------------------------------------------------- checks
 

@@ -40,7 +40,7 @@ from server import throughput as probe
 from server.compute import PRIORITY_FORWARD, ComputeExecutor
 from server.adapters import load_adapters, parse_adapter_arg
 from server.handler import HandlerLimits, SpanHandler
-from server.kv_cache import CacheBudget
+from server.kv_cache import PagePool
 from server.loading import default_num_blocks, human_bytes, load_span, respan, shared_blocks
 from server.pings import PING_TIMEOUT, NextPings, next_candidates
 from server.rebalancer import Rebalancer, initial_span
@@ -60,7 +60,7 @@ class Server:
     dtype: torch.dtype
     start: int
     end: int
-    budget: CacheBudget
+    pool: PagePool
     next_pings: NextPings
 
     def __init__(self, config: ServerConfig):
@@ -134,7 +134,7 @@ class Server:
             logger.info("Serving %s blocks %d:%d of %d on %s in %s%s; KV cache budget %d tokens (%s); DHT prefix %r",
                         cfg.model_name, start, end, num_blocks, device, str(dtype).removeprefix("torch."),
                         "" if cfg.quant == "none" else f", weights quantized to {cfg.quant}",
-                        cfg.cache_tokens, human_bytes(self.budget.capacity * self.budget.bytes_per_token_block),
+                        cfg.cache_tokens, human_bytes(self.pool.capacity_bytes),
                         cfg.dht_prefix)
             span = await self._load(lambda: load_span(self.checkpoint, model_config, start, end, dtype, device,
                                                       self.stop_event.is_set, cfg.quant), f"{start}:{end}")
@@ -183,7 +183,7 @@ class Server:
     def _set_span(self, start: int, end: int) -> None:
         self.start, self.end = start, end
         self.next_pings.clear()  # measured from the old span's end
-        self.budget = CacheBudget(self.config.cache_tokens, end - start,
+        self.pool = PagePool(self.config.cache_tokens, end - start,
                                   kv_bytes_per_token(self.model_config, self.dtype))
 
     async def _load(self, load: Callable[[], Span], what: str) -> Span:
@@ -204,12 +204,13 @@ class Server:
         """Registers handlers for ``span`` and announces ONLINE."""
         cfg = self.config
         self.handler = SpanHandler(
-            span, model_name=cfg.model_name, dtype=self.dtype, device=self.device, budget=self.budget,
+            span, model_name=cfg.model_name, dtype=self.dtype, device=self.device, pool=self.pool,
             executor=self.executor, public_name=cfg.public_name,
             adapters=load_adapters(cfg.adapters, span, self.device, self.dtype),
             limits=HandlerLimits(cfg.max_session_length, cfg.max_batch_size, cfg.max_forward_tokens,
                                  cfg.session_timeout, max_backward_tokens=cfg.max_backward_tokens,
-                                 max_lora_rank=cfg.max_lora_rank, max_adapter_bytes=int(cfg.max_adapter_mb * 2**20)))
+                                 max_lora_rank=cfg.max_lora_rank, max_adapter_bytes=int(cfg.max_adapter_mb * 2**20),
+                                 max_batch_tokens=cfg.max_batch_tokens, batching=cfg.batching))
         await self.handler.add_to(self.peer.p2p)
         self.state = ServerState.ONLINE
         await self._announce()
@@ -268,7 +269,7 @@ class Server:
             quant=self.quant,
             throughput=self.offered_throughput, inference_rps=speed.inference_rps if speed else 0.0,
             forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
-            device=self.device.type, device_name=device_name(self.device), cache_tokens_left=self.budget.tokens_left,
+            device=self.device.type, device_name=device_name(self.device), cache_tokens_left=self.pool.tokens_left,
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
             adapters=tuple(parse_adapter_arg(arg)[0] for arg in cfg.adapters),
             using_relay=self.using_relay, next_pings=dict(self.next_pings.rtts),

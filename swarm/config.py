@@ -121,6 +121,13 @@ class ServerConfig(NetworkFlags):
                                       "keeps for every block of its span"))
     max_session_length: int = dataclasses.field(
         default=8192, metadata=_help("the most tokens one inference session may hold"))
+    batching: bool = dataclasses.field(
+        default=True, metadata=_help("run the inference steps of concurrent sessions as one batched forward "
+                                     "(--no-batching: one session's step at a time)"))
+    max_batch_tokens: int = dataclasses.field(
+        default=512, metadata=_help("the most tokens (rows x new tokens) one inference forward runs; a longer step "
+                                    "(a long prompt) runs in chunks of this size, so other sessions' steps wait at "
+                                    "most for one chunk"))
     max_batch_size: int = dataclasses.field(default=64, metadata=_help("the largest batch one request may carry"))
     max_forward_tokens: int = dataclasses.field(
         default=65536, metadata=_help("the most tokens (batch x length) one forward request may carry"))
@@ -171,7 +178,7 @@ class ServerConfig(NetworkFlags):
         if self.quant not in QUANT_SCHEMES:
             raise ConfigError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
         for name in ("cache_tokens", "max_session_length", "max_batch_size", "max_forward_tokens",
-                     "max_backward_tokens", "max_lora_rank", "max_adapter_mb"):
+                     "max_backward_tokens", "max_lora_rank", "max_adapter_mb", "max_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.update_period <= 0 or self.session_timeout <= 0:
@@ -388,8 +395,8 @@ class ApiConfig:
     max_concurrent: int = dataclasses.field(
         default=16, metadata=_help("generations running at once; later requests wait for a free slot"))
     default_max_tokens: int = dataclasses.field(
-        default=512, metadata=_help("tokens to generate when a request gives no max_tokens (each session reserves "
-                                    "cache for its prompt plus this on every server)"))
+        default=512, metadata=_help("tokens to generate when a request gives no max_tokens (a session routes to "
+                                    "servers with free cache for its prompt plus this)"))
     dtype: str = dataclasses.field(
         default="float32", metadata=_help("dtype of the local embeddings/head and of the activations sent "
                                           "(float32, bfloat16 or float16)"))

@@ -153,6 +153,39 @@ def applied(lora: AppliedLora | None) -> Iterator[None]:
             handle.remove()
 
 
+@contextlib.contextmanager
+def applied_to_rows(loras: Sequence[tuple[slice, AppliedLora]]) -> Iterator[None]:
+    """Adds each slice of rows' own adapter to its modules for one synchronous batched call (inference: no
+    dropout). Rows of different sessions share the base layers' matmul; each adapter adds its product
+    to its rows only, and adjacent slices with the same weights (a preloaded adapter) take one product."""
+    by_module: dict[torch.nn.Module, list[list[Any]]] = {}
+    for rows, lora in loras:
+        for module, a, b in lora.modules:
+            entries = by_module.setdefault(module, [])
+            last = entries[-1] if entries else None
+            if last is not None and last[1] is a and last[2] is b and last[3] == lora.scaling \
+                    and last[0].stop == rows.start:
+                last[0] = slice(last[0].start, rows.stop)
+            else:
+                entries.append([rows, a, b, lora.scaling])
+    handles = [module.register_forward_hook(_rows_hook(entries)) for module, entries in by_module.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _rows_hook(entries: list[list[Any]]):
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        x = inputs[0]  # [rows, tokens, in]
+        for rows, a, b, scaling in entries:
+            output[rows] += (x[rows] @ a.to(x.dtype).t() @ b.to(x.dtype).t()) * scaling
+        return output
+
+    return hook
+
+
 def _lora_hook(a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float, seed: int):
     def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
         x = inputs[0]

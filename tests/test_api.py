@@ -369,7 +369,8 @@ def test_disconnect_mid_stream_frees_the_session(api):
 
             stream = await asyncio.to_thread(start)
             during = await _tokens_left(peer, ids)
-            assert all(d <= b - 1500 for d, b in zip(during, before)), (before, during)
+            # the session holds pages of the servers' caches for what it has cached so far
+            assert all(d < b for d, b in zip(during, before)), (before, during)
             await asyncio.to_thread(stream.close)
             for _ in range(100):  # bounded: the API cancels, the servers see the streams close
                 if await _tokens_left(peer, ids) == before:

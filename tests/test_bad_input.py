@@ -174,8 +174,10 @@ def test_closing_the_stream_frees_the_cache(llama_swarm):
                 return info.cache_tokens_left
 
             before = await tokens_left()
-            stream, _ = await _open(peer, server_id, max_length=1000)
-            assert await tokens_left() == before - 1000
+            stream, session_id = await _open(peer, server_id, max_length=1000)
+            assert await tokens_left() == before  # pages are taken as the session fills them, not at open
+            await _step(stream, session_id, torch.randn(1, 40, 64), 0)
+            assert await tokens_left() == before - 48  # 40 tokens take three pages of 16
             stream.close()
             for _ in range(100):  # the server notices the closed stream asynchronously
                 if await tokens_left() == before:

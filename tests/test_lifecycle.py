@@ -7,12 +7,13 @@ import re
 import uuid
 
 import pytest
+import torch
 
 from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.local_swarm import LocalSwarm
 from swarm.records import ServerState
 from swarm.transport import Stream
-from swarm.wire import InfoRequest, InfoResponse, OpenSession, SessionOpened, expect
+from swarm.wire import InferenceStep, InfoRequest, InfoResponse, OpenSession, SessionOpened, StepOutput, expect
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -51,9 +52,12 @@ def test_idle_session_times_out_and_stopping_announces_offline(tiny_llama, llama
 
             before = await tokens_left()
             stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
-            await stream.send(OpenSession(session_id=uuid.uuid4().hex, start=0, end=4, max_length=100))
+            session_id = uuid.uuid4().hex
+            await stream.send(OpenSession(session_id=session_id, start=0, end=4, max_length=100))
             expect(await stream.receive(TIMEOUT), SessionOpened)
-            assert await tokens_left() == before - 100
+            await stream.send(InferenceStep(session_id=session_id, hidden=torch.randn(1, 20, 64), start_position=0))
+            expect(await stream.receive(TIMEOUT), StepOutput)
+            assert await tokens_left() == before - 32  # 20 tokens hold two pages of 16
             # idle for more than --session-timeout: the server closes the stream and frees the cache
             with pytest.raises(Exception, match="closed the stream"):
                 await stream.receive(15)
