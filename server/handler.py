@@ -298,7 +298,13 @@ class SpanHandler:
             await self._process_step(session, msg)
 
     async def _handle_push(self, reader, writer) -> None:
-        """Steps pushed by the previous server of a chain, for any session open here."""
+        """Steps pushed by the previous server of a chain, for any session open here.
+
+        The previous server pushes every session's steps through one stream; each step runs as a task of
+        its own, so the pushed steps of concurrent sessions batch like steps their clients send. A
+        session's next pushed step waits for its last (its steps run in order, and a peer cannot queue
+        more steps than sessions are open)."""
+        last: dict[str, asyncio.Task] = {}  # each session's latest pushed step
         while True:
             msg = await read_message(reader, self._wire_limits)
             if not isinstance(msg, InferenceStep):
@@ -307,7 +313,23 @@ class SpanHandler:
             if session is None:  # closed meanwhile, or never here; the client's timeout covers it
                 logger.warning("push for unknown session %r ignored", msg.session_id[:40])
                 continue
+            previous = last.get(session.session_id)
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
+            for key in [key for key, task in last.items() if task.done()]:
+                del last[key]
+            task = asyncio.create_task(self._process_pushed(session, msg))
+            last[session.session_id] = task
+            self._streams.add(task)  # cancelled by close_all like a stream
+            task.add_done_callback(self._streams.discard)
+
+    async def _process_pushed(self, session: Session, msg: InferenceStep) -> None:
+        try:
             await self._process_step(session, msg)
+        except (EOFError, ConnectionError, SwarmError) as e:  # the session's client went away meanwhile
+            logger.info("pushed step of session %s not answered: %s", session.session_id[:8], e)
+        except Exception:
+            logger.exception("pushed step of session %s failed", session.session_id[:8])
 
     async def _process_step(self, session: Session, msg) -> None:
         """Runs one step and answers on the session's stream; a bad step gets an error, the session lives on."""

@@ -18,13 +18,15 @@ import torch
 
 from server.batching import Part, StepBatcher, run_rows
 from server.compute import ComputeExecutor
+from server.handler import HandlerLimits, SpanHandler
+from server.handler import Session as HandlerSession
 from server.kv_cache import PagedKV, PagePool, SessionCache
 from server.loading import load_span
 from swarm.errors import ServerBusy
 from swarm.lora import AppliedLora, applied
 from swarm.models import load_config
 from swarm.weights import Checkpoint
-from swarm.wire import InferenceStep
+from swarm.wire import InferenceStep, StepOutput, encode, expect, read_message
 
 TOL = 1e-5
 CPU = torch.device("cpu")
@@ -204,6 +206,82 @@ def test_batcher_runs_concurrent_steps_together_and_chunks_long_prefills(span):
                 assert (o - session.alone(inputs[i][:, 6:7], 6)).abs().max().item() <= TOL
         finally:
             batcher.close()
+            executor.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+class _Writer:
+    """A session's stream as the handler writes to it: keeps the frames."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data) -> None:
+        self.data += data
+
+    def writelines(self, parts) -> None:
+        for part in parts:
+            self.data += part
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def outputs(self) -> list[torch.Tensor]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(bytes(self.data))
+        reader.feed_eof()
+        found = []
+        while not reader.at_eof():
+            found.append(expect(await read_message(reader), StepOutput).hidden)
+        return found
+
+
+def test_pushed_steps_of_concurrent_sessions_batch(span):
+    """The previous server pushes every session's steps through one stream; they still share a forward."""
+    async def scenario():
+        executor = ComputeExecutor(num_threads=1)
+        pool = PagePool(4096, 4, 8)
+        handler = SpanHandler(span, model_name="tiny", dtype=torch.float32, device=CPU, pool=pool,
+                              limits=HandlerLimits(256, 8, 4096, 60.0), executor=executor)
+        sizes, prefills = (1, 2, 1), (3, 5, 7)
+        inputs = [_randn(b, 12, 64, seed=50 + i) for i, b in enumerate(sizes)]
+        references = [_open(span, PagePool(4096, 4, 8), b) for b in sizes]
+        writers = [_Writer() for _ in sizes]
+        for i, (b, writer) in enumerate(zip(sizes, writers)):
+            handler.sessions[str(i)] = HandlerSession(str(i), 0, 4, 256, b, SessionCache(pool, b), writer)
+
+        async def push(steps: list[InferenceStep]) -> None:
+            reader = asyncio.StreamReader()
+            for step in steps:
+                reader.feed_data(b"".join(bytes(part) for part in encode(step)))
+            reader.feed_eof()
+            with pytest.raises(EOFError):
+                await handler._handle_push(reader, None)
+            if handler._streams:  # the pushed steps still running
+                await asyncio.wait(list(handler._streams), timeout=30)
+
+        try:
+            # prefills (of different lengths: separate forwards), then two one-token steps of every session
+            await push([InferenceStep(session_id=str(i), hidden=x[:, :n], start_position=0, step_id=1)
+                        for i, (x, n) in enumerate(zip(inputs, prefills))])
+            before = handler.batcher.batches_run
+            for t in range(2):
+                await push([InferenceStep(session_id=str(i), hidden=x[:, n + t:n + t + 1], start_position=n + t,
+                                          step_id=2 + t) for i, (x, n) in enumerate(zip(inputs, prefills))])
+            assert handler.batcher.batches_run - before == 2  # one forward for the three sessions, per step
+            for i, (x, n) in enumerate(zip(inputs, prefills)):
+                expected = [references[i].alone(x[:, :n], 0)] + [references[i].alone(x[:, n + t:n + t + 1], n + t)
+                                                                   for t in range(2)]
+                got = await writers[i].outputs()
+                assert len(got) == 3
+                for g, e in zip(got, expected):
+                    assert (g - e).abs().max().item() <= TOL
+        finally:
+            await handler.close_all()
             executor.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
