@@ -25,7 +25,8 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterable
+import signal
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -359,6 +360,37 @@ def _checkpoint(config: FinetuneConfig, state: TrainerState, model: TrainableMod
 # ---------------------------------------------------------------- the command
 
 
+def _load_tokenizer(auto_tokenizer: Any, model: str) -> Any:
+    try:
+        return auto_tokenizer.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"--model {model!r} has no tokenizer transformers can load ({first}); swarm finetune needs "
+                         "one to render the data: copy the base model's tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json) into it, or pass its hub id") from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[int]]:
+    """SIGTERM (systemd, `timeout`, Slurm, `kill`) stops training like Ctrl-C does: train() saves a
+    checkpoint. Yields a list that holds the signal once one arrived (the command then exits 0)."""
+    received: list[int] = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: the caller handles signals
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_finetune(config: FinetuneConfig) -> int:
     """``swarm finetune``: data -> examples, the model with a fresh LoRA adapter, :func:`train`, final adapter."""
     try:
@@ -369,9 +401,10 @@ def run_finetune(config: FinetuneConfig) -> int:
 
     from swarm.models import load_config
 
+    from client.loop import run_sync
     from client.model import AutoDistributedModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = _load_tokenizer(AutoTokenizer, config.model)
     source = set_chat_template(tokenizer, config.chat_template)
     if source == "fallback":
         logger.info("The tokenizer has no chat template: using the plain '### User:' / '### Assistant:' one "
@@ -398,7 +431,14 @@ def run_finetune(config: FinetuneConfig) -> int:
                                                             dht_prefix=config.dht_prefix, dtype=config.dtype,
                                                             lora=lora)
     try:
-        state = train(model, examples, config, run)
+        run_sync(model.remote.peer())  # join before --output is created: a wrong address leaves nothing behind
+        with _sigterm_as_interrupt() as terminated:
+            try:
+                state = train(model, examples, config, run)
+            except KeyboardInterrupt:  # train() saved a checkpoint and said how to resume
+                if terminated:
+                    return 0
+                raise
         save_final(config.output, state, model)
         tokenizer.save_pretrained(config.output)  # with the chat template the adapter was trained on
     finally:

@@ -141,6 +141,7 @@ class InferenceSession:
                 raise BadRequest(f"{name} must be [batch, new_tokens] = {list(hidden.shape[:2])}, "
                                  f"got {list(value.shape)}")
         num_blocks = self.sequence.num_blocks
+        await self.sequence.peer()  # joining the swarm is not retried
         attempts = self.sequence.policy.begin(
             f"inference step at position {position} (blocks 0:{num_blocks})", self.sequence.ban)
         if not self._spans:

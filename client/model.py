@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from swarm.config import ClientConfig, default_prefix
 from swarm.errors import BadRequest, ModelError
 from swarm.lora import LoraSpec
-from swarm.models import causal_lm_class, config_without_layers, family_of, load_config
+from swarm.models import DIGEST_ATTR, causal_lm_class, config_without_layers, family_of, load_config
 from swarm.translate import to_native
 from swarm.weights import open_checkpoint, outside_blocks
 
@@ -362,7 +362,8 @@ class AutoDistributedModelForCausalLM:
                 raise ModelError(f"checkpoint {name_or_path!r} lacks tensors {missing[:5]}")
 
         prefix = config.dht_prefix or default_prefix(gguf_file or name_or_path)
-        model.remote = RemoteSequence(config, prefix, model_config.num_hidden_layers, name_or_path)
+        model.remote = RemoteSequence(config, prefix, model_config.num_hidden_layers, name_or_path,
+                                      config_digest=getattr(model_config, DIGEST_ATTR, ""))
         if lora is not None or adapter is not None or active_adapter or tuning_mode is not None or pre_seq_len:
             model.requires_grad_(False)  # the base model is frozen; what tuning adds is trained
             remote_lora = None

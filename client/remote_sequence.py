@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from swarm.config import ClientConfig
-from swarm.dht import NetworkConfig, Peer, fetch_servers
-from swarm.errors import MissingBlocksError, ServerError, SwarmError
+from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers
+from swarm.errors import MissingBlocksError, ModelError, ServerError, SwarmError
 from swarm.records import ServerState
 from swarm.routing import (
     ChainLink,
@@ -28,6 +28,7 @@ from swarm.routing import (
     missing_blocks,
     quant_excluded,
 )
+from swarm.served import find_prefix, same_config, served_line
 from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, ForwardResponse
 
 from swarm import transport
@@ -42,8 +43,13 @@ PING_MAX_AGE = 60.0  # seconds a measured ping is trusted
 
 
 class RemoteSequence:
-    def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, model_name: str):
+    """``prefix``: the model's DHT namespace (``config.dht_prefix``, else the default of its name, which the
+    first lookup may replace by the swarm's prefix for the same config.json: see :meth:`servers`)."""
+
+    def __init__(self, config: ClientConfig, prefix: str, num_blocks: int, model_name: str, config_digest: str = ""):
         self.config, self.prefix, self.num_blocks, self.model_name = config, prefix, num_blocks, model_name
+        self.config_digest = config_digest
+        self._prefix_found = config.dht_prefix is not None  # given explicitly: used as it is
         self.policy = config.retry_policy
         self.bans = self.policy.bans()
         self.pings: dict[str, tuple[float, float]] = {}  # peer id -> (round-trip seconds, when measured)
@@ -63,6 +69,7 @@ class RemoteSequence:
         return self.extras().session_fields(start, end) if self.tuning is not None else {}
 
     async def peer(self) -> Peer:
+        """This client's DHT peer, started (joining the swarm) on first use."""
         if self._peer is None:
             if self._peer_lock is None:
                 self._peer_lock = asyncio.Lock()
@@ -82,9 +89,38 @@ class RemoteSequence:
         """Records of every block's servers, looked up again at most every ``routing_refresh`` seconds."""
         if force or time.monotonic() - self._servers_time > self.config.routing_refresh:
             peer = await self.peer()
+            if not self._prefix_found:
+                await self._find_prefix(peer)
             self._servers = await fetch_servers(peer, self.prefix, list(range(self.num_blocks)))
             self._servers_time = time.monotonic()
         return self._servers
+
+    async def _find_prefix(self, peer: Peer) -> None:
+        """Without ``dht_prefix``, the model is looked for under the default prefix of its name; if the swarm
+        has nothing there but serves exactly one model with the same config.json (the same model in a folder
+        of another name), that one is used, with a warning (a fine-tune may share its base model's config)."""
+        index = await fetch_models(peer)
+        self._prefix_found = True
+        found = find_prefix(index, self.prefix, self.config_digest, self.num_blocks)
+        if found is not None and found != self.prefix:
+            logger.warning("Nothing is served under DHT prefix %r (the name of %s); using %r (served as %s), the "
+                           "swarm's only model with the same config.json. Pass dht_prefix=%r to say so", self.prefix,
+                           self.model_name, found, index[found].name, found)
+            self.prefix = found
+        elif found is None and len(same_config(index, self.config_digest, self.num_blocks)) > 1:
+            choices = ", ".join(f"{p!r} ({index[p].name})" for p in same_config(index, self.config_digest,
+                                                                              self.num_blocks))
+            raise ModelError(f"nothing is served under DHT prefix {self.prefix!r}, and several models of the swarm "
+                             f"have the same config.json: {choices}; pass dht_prefix= to choose one")
+
+    async def _missing_blocks(self, error: MissingBlocksError) -> MissingBlocksError:
+        """``error`` with the prefix it looked under and what the swarm serves (read from the model index)."""
+        try:
+            index = await fetch_models(await self.peer())
+        except Exception as e:  # the error is news enough without the index
+            logger.debug("Reading the model index failed: %s", e)
+            return error
+        return MissingBlocksError(f"{error}. {served_line(self.prefix, index)}")
 
     async def chain(self, start: int, end: int, min_cache_tokens: int = 0,
                     purpose: str = "inference") -> list[ChainLink]:
@@ -113,8 +149,8 @@ class RemoteSequence:
                 banned = self.bans.banned(time.monotonic())
                 missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
                 if force and time.monotonic() + delay > deadline:
-                    raise MissingBlocksError(f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}"
-                                             ) from None
+                    raise await self._missing_blocks(MissingBlocksError(
+                        f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}")) from None
                 if force:
                     logger.info("Waiting for servers of blocks %s", missing)
                     await asyncio.sleep(delay)
@@ -157,6 +193,7 @@ class RemoteSequence:
         link and its input, which :meth:`backward` needs.
         """
         extras = extras or self.extras()
+        await self.peer()  # joining the swarm is not retried: a wrong address gets its one answer at once
         attempts = self.policy.begin(f"forward through blocks 0:{self.num_blocks}", self.ban)
         device = hidden.device  # the reply comes back to where the client's own layers are (CPU or GPU)
         position = 0
@@ -202,6 +239,7 @@ class RemoteSequence:
         grad_prompts = None if extras.prompts is None else torch.zeros_like(extras.prompts)
         grads_a = [torch.zeros_like(a) for a in extras.lora_a]
         grads_b = [torch.zeros_like(b) for b in extras.lora_b]
+        await self.peer()
         attempts = self.policy.begin(f"backward through blocks 0:{self.num_blocks}", self.ban)
         for link, hidden in reversed(records):
             while True:

@@ -51,7 +51,8 @@ def create_app(config: HealthConfig, crawler: SwarmSource) -> Starlette:
     templates.env.filters["spans"] = format_blocks
 
     def state() -> dict[str, Any]:
-        return build_state(crawler.snapshot, show_ips=config.show_ips, refresh_period=config.refresh_period)
+        return build_state(crawler.snapshot, show_ips=config.show_ips, refresh_period=config.refresh_period,
+                           initial_peers=config.initial_peers)
 
     registry = make_registry(state)
 

@@ -17,7 +17,6 @@ from types import TracebackType
 
 from swarm.config import HealthConfig
 from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers
-from swarm.errors import ServerUnavailable
 from swarm.records import ModelRecord, ServerRecord, ServerState
 
 from health.probe import ProbeCache, ProbeResult, probe_server
@@ -82,13 +81,7 @@ class Crawler:
     async def __aenter__(self) -> "Crawler":
         network = NetworkConfig(initial_peers=self.config.initial_peers, host_maddrs=self.config.host_maddrs,
                                 client_mode=True)
-        try:
-            self._peer = await Peer.start(network)
-        except Exception as e:
-            raise ServerUnavailable(
-                f"could not join the swarm via {', '.join(self.config.initial_peers)}: {e}; check that a peer runs "
-                "there (`swarm dht` or `swarm serve` prints these addresses) and that this machine can reach it"
-            ) from None
+        self._peer = await Peer.start(network)  # unreachable initial peers: the one join-failure message
         self._task = asyncio.create_task(self._loop(), name="health crawler")
         return self
 
@@ -155,7 +148,10 @@ class Crawler:
 
         online = sorted({p for servers in by_model.values() for records in servers.values()
                          for p, r in records.items() if r.state == ServerState.ONLINE})
-        probes = dict(zip(online, await asyncio.gather(*(self.probe(p) for p in online))))
+        # every crawl asks each server again (an answer from the last crawl is too old): a server that dies
+        # shows as unreachable after one crawl, within refresh_period + probe_timeout
+        fresh = self.config.refresh_period / 2
+        probes = dict(zip(online, await asyncio.gather(*(self.probe(p, max_age=fresh) for p in online))))
         self.cache.prune(time.monotonic())
         addrs = await self._connected_addrs() if self.config.show_ips else {}
 
@@ -169,9 +165,10 @@ class Crawler:
                 addrs={p: addrs[p] for p in peers if p in addrs}))
         return tuple(snapshots)
 
-    async def probe(self, peer_id: str) -> ProbeResult:
-        """The info probe of ``peer_id``, from the cache if it is younger than ``probe_cache_ttl``."""
-        cached = self.cache.get(peer_id, time.monotonic())
+    async def probe(self, peer_id: str, max_age: float | None = None) -> ProbeResult:
+        """The info probe of ``peer_id``, from the cache if it is younger than ``probe_cache_ttl`` (and
+        ``max_age``)."""
+        cached = self.cache.get(peer_id, time.monotonic(), max_age)
         if cached is not None:
             return cached
         async with self._probes:

@@ -55,10 +55,12 @@ class ProbeCache:
         self.ttl = ttl
         self._results: dict[str, ProbeResult] = {}
 
-    def get(self, peer_id: str, now: float) -> ProbeResult | None:
-        """The cached result if it is younger than ``ttl`` at ``now`` (a monotonic time), else None."""
+    def get(self, peer_id: str, now: float, max_age: float | None = None) -> ProbeResult | None:
+        """The cached result if it is younger than ``ttl`` (and ``max_age``, if given) at ``now`` (a
+        monotonic time), else None."""
         result = self._results.get(peer_id)
-        if result is None or now - result.checked_at >= self.ttl:
+        limit = self.ttl if max_age is None else min(self.ttl, max_age)
+        if result is None or now - result.checked_at >= limit:
             return None
         return result
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from swarm import __version__
 from swarm.records import ServerRecord
+from swarm.served import serve_command
 from swarm.swarm_state import PeerState, merge_servers, model_health
 
 from health.crawler import ModelSnapshot, Reachability, Snapshot
@@ -64,7 +65,7 @@ def _server(peer_id: str, record: ServerRecord, state: PeerState, probe: ProbeRe
     return out
 
 
-def _model(model: ModelSnapshot, show_ips: bool) -> dict[str, Any]:
+def _model(model: ModelSnapshot, show_ips: bool, initial_peers: tuple[str, ...]) -> dict[str, Any]:
     health = model_health(model.servers, model.record.num_blocks,
                           reachable={p: probe.ok for p, probe in model.probes.items()})
     servers = [_server(p, record, health.states[p], model.probes.get(p), model.addrs.get(p), show_ips)
@@ -78,6 +79,7 @@ def _model(model: ModelSnapshot, show_ips: bool) -> dict[str, Any]:
         "replicas": list(health.replicas),
         "min_replicas": health.min_replicas,
         "missing_blocks": health.missing,
+        "fix_command": serve_command(model.record, model.prefix, health.missing, initial_peers),
         "block_states": [s.value for s in health.blocks],
         "servers_by_state": {s.value: health.servers_in(s) for s in PeerState},
         "throughput": sum(s["throughput"] for s in servers if s["state"] == PeerState.ONLINE.value),
@@ -85,8 +87,10 @@ def _model(model: ModelSnapshot, show_ips: bool) -> dict[str, Any]:
     }
 
 
-def build_state(snapshot: Snapshot, *, show_ips: bool, refresh_period: float) -> dict[str, Any]:
-    """The state document (a JSON-ready dict) for ``snapshot``; see docs/health.md."""
+def build_state(snapshot: Snapshot, *, show_ips: bool, refresh_period: float,
+                initial_peers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The state document (a JSON-ready dict) for ``snapshot``; see docs/health.md. ``initial_peers``:
+    the addresses this service joined through, which the fix commands name (others join the same way)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "version": __version__,
@@ -97,7 +101,7 @@ def build_state(snapshot: Snapshot, *, show_ips: bool, refresh_period: float) ->
         "crawls": snapshot.crawls,
         "refresh_period": refresh_period,
         "show_ips": show_ips,
-        "models": [_model(m, show_ips) for m in snapshot.models],
+        "models": [_model(m, show_ips, initial_peers) for m in snapshot.models],
     }
 
 

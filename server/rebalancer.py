@@ -4,6 +4,8 @@ The decisions are :mod:`swarm.placement`'s pure functions over the records :func
 returns; this module does the I/O around them:
 
 - :func:`initial_span` — reads the DHT and picks the span where the swarm is weakest
+- :func:`settled_span` — after announcing JOINING, reads the DHT again (servers started at the same
+  moment see each other now) and says where to load instead, if anywhere
 - :class:`Rebalancer` — every ``--rebalance-period`` seconds (jittered, so that servers started
   together do not all decide at the same moment on the same records) asks
   :func:`~swarm.placement.should_move` and, if it says so, calls the server's ``move_to``
@@ -20,7 +22,7 @@ import random
 from typing import Protocol
 
 from swarm.dht import Peer, fetch_servers
-from swarm.placement import block_totals, choose_span, should_move, typical_throughput
+from swarm.placement import block_totals, choose_span, settle_span, should_move, typical_throughput
 from swarm.records import ServerState
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,25 @@ async def initial_span(peer: Peer, prefix: str, num_blocks: int, length: int,
     logger.info("Placing this server at blocks %d:%d of %d, where the swarm is weakest (tokens/s per block: %s)",
                 start, start + length, num_blocks, " ".join(f"{t:.0f}" for t in totals))
     return start, start + length
+
+
+SETTLE_DELAY = 1.0  # seconds between announcing JOINING and looking again: others' announcements land meanwhile
+
+
+async def settled_span(peer: Peer, prefix: str, num_blocks: int, start: int, end: int,
+                       throughput: float | None) -> tuple[int, int]:
+    """Where a JOINING server at ``start:end`` should load, after a second look at the swarm
+    (:func:`swarm.placement.settle_span`); ``start:end`` itself unless a better window appeared."""
+    if end - start >= num_blocks:
+        return start, end
+    await asyncio.sleep(SETTLE_DELAY)
+    servers = await fetch_servers(peer, prefix, list(range(num_blocks)))
+    best = settle_span(servers, num_blocks, peer_id=peer.peer_id.to_base58(), start=start, end=end,
+                       throughput=throughput or typical_throughput(servers))
+    if best != start:
+        logger.info("Servers that joined at the same time took blocks %d:%d; loading %d:%d instead",
+                    start, end, best, best + end - start)
+    return best, best + end - start
 
 
 class MovableServer(Protocol):

@@ -1,7 +1,9 @@
 """One server process: place a span, load it, serve it, announce it, move it, and leave cleanly.
 
 Lifecycle: start the peer -> pick the span (``--blocks``, or ``--num-blocks`` placed where the swarm
-is weakest: :mod:`server.rebalancer`) -> announce JOINING -> load blocks -> measure throughput
+is weakest: :mod:`server.rebalancer`) -> announce JOINING (placed automatically: look at the swarm
+once more, and take another span if servers that started at the same moment took this one) ->
+load blocks -> measure throughput
 (once per setup: :mod:`server.throughput`) -> register handlers -> announce ONLINE (and again every
 ``update_period``, with the round trips to the servers that may come next: :mod:`server.pings`;
 without ``--blocks``, re-check the placement every ``rebalance_period`` and
@@ -29,7 +31,7 @@ from swarm.config import ServerConfig, parse_span
 from swarm.devices import adapt_to_device, device_name, pick_device
 from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
-from swarm.models import kv_bytes_per_token, load_config, resolve_dtype
+from swarm.models import DIGEST_ATTR, kv_bytes_per_token, load_config, resolve_dtype
 from swarm.prequantized import int4_format
 from swarm.quant import check_scheme
 from swarm.records import ModelRecord, ServerRecord, ServerState
@@ -43,7 +45,7 @@ from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import PagePool
 from server.loading import default_num_blocks, human_bytes, load_span, respan, shared_blocks
 from server.pings import PING_TIMEOUT, NextPings, next_candidates
-from server.rebalancer import Rebalancer, initial_span
+from server.rebalancer import Rebalancer, initial_span, settled_span
 from server.walltime import catch_warning, watch_walltime
 
 logger = logging.getLogger(__name__)
@@ -100,9 +102,13 @@ class Server:
             raise ConfigError(f"--quant {cfg.quant}: {cfg.model_name} is already quantized ({prequantized.label}) and "
                               "is served as its own 4-bit layers; drop --quant")
         self.model_config, self.device, self.dtype = model_config, device, dtype
-        self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type)
+        self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type,
+                                        config_digest=getattr(model_config, DIGEST_ATTR, ""))
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
         length = fixed[1] - fixed[0] if fixed else self._span_length(num_blocks)
+        if self.stop_event.is_set():  # Ctrl-C while the model's config loaded: nothing to undo yet
+            logger.info("Stopped before joining the swarm")
+            return
 
         job = SlurmJob.from_env()  # compute nodes often accept no inbound connections: be reachable via relays
         warning = catch_warning() if job is not None else None  # Slurm's early warning must not end the process
@@ -118,12 +124,14 @@ class Server:
         self.checkpoint = open_checkpoint(cfg.model, model_config, gguf_file=cfg.gguf_file, revision=cfg.revision,
                                           cache_dir=cfg.cache_dir, token=cfg.token)
         key = probe.speed_key(model_config, device, dtype, torch.get_num_threads(), self.quant)
-        cached = None if cfg.throughput is not None else probe.load_cached(key)
+        remeasure = cfg.throughput is not None or cfg.remeasure_throughput
+        cached = None if remeasure else probe.load_cached(key)
         if cfg.throughput is not None or cached is not None:
             self.throughput = probe.make_throughput(cached, network_rps=cfg.network_rps, override=cfg.throughput,
-                                                    source="cached")
+                                                    source="cached; --remeasure-throughput measures again")
         tasks: list[asyncio.Task] = []
         try:
+            self._check_stop()
             maddrs = await peer.visible_maddrs()
             self._print_join_info(maddrs)
             self._check_relay(maddrs)
@@ -131,9 +139,18 @@ class Server:
                                                      self.offered_throughput or None)
             self._set_span(start, end)
             await self._announce()  # JOINING: the swarm sees the span being loaded
-            logger.info("Serving %s blocks %d:%d of %d on %s in %s%s; KV cache budget %d tokens (%s); DHT prefix %r",
-                        cfg.model_name, start, end, num_blocks, device, str(dtype).removeprefix("torch."),
-                        "" if cfg.quant == "none" else f", weights quantized to {cfg.quant}",
+            if fixed is None:
+                settled = await settled_span(peer, cfg.dht_prefix, num_blocks, start, end,
+                                             self.offered_throughput or None)
+                if settled != (start, end):
+                    await self._announce_span(*settled)
+                    start, end = settled
+            self._check_stop()
+            logger.info("Serving %s blocks %d:%d of %d on %s in %s%s (%d torch threads; --num-threads shares the "
+                        "cores when several servers run on one machine); KV cache budget %d tokens (%s); "
+                        "DHT prefix %r", cfg.model_name, start, end, num_blocks, device,
+                        str(dtype).removeprefix("torch."),
+                        "" if cfg.quant == "none" else f", weights quantized to {cfg.quant}", torch.get_num_threads(),
                         cfg.cache_tokens, human_bytes(self.pool.capacity_bytes),
                         cfg.dht_prefix)
             span = await self._load(lambda: load_span(self.checkpoint, model_config, start, end, dtype, device,
@@ -151,7 +168,7 @@ class Server:
                 tasks.append(asyncio.create_task(rebalancer.run()))
             await self._until_stopped(tasks)
         except InterruptedError:
-            logger.info("Stopped while loading")
+            logger.info("Stopped before serving")
         finally:
             logger.info("Shutting down: announcing OFFLINE and closing sessions")
             # from here on, hivemind's background tasks lose their daemon connection: not an error
@@ -170,6 +187,11 @@ class Server:
                 await _bounded(self.handler.close_all(), "closing sessions")
             executor.shutdown()
             await _bounded(peer.shutdown(), "stopping the peer")
+
+    def _check_stop(self) -> None:
+        """Ends startup early (InterruptedError) once a stop was requested, e.g. Ctrl-C in the first seconds."""
+        if self.stop_event.is_set():
+            raise InterruptedError
 
     def _span_length(self, num_blocks: int) -> int:
         cfg = self.config
@@ -239,14 +261,7 @@ class Server:
         if self.state == ServerState.OFFLINE:
             return  # leaving the swarm (server.walltime): no more moves
         print(f"Moving from blocks {old_start}:{old_end} to {start}:{end}: {reason}", flush=True)
-        left = [b for b in range(old_start, old_end) if not start <= b < end]
-        if left:
-            await declare_server(self.peer, self.config.dht_prefix,
-                                 dataclasses.replace(self._record(), state=ServerState.OFFLINE),
-                                 expiration=2.5 * self.config.update_period, blocks=left)
-        self.state = ServerState.JOINING
-        self._set_span(start, end)
-        await self._announce()
+        await self._announce_span(start, end)
         old, self.handler = self.handler, None
         if old is None:
             raise RuntimeError("move_to needs a serving span (call it only while ONLINE)")
@@ -260,6 +275,18 @@ class Server:
         await self._serve(span)
         print(f"Server ONLINE: {self.config.dht_prefix} blocks {start}:{end} as {self.peer.peer_id} "
               f"(moved from {old_start}:{old_end}, kept {len(kept)} block(s))", flush=True)
+
+    async def _announce_span(self, start: int, end: int) -> None:
+        """Announces OFFLINE on the blocks the current span has and ``start:end`` does not, then JOINING at
+        ``start:end`` (the new span from here on)."""
+        left = [b for b in range(self.start, self.end) if not start <= b < end]
+        if left:
+            await declare_server(self.peer, self.config.dht_prefix,
+                                 dataclasses.replace(self._record(), state=ServerState.OFFLINE),
+                                 expiration=2.5 * self.config.update_period, blocks=left)
+        self.state = ServerState.JOINING
+        self._set_span(start, end)
+        await self._announce()
 
     def _record(self) -> ServerRecord:
         cfg = self.config

@@ -3,23 +3,29 @@
 
 The flags of every command but ``demo`` and ``models`` are derived from its config dataclass in
 :mod:`swarm.config` (``ServerConfig`` for ``serve``...); the roles are imported only when their command runs.
+Parsing and checking the flags imports neither torch nor hivemind, so a mistyped flag is refused at
+once, and every :class:`~swarm.errors.SwarmError` (or Ctrl-C) ends the command with a line, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import importlib
 import logging
+import os
 import signal
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any
 
-from swarm import aio
+from swarm import __version__, aio
 from swarm.config import (ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig,
-                          ServerConfig, SlurmConfig)
+                          ServerConfig, SlurmConfig, check_maddrs)
 from swarm.errors import SwarmError
 
 
@@ -64,8 +70,13 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     if not verbose:
-        for noisy in ("hivemind", "httpx", "urllib3", "filelock"):
+        for noisy in ("hivemind", "httpx", "urllib3", "filelock", "torch"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _route_hivemind_logs() -> None:
+    """hivemind's records through the root logger; called once a command is about to join a swarm (importing
+    hivemind imports torch, which a mistyped flag must not wait for)."""
     try:
         from hivemind.utils.logging import use_hivemind_log_handler
 
@@ -74,18 +85,29 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _ctrl_c_exits_at_once() -> Iterator[None]:
+    """While a command imports its role (torch, transformers, hivemind: seconds), Ctrl-C ends the process at
+    once: nothing has started that needs undoing, and an import cut short must not be finished by exit hooks
+    (they would fail with a traceback)."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarm", description="Run and fine-tune LLMs over a swarm of machines.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"swarm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("dht", help="run a bootstrap-only peer that others join")
     _add_dataclass_flags(p, DHTConfig)
 
-    from swarm.models import supported_families
-
     p = sub.add_parser("serve", help="serve a span of a model's blocks",
-                       description=f"Serve blocks of a model. Supported families: {', '.join(supported_families())}")
+                       description="Serve blocks of a model (`swarm models` lists the supported families).")
     _add_dataclass_flags(p, ServerConfig)
 
     p = sub.add_parser("health", help="serve a web page, JSON API and metrics showing where every block lives",
@@ -135,7 +157,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="A swarm of small machines", help="prompt (real models only)")
     p.add_argument("--max-new-tokens", type=int, default=24)
 
-    sub.add_parser("models", help="list the supported model families")
+    p = sub.add_parser("models", help="list the supported model families, or with --initial-peers the models a "
+                                      "swarm serves")
+    p.add_argument("--initial-peers", nargs="+", default=(),
+                   help="multiaddrs of peers of a swarm: list the models it serves (their DHT prefix, name, "
+                        "health) instead of the supported families")
     return parser
 
 
@@ -167,64 +193,76 @@ def run_dht(config: DHTConfig) -> int:
     return 0
 
 
+def run_models(initial_peers: tuple[str, ...]) -> int:
+    """``swarm models``: the supported families, or the models the swarm of ``initial_peers`` serves."""
+    if not initial_peers:
+        from swarm.models import describe_families
+
+        print("Supported model families (model_type in config.json, what it covers):")
+        for name, label in describe_families():
+            print(f"  {name:<12} {label}")
+        print("Models that ship their own code run only with `swarm serve --trust-remote-code` "
+              "and from_pretrained(..., trust_remote_code=True).")
+        return 0
+    check_maddrs("--initial-peers", initial_peers)
+    with _ctrl_c_exits_at_once():
+        _route_hivemind_logs()
+        from swarm.served import describe_served, list_served
+
+    served = aio.run(list_served(initial_peers))
+    for line in describe_served(served):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handler is in place (e.g. while importing torch)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = make_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if getattr(args, "prefix", None) is not None:
+        print("note: --prefix is deprecated; use --dht-prefix (the same DHT namespace, the name clients and "
+              "`swarm finetune` use)", file=sys.stderr)
     try:
-        if args.command == "dht":
-            return run_dht(_build_config(DHTConfig, args))
-        if args.command == "serve":
-            from server.server import serve
-
-            return serve(_build_config(ServerConfig, args))
-        if args.command == "health":
-            config = _build_config(HealthConfig, args)
-            try:
-                from health.app import run_health
-            except ImportError as e:
-                print(f"error: swarm health needs {e.name or 'its web stack'}: pip install 'swarm-llm[health]'",
-                      file=sys.stderr)
-                return 2
-            return run_health(config)
-        if args.command == "api":
-            config = _build_config(ApiConfig, args)
-            try:
-                from api.app import run_api
-            except ImportError as e:
-                print(f"error: swarm api needs {e.name or 'its web stack'}: pip install 'swarm-llm[api]'",
-                      file=sys.stderr)
-                return 2
-            return run_api(config)
-        if args.command == "finetune":
-            from client.finetune import run_finetune
-
-            return run_finetune(_build_config(FinetuneConfig, args))
-        if args.command == "doctor":
-            from swarm.doctor import run_doctor
-
-            return run_doctor(_build_config(DoctorConfig, args))
-        if args.command == "download":
-            from swarm.download import run_download
-
-            return run_download(_build_config(DownloadConfig, args))
-        if args.command == "slurm":
-            from swarm.sbatch import run_slurm, split_serve_args
-
-            return run_slurm(_build_config(SlurmConfig, args), split_serve_args(args.serve_args))
         if args.command == "demo":
             from swarm.demo import run_demo
 
             return run_demo(model=args.model, num_servers=args.servers, prompt=args.prompt,
                             max_new_tokens=args.max_new_tokens)
         if args.command == "models":
-            from swarm.models import describe_families
+            return run_models(tuple(args.initial_peers))
+        configs = {"dht": DHTConfig, "serve": ServerConfig, "health": HealthConfig, "api": ApiConfig,
+                   "finetune": FinetuneConfig, "doctor": DoctorConfig, "download": DownloadConfig,
+                   "slurm": SlurmConfig}
+        config = _build_config(configs[args.command], args)  # every flag checked before a heavy import
+        if args.command == "slurm":
+            from swarm.sbatch import run_slurm, split_serve_args
 
-            print("Supported model families (model_type in config.json, what it covers):")
-            for name, label in describe_families():
-                print(f"  {name:<12} {label}")
-            print("Models that ship their own code run only with `swarm serve --trust-remote-code` "
-                  "and from_pretrained(..., trust_remote_code=True).")
-            return 0
+            return run_slurm(config, split_serve_args(args.serve_args))
+        # (module, function, joins a swarm: route hivemind's logs)
+        roles = {"dht": ("swarm.dht", None, True), "serve": ("server.server", "serve", True),
+                 "health": ("health.app", "run_health", True), "api": ("api.app", "run_api", True),
+                 "finetune": ("client.finetune", "run_finetune", True), "doctor": ("swarm.doctor", "run_doctor", True),
+                 "download": ("swarm.download", "run_download", False)}
+        module, name, joins = roles[args.command]
+        with _ctrl_c_exits_at_once():
+            if joins:
+                _route_hivemind_logs()
+            try:
+                loaded = importlib.import_module(module)
+                run = run_dht if name is None else getattr(loaded, name)
+            except ImportError as e:
+                if args.command not in ("health", "api"):
+                    raise
+                print(f"error: swarm {args.command} needs {e.name or 'its web stack'}: pip install "
+                      f"'swarm-llm[{args.command}]'", file=sys.stderr)
+                return 2
+        return run(config)
     except SwarmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

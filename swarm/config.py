@@ -7,11 +7,12 @@ and help string exists once. Validation lives in ``__post_init__`` and names the
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from swarm.retry import RetryPolicy
@@ -41,11 +42,54 @@ def parse_span(text: str, num_blocks: int | None = None) -> tuple[int, int]:
     return start, end
 
 
+_HUB_SNAPSHOT = re.compile(r"models--(?:[^/\\]+--)?([^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
+
+
 def default_prefix(model: str) -> str:
     """The DHT namespace of a model: its repository or directory name, e.g. ``Qwen2.5-7B-Instruct``, or
-    its GGUF file name (``SmolLM2-135M-Instruct.Q4_1.gguf``), wherever that file lies."""
-    name = os.path.basename(os.path.normpath(model)) or model
+    its GGUF file name (``SmolLM2-135M-Instruct.Q4_1.gguf``), wherever that file lies (a snapshot in the
+    hub cache, ``.../models--Qwen--Qwen2.5-7B-Instruct/snapshots/<rev>``, is its repository's)."""
+    snapshot = _HUB_SNAPSHOT.search(model)
+    name = snapshot[1] if snapshot else os.path.basename(os.path.normpath(model)) or model
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _looks_like_path(model: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else with a separator, or that starts like a path, is a path."""
+    if model.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in model or model.count("/") > 1:
+        return True
+    return "/" in model and os.path.isdir(model.split("/")[0])  # "models/tiny-llam": a typo under a local dir
+
+
+def check_model_source(model: str, flag: str = "--model", gguf_file: str | None = None) -> None:
+    """Refuses, in one line and before anything heavy loads, a model that cannot be one: a path that does
+    not exist, a file that is not a GGUF file, a directory without ``config.json`` (or without the
+    ``gguf_file`` named). Hub ids pass."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if gguf_file is not None:
+            if not os.path.isfile(os.path.join(path, gguf_file)):
+                raise ModelError(f"{flag} {model!r} has no GGUF file {gguf_file!r} (--gguf-file)")
+            return
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return
+        ggufs = sorted(d for d in os.listdir(path) if d.endswith(".gguf"))[:1]
+        inside = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json")))[:1]
+        hint = (f" (it holds {ggufs[0]!r}: pass that file, or --gguf-file {ggufs[0]})" if ggufs
+                else f" (its subdirectory {inside[0]!r} has one)" if inside else "")
+        raise ModelError(f"{flag} {model!r} has no config.json{hint}: pass the directory that holds the model's "
+                         "config.json and *.safetensors files")
+    if os.path.isfile(path):
+        if path.endswith(".gguf") and gguf_file is None:
+            return
+        raise ModelError(f"{flag} {model!r} is a file: pass the directory that holds it (with config.json and "
+                         "*.safetensors), a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
+    if path.endswith(".gguf"):
+        raise ModelError(f"GGUF file {model!r} does not exist; for a file in a hub repository pass "
+                         "--model ORG/REPO --gguf-file NAME.gguf")
+    if _looks_like_path(model):
+        raise ModelError(f"{flag} {model!r}: no such directory. Pass a local directory with config.json and "
+                         "*.safetensors, a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +118,8 @@ class NetworkFlags:
         return (f"/ip4/0.0.0.0/tcp/{self.port or 0}",)
 
     def check_network(self) -> None:
+        check_maddrs("--initial-peers", self.initial_peers)
+        check_maddrs("--announce-maddrs", self.announce_maddrs, full=False)
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port (1..65535)")
         if self.port is not None and self.host_maddrs:
@@ -131,8 +177,11 @@ class ServerConfig(NetworkFlags):
     max_batch_size: int = dataclasses.field(default=64, metadata=_help("the largest batch one request may carry"))
     max_forward_tokens: int = dataclasses.field(
         default=65536, metadata=_help("the most tokens (batch x length) one forward request may carry"))
+    dht_prefix: str | None = dataclasses.field(
+        default=None, metadata=_help("DHT namespace of the model (default: the model's repository or dir name); "
+                                     "clients and `swarm finetune` pass the same --dht-prefix / dht_prefix="))
     prefix: str | None = dataclasses.field(
-        default=None, metadata=_help("DHT namespace of the model (default: the model's repository or dir name)"))
+        default=None, metadata=_help("deprecated spelling of --dht-prefix"))
     revision: str | None = dataclasses.field(default=None, metadata=_help("hub revision (branch, tag or commit)"))
     cache_dir: str | None = dataclasses.field(default=None, metadata=_help("hub cache directory"))
     token: str | None = dataclasses.field(default=None, metadata=_help("hub access token for gated models"))
@@ -145,6 +194,9 @@ class ServerConfig(NetworkFlags):
     throughput: float | None = dataclasses.field(
         default=None, metadata=_help("tokens/s per block this server offers the swarm (default: measured once on "
                                      "the loaded blocks and cached in $SWARM_CACHE_DIR or ~/.cache/swarm)"))
+    remeasure_throughput: bool = dataclasses.field(
+        default=False, metadata=_help("measure the throughput again and replace the cached value (e.g. if it was "
+                                      "measured while the machine was busy)"))
     network_rps: float | None = dataclasses.field(
         default=None, metadata=_help("tokens/s this server's network link carries; caps the offered throughput "
                                      "(default: not limiting; never measured)"))
@@ -173,6 +225,13 @@ class ServerConfig(NetworkFlags):
         self.check_network()
         if not self.model:
             raise ConfigError("--model is required: a hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a local directory")
+        check_model_source(self.model, gguf_file=self.gguf_file)
+        if self.prefix is not None and self.dht_prefix is not None and self.prefix != self.dht_prefix:
+            raise ConfigError(f"--prefix {self.prefix!r} and --dht-prefix {self.dht_prefix!r} disagree; give "
+                              "--dht-prefix only (--prefix is its old spelling)")
+        # one resolved namespace from here on: servers, clients and health all say dht_prefix
+        object.__setattr__(self, "dht_prefix",
+                           self.dht_prefix or self.prefix or default_prefix(self.gguf_file or self.model))
         if self.blocks is not None:
             parse_span(self.blocks)
         if self.quant not in QUANT_SCHEMES:
@@ -200,10 +259,8 @@ class ServerConfig(NetworkFlags):
             raise ConfigError(f"--rebalance-period must be positive seconds, got {self.rebalance_period}")
         if not 0 < self.leave_before < float("inf"):
             raise ConfigError(f"--leave-before must be positive seconds, got {self.leave_before}")
-
-    @property
-    def dht_prefix(self) -> str:
-        return self.prefix or default_prefix(self.gguf_file or self.model)
+        if self.remeasure_throughput and self.throughput is not None:
+            raise ConfigError("give either --throughput (published as given) or --remeasure-throughput, not both")
 
     @property
     def model_name(self) -> str:
@@ -233,6 +290,7 @@ class ClientConfig:
         if not self.initial_peers:
             raise ConfigError(f"the client needs initial_peers=[...] (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
                               "`swarm serve` or `swarm dht` printed")
+        check_maddrs("initial_peers", self.initial_peers)
         for name in ("connect_timeout", "request_timeout", "missing_blocks_timeout", "routing_refresh",
                      "retry_deadline"):
             if not getattr(self, name) > 0:
@@ -254,11 +312,47 @@ class ClientConfig:
         return RetryPolicy(max_retries=self.max_retries, deadline=self.retry_deadline)
 
 
-def _check_maddrs(flag: str, maddrs: tuple[str, ...]) -> None:
+_MADDR_EXAMPLE = "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`"
+_NO_VALUE = {"p2p-circuit", "quic", "quic-v1", "ws", "wss", "tls", "noise", "http", "https", "webtransport",
+             "webrtc", "webrtc-direct", "tcp-tls"}
+
+
+def _maddr_problem(addr: str) -> str | None:
+    """What is wrong with the parts of a multiaddr that are easy to get wrong (IP, port), or None.
+    Protocols this check does not know end it: p2pd judges the rest."""
+    parts = addr.split("/")[1:]
+    i = 0
+    while i < len(parts):
+        name = parts[i]
+        if name in _NO_VALUE:
+            i += 1
+            continue
+        if name not in ("ip4", "ip6", "dns", "dns4", "dns6", "dnsaddr", "tcp", "udp", "p2p", "ipfs"):
+            return None
+        if i + 1 >= len(parts) or not parts[i + 1]:
+            return f"/{name} needs a value"
+        value = parts[i + 1]
+        try:
+            if name == "ip4":
+                ipaddress.IPv4Address(value)
+            elif name == "ip6":
+                ipaddress.IPv6Address(value)
+        except ValueError:
+            return f"{value!r} is not an {'IPv4' if name == 'ip4' else 'IPv6'} address"
+        if name in ("tcp", "udp") and not (value.isdigit() and int(value) < 65536):
+            return f"{value!r} is not a {name.upper()} port (0..65535)"
+        i += 2
+    return None
+
+
+def check_maddrs(flag: str, maddrs: tuple[str, ...], *, full: bool = True) -> None:
+    """Refuses a malformed multiaddr in one line naming ``flag``; ``full``: it must name a peer (``/p2p/...``)."""
     for addr in maddrs:
-        if not addr.startswith("/") or "/p2p/" not in addr:
-            raise ConfigError(f"{flag} {addr!r} is not a full multiaddr; expected e.g. "
-                              "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`")
+        if not addr.startswith("/") or (full and "/p2p/" not in addr):
+            raise ConfigError(f"{flag} {addr!r} is not a full multiaddr; expected e.g. {_MADDR_EXAMPLE}")
+        problem = _maddr_problem(addr)
+        if problem:
+            raise ConfigError(f"{flag} {addr!r}: {problem}; expected e.g. {_MADDR_EXAMPLE}")
 
 
 def _swarm_peers(which: str) -> Any:
@@ -271,7 +365,7 @@ def _check_swarm_peers(command: str, initial_peers: tuple[str, ...]) -> None:
     if not initial_peers:
         raise ConfigError(f"{command} needs --initial-peers (or ${INITIAL_PEERS_ENV}): the multiaddrs that "
                           "`swarm serve` or `swarm dht` printed")
-    _check_maddrs("--initial-peers", initial_peers)
+    check_maddrs("--initial-peers", initial_peers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +383,8 @@ class HealthConfig:
     probe_timeout: float = dataclasses.field(
         default=5.0, metadata=_help("seconds a server has to answer the info probe before it counts as unreachable"))
     probe_cache_ttl: float = dataclasses.field(
-        default=30.0, metadata=_help("seconds a probe result is reused before the server is asked again"))
+        default=30.0, metadata=_help("seconds /api/v1/is_reachable reuses a probe result (every crawl asks each "
+                                     "server again)"))
     max_probes: int = dataclasses.field(default=32, metadata=_help("probes in flight at once"))
     show_ips: bool = dataclasses.field(
         default=False, metadata=_help("show the network addresses of servers on the page and in the JSON"))
@@ -304,7 +399,8 @@ class HealthConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.probe_cache_ttl >= 0:
-            raise ConfigError(f"--probe-cache-ttl must be >= 0 (0: probe on every crawl), got {self.probe_cache_ttl}")
+            raise ConfigError(f"--probe-cache-ttl must be >= 0 (0: probe on every request), got "
+                              f"{self.probe_cache_ttl}")
         if self.max_probes < 1:
             raise ConfigError(f"--max-probes must be at least 1, got {self.max_probes}")
         if not self.host_maddrs:
@@ -359,6 +455,7 @@ class FinetuneConfig:
         for name, example in (("model", "Qwen/Qwen2.5-7B-Instruct"), ("data", "train.json"), ("output", "my-adapter")):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required, e.g. --{name} {example}")
+        check_model_source(self.model)
         for name in ("max_length", "epochs", "gradient_accumulation", "save_every", "keep_checkpoints", "lora_r",
                      "lora_alpha"):
             if getattr(self, name) < 1:

@@ -55,7 +55,7 @@ def run_demo(model: str | None = None, num_servers: int = 2, prompt: str = "A sw
     import torch
 
     from swarm import AutoDistributedModelForCausalLM
-    from swarm.local_swarm import LocalSwarm
+    from swarm.local_swarm import LocalSwarm, threads_per_process
     from swarm.models import load_config
     from swarm.tiny import make_tiny_model
 
@@ -66,15 +66,17 @@ def run_demo(model: str | None = None, num_servers: int = 2, prompt: str = "A sw
         print(f"Built a random-weight tiny Llama (4 blocks, hidden 64) in {model}")
     config = load_config(model)
     spans = even_spans(config.num_hidden_layers, num_servers)
+    threads = threads_per_process(len(spans) + 1)  # the servers and this process (the client) share the cores
+    torch.set_num_threads(threads)
     t0 = time.monotonic()
-    with LocalSwarm(log_dir=workdir) as swarm:
+    with LocalSwarm(log_dir=workdir, threads=threads) as swarm:
         print("Starting a DHT peer on 127.0.0.1 ...", flush=True)
         swarm.start_dht()
         print(f"  join address: {swarm.initial_peers[0]}")
         names: dict[str, str] = {}
         for i, span in enumerate(spans):
             print(f"Starting server {i} for blocks {span} ...", flush=True)
-            proc = swarm.start_server(model, span, "--public-name", f"demo-server-{i}", "--num-threads", "1")
+            proc = swarm.start_server(model, span, "--public-name", f"demo-server-{i}")
             line = proc.wait_for("Server ONLINE", 5)
             names[line.rsplit(" ", 1)[-1].strip()] = f"(demo-server-{i}, log {proc.log_path})"
         print(f"Swarm ready in {time.monotonic() - t0:.1f}s: {len(spans)} servers, logs in {workdir}", flush=True)

@@ -3,6 +3,13 @@
 A peer is one hivemind :class:`P2P` (one ``p2pd`` child) with a :class:`DHTNode` on top, both in the
 caller's event loop. Server records are signed: the subkey carries the server's public key, so
 hivemind's :class:`RSASignatureValidator` rejects anyone else's writes to it.
+
+Joining is where first mistakes show, so :meth:`Peer.start` answers each in one line, the same for
+every role (serve, finetune, health, the Python client): unreachable initial peers
+(:func:`join_failure`), a busy port, an identity file another peer uses. ``p2pd`` runs in its own
+session (and, on Linux, dies with its parent): a signal to the whole process group (Ctrl-C in a
+terminal, systemd, ``timeout``, ``kill -- -PGID``) reaches the Python process alone, which can then
+still announce OFFLINE through its daemon before stopping it.
 """
 
 from __future__ import annotations
@@ -10,21 +17,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import glob
+import logging
 import os
+import re
+import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import IO, Any
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarm.errors import BadRequest, ConfigError
+from swarm.config import INITIAL_PEERS_ENV, check_maddrs
+from swarm.errors import BadRequest, ConfigError, ServerUnavailable
 from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, block_key, decode_record, encode_record
+
+logger = logging.getLogger(__name__)
 
 _OWNER_MARK = b"[owner:"
 
@@ -43,12 +60,15 @@ class NetworkConfig:
     startup_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for addr in self.initial_peers:
-            if not addr.startswith("/") or "/p2p/" not in addr:
-                raise ConfigError(
-                    f"initial peer {addr!r} is not a full multiaddr; expected e.g. "
-                    "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`"
-                )
+        check_maddrs("initial peer", self.initial_peers)
+
+
+def join_failure(initial_peers: Sequence[str], reason: str) -> str:
+    """The one message every role gives when it cannot join the swarm through ``initial_peers``."""
+    shown = ", ".join(initial_peers[:3]) + (f" (and {len(initial_peers) - 3} more)" if len(initial_peers) > 3 else "")
+    return (f"could not join the swarm via {shown}: {reason}. Check that a peer runs there (`swarm dht` or "
+            "`swarm serve` prints the address to join) and that this machine can reach it; give that address "
+            f"with --initial-peers (initial_peers=[...] in Python, or ${INITIAL_PEERS_ENV})")
 
 
 @dataclasses.dataclass
@@ -58,35 +78,54 @@ class Peer:
     p2p: P2P
     node: DHTNode
     validator: RSASignatureValidator
+    identity_lock: IO[bytes] | None = None  # held while this peer runs: no second peer here with its identity
 
     @classmethod
     async def start(cls, config: NetworkConfig) -> "Peer":
+        """Starts ``p2pd`` and the DHT node; a mistake in ``config`` or an unreachable swarm raises a
+        :class:`ConfigError` or :class:`ServerUnavailable` whose one-line message names the fix."""
+        _spawn_p2pd_in_own_session()
+        _ignore_dropped_daemon_streams(asyncio.get_running_loop())
+        for maddr in config.host_maddrs:
+            _check_port_free(maddr)
+        lock = _lock_identity(config.identity_path)
         validator = RSASignatureValidator(RSAPrivateKey())
-        p2p = await P2P.create(
-            initial_peers=list(config.initial_peers) or None,
-            host_maddrs=list(config.host_maddrs),
-            announce_maddrs=list(config.announce_maddrs) or None,
-            identity_path=config.identity_path,
-            dht_mode="client" if config.client_mode else "server",
-            use_relay=config.use_relay,
-            use_auto_relay=config.use_auto_relay,
-            startup_timeout=config.startup_timeout,
-        )
         try:
-            node = await DHTNode.create(
-                p2p=p2p,
-                initial_peers=list(config.initial_peers) or None,
-                client_mode=config.client_mode,
-                record_validator=validator,
-                num_workers=8,
-                wait_timeout=3,
-                cache_locally=False,
-                reuse_get_requests=False,
-            )
+            try:
+                p2p = await P2P.create(
+                    initial_peers=list(config.initial_peers) or None,
+                    host_maddrs=list(config.host_maddrs),
+                    announce_maddrs=list(config.announce_maddrs) or None,
+                    identity_path=config.identity_path,
+                    dht_mode="client" if config.client_mode else "server",
+                    use_relay=config.use_relay,
+                    use_auto_relay=config.use_auto_relay,
+                    startup_timeout=config.startup_timeout,
+                )
+            except P2PDaemonError as e:
+                raise _daemon_failure(config, e) from None
+            lock = lock or _lock_identity(config.identity_path)  # a new identity file exists only now
+            try:
+                node = await DHTNode.create(
+                    p2p=p2p,
+                    initial_peers=list(config.initial_peers) or None,
+                    client_mode=config.client_mode,
+                    record_validator=validator,
+                    num_workers=8,
+                    wait_timeout=3,
+                    cache_locally=False,
+                    reuse_get_requests=False,
+                )
+            except BaseException as e:
+                await p2p.shutdown()
+                if isinstance(e, (P2PDaemonError, OSError, asyncio.TimeoutError)) and config.initial_peers:
+                    raise ServerUnavailable(join_failure(config.initial_peers, _reason(e))) from None
+                raise
         except BaseException:
-            await p2p.shutdown()
+            if lock is not None:
+                lock.close()
             raise
-        return cls(p2p=p2p, node=node, validator=validator)
+        return cls(p2p=p2p, node=node, validator=validator, identity_lock=lock)
 
     @property
     def peer_id(self) -> PeerID:
@@ -106,10 +145,135 @@ class Peer:
 
     async def shutdown(self) -> None:
         try:
-            if self.daemon_alive():  # with p2pd gone (Ctrl+C reaches it too), node shutdown would hang
+            if self.daemon_alive():  # with p2pd gone (e.g. SIGKILLed), node shutdown would hang
                 await self.node.shutdown()
         finally:
-            await self.p2p.shutdown()
+            try:
+                await self.p2p.shutdown()
+            finally:
+                if self.identity_lock is not None:
+                    self.identity_lock.close()
+
+
+# ---------------------------------------------------------------- starting a peer: first mistakes, p2pd
+
+_GO_TIMESTAMP = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
+
+
+def _reason(error: BaseException) -> str:
+    """The daemon's own words, without hivemind's prefix and Go's timestamp."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.removeprefix("Daemon failed to start: ")
+    return _GO_TIMESTAMP.sub("", text)
+
+
+def _daemon_failure(config: NetworkConfig, error: P2PDaemonError) -> Exception:
+    reason = _reason(error)
+    if "already taken" in reason and config.identity_path:
+        return ConfigError(f"--identity-path {config.identity_path} is the identity of a peer already in the swarm; "
+                           "give each peer its own identity file (a missing one is created)")
+    if "address already in use" in reason:
+        return ConfigError(f"a port of {', '.join(config.host_maddrs)} is already in use on this machine: {reason}; "
+                           "pass another --port, or leave it out for a free one")
+    if "failed to parse multiaddr" in reason:
+        return ConfigError(f"{reason}; expected e.g. /ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by "
+                           "`swarm dht` or `swarm serve`")
+    if config.initial_peers:
+        return ServerUnavailable(join_failure(config.initial_peers, reason))
+    return ServerUnavailable(f"could not start this peer's p2p daemon (p2pd): {reason}")
+
+
+def _check_port_free(maddr: str) -> None:
+    """Refuses a TCP port another program (or another swarm peer) listens on. libp2p binds with
+    SO_REUSEPORT, so without this check two servers on one port would silently share it."""
+    match = re.fullmatch(r"/(ip4|ip6)/([^/]+)/tcp/(\d+)", maddr)
+    if match is None or int(match[3]) == 0:
+        return
+    family = socket.AF_INET6 if match[1] == "ip6" else socket.AF_INET
+    port = int(match[3])
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            probe.bind((match[2], port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} is already in use on this machine (by another swarm peer or "
+                                  "program); pass another --port, or leave it out for a free one") from None
+            raise ConfigError(f"cannot listen on {maddr}: {e.strerror or e}; pass another --port or "
+                              "--host-maddrs") from None
+
+
+def _lock_identity(identity_path: str | None) -> IO[bytes] | None:
+    """Locks an existing identity file for this process: a second peer on this machine with the same
+    identity is refused at once (hivemind finds one elsewhere in the swarm only after joining)."""
+    if identity_path is None or not os.path.isfile(identity_path):
+        return None
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): hivemind's own check in the swarm remains
+        return None
+    handle = open(identity_path, "rb")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"--identity-path {identity_path} is in use by another peer on this machine; give each "
+                          "peer its own identity file (a missing one is created)") from None
+    return handle
+
+
+if sys.platform.startswith("linux"):
+    import ctypes
+
+    _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a forked child must not load libraries
+
+
+def die_with_parent() -> None:
+    """In a child, before exec (Linux): get SIGTERM when the parent dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn_p2pd_in_own_session() -> None:
+    """Makes hivemind start ``p2pd`` in a session of its own (and, on Linux, tied to this process's
+    life). hivemind starts it with ``asyncio.subprocess.create_subprocess_exec``; the wrapper changes
+    only the spawns of ``p2pd`` and is installed once."""
+    original = asyncio.subprocess.create_subprocess_exec
+    if getattr(original, "swarm_p2pd_session", False):
+        return
+
+    async def create_subprocess_exec(program: Any, *args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        if os.path.basename(str(program)) == "p2pd":
+            kwargs.setdefault("start_new_session", True)
+            if sys.platform.startswith("linux"):
+                kwargs.setdefault("preexec_fn", die_with_parent)
+        return await original(program, *args, **kwargs)
+
+    create_subprocess_exec.swarm_p2pd_session = True  # type: ignore[attr-defined]
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec  # type: ignore[assignment]
+
+
+def _ignore_dropped_daemon_streams(loop: asyncio.AbstractEventLoop) -> None:
+    """``p2pd`` now and then opens a connection for an incoming stream and closes it before the stream
+    starts; hivemind's handler then raises ``IncompleteReadError`` in a callback nobody awaits, which
+    asyncio would log at ERROR every few seconds. That one case is logged at DEBUG; everything else goes
+    to the loop's handler as before."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "swarm_daemon_streams", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if (isinstance(context.get("exception"), asyncio.IncompleteReadError)
+                and "client_connected_cb" in str(context.get("message", ""))):
+            logger.debug("p2pd dropped a stream before it started: %s", context["exception"])
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    handler.swarm_daemon_streams = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)
 
 
 async def declare_server(

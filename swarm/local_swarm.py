@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from swarm.dht import clean_peer_sockets, peer_sockets
+from swarm.dht import clean_peer_sockets, die_with_parent, peer_sockets
 from swarm.errors import SwarmError
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
@@ -49,14 +49,9 @@ class Proc:
         raise SwarmError(f"{self.name} did not print {text!r} within {timeout:.0f}s; its log:\n{self.log()[-3000:]}")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM when the launcher dies, however it dies (a test
-    run killed by a timeout must not leave servers behind). Elsewhere :meth:`LocalSwarm.close` does it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def threads_per_process(processes: int) -> int:
+    """Torch threads for each of ``processes`` compute-heavy processes sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def api_url(proc: Proc, timeout: float = 120) -> str:
@@ -68,7 +63,10 @@ def api_url(proc: Proc, timeout: float = 120) -> str:
 class LocalSwarm:
     """``with LocalSwarm() as swarm: peer = swarm.start_dht(); swarm.start_server(model, "0:2")``."""
 
-    def __init__(self, log_dir: str | None = None, env: dict[str, str] | None = None):
+    def __init__(self, log_dir: str | None = None, env: dict[str, str] | None = None, threads: int | None = None):
+        """``threads``: torch threads of each server started without its own ``--num-threads`` (processes
+        on one machine that each take every core slow each other down; see :func:`threads_per_process`)."""
+        self.threads = threads
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-local-")
         os.makedirs(self.log_dir, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -81,7 +79,8 @@ class LocalSwarm:
         with open(log_path, "w") as log:
             popen = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**self.env, **(env or {})},
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     # a test run killed by a timeout must not leave servers behind
+                                     start_new_session=True, preexec_fn=die_with_parent)
         proc = Proc(name, popen, log_path, time.monotonic())
         self.procs.append(proc)
         return proc
@@ -97,6 +96,8 @@ class LocalSwarm:
                      timeout: float = 180, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
         """Starts ``swarm serve`` (``env``: extra environment variables for this process only)."""
         args = ["serve", "--model", model, "--host-maddrs", LOOPBACK, *extra]
+        if self.threads is not None and "--num-threads" not in extra:
+            args += ["--num-threads", str(self.threads)]
         if blocks is not None:
             args += ["--blocks", blocks]
         if self.initial_peers:

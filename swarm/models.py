@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from swarm import gguf, position_bias, translate
+from swarm.config import check_model_source
 from swarm.devices import bf16_supported
 from swarm.errors import ConfigError, ModelError
 
@@ -91,6 +94,18 @@ REMOTE_CODE_LAYOUT = FamilyAdapter(label="custom code")
 
 FAMILY_ATTR = "swarm_family"  # config attribute naming the family when it is not config.model_type
 REMOTE_CODE_ATTR = "swarm_remote_code"  # config attribute set on configs loaded with trust_remote_code
+DIGEST_ATTR = "swarm_config_digest"  # config attribute holding config_digest of the config.json it came from
+# config.json entries that say nothing about which model it is (written by whatever saved it)
+_NOT_IDENTITY = {"transformers_version", "torch_dtype", "dtype", "use_cache", "output_attentions",
+                 "output_hidden_states", "return_dict"}
+
+
+def config_digest(raw: dict[str, Any]) -> str:
+    """A short hash of a model's config.json (``raw``), the same for every copy of the model wherever it
+    lives: a client finds the swarm's model by it when its folder has another name. Models that share
+    an architecture and differ only in weights (a base model and its fine-tune) may share it too."""
+    fields = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -125,6 +140,7 @@ def load_config(name_or_path: str, *, revision: str | None = None, cache_dir: st
     A GGUF file (``name_or_path`` ending in ``.gguf``, or ``gguf_file`` in a directory or repository)
     gets the config transformers reads from its metadata (:mod:`swarm.gguf`).
     """
+    check_model_source(name_or_path, "model", gguf_file=gguf_file)
     hub: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token)
     location = gguf.gguf_location(name_or_path, gguf_file)
     if location is not None:
@@ -137,7 +153,7 @@ def load_config(name_or_path: str, *, revision: str | None = None, cache_dir: st
     try:
         raw, _ = PretrainedConfig.get_config_dict(name_or_path, **hub)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the config of {name_or_path!r}: {e}") from None
+        raise ModelError(f"cannot load the config of {name_or_path!r}: {_first_line(e)}") from None
     model_type = raw.get("model_type")
     adapter = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if adapter is not None and adapter.translation is not None:
@@ -158,14 +174,21 @@ def load_config(name_or_path: str, *, revision: str | None = None, cache_dir: st
         raise ModelError(f"{name_or_path!r} has model type {model_type!r}, which Swarm does not support; "
                          f"{_supported()}")
     _set_implementations(config, family_of(config))
+    setattr(config, DIGEST_ATTR, config_digest(raw))
     return config
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error from transformers or the hub (their messages run to many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _auto_config(name_or_path: str, hub: dict[str, Any], trust_remote_code: bool) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the config of {name_or_path!r}: {e}") from None
+        raise ModelError(f"cannot load the config of {name_or_path!r}: {_first_line(e)}") from None
 
 
 def _register_remote_class(config: PretrainedConfig, reference: str, name_or_path: str,

@@ -13,6 +13,8 @@ while there is a gap the model cannot run at all.
 - :func:`choose_span` — the start of the window where the swarm is weakest (where a new server helps most)
 - :class:`SwarmScore` / :func:`swarm_score` — gaps and bottleneck of a swarm, to compare placements
 - :func:`should_move` — whether a serving server should move, and where, as a :class:`MoveDecision`
+- :func:`settle_span` — right after announcing JOINING: where to load instead, now that servers started
+  at the same moment can see each other (the one with the smaller peer id keeps its choice)
 
 Ties never make a server move: :func:`choose_span` keeps the current start among equal windows,
 and :func:`should_move` moves only for fewer gaps or a bottleneck better by ``balance_quality`` times.
@@ -178,3 +180,18 @@ def should_move(servers: ServersByBlock, num_blocks: int, *, peer_id: str, start
                f"not better by --balance-quality {balance_quality}")
     target = (best, best + length) if move else (start, end)
     return MoveDecision(move, *target, current, proposed, why)
+
+
+def settle_span(servers: ServersByBlock, num_blocks: int, *, peer_id: str, start: int, end: int,
+                throughput: float) -> int:
+    """The start a JOINING server ``peer_id`` should load at, given the records after its own announce.
+
+    Servers started at the same moment each chose a span before seeing the others; nothing is loaded
+    yet, so any better window is worth taking. To converge at once instead of everyone jumping to the
+    same other window, a JOINING server with a larger peer id than this one is ignored (it yields to
+    this one); ONLINE servers and JOINING ones with smaller ids count. Ties keep ``start``.
+    """
+    yielding = {p for records in servers.values() for p, r in records.items()
+                if r.state == ServerState.JOINING and p > peer_id}
+    others = block_totals(servers, num_blocks, exclude={peer_id} | yielding, unknown_throughput=throughput)
+    return choose_span(others, end - start, current=start)

@@ -70,6 +70,7 @@ class ModelRecord:
     name: str  # repository id or local name the servers were started with
     num_blocks: int
     family: str  # transformers model_type, e.g. "llama"
+    config_digest: str = ""  # swarm.models.config_digest of its config.json: the same model in another folder
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

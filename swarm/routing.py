@@ -108,14 +108,24 @@ def make_chain(servers: ServersByBlock, start: int, end: int, *, banned: Set[str
 def _check_coverage(servers: ServersByBlock, start: int, end: int, banned: Set[str], min_cache_tokens: int,
                     model: str) -> None:
     missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
-    if missing:
-        known = {p for b in range(start, end) for p in servers.get(b, {})}
+    if not missing:
+        return
+    known = {p for b in range(start, end) for p in servers.get(b, {})}
+    seen = f"{len(known)} server(s) seen, {len(banned & known)} temporarily banned after failures"
+    fix = f"start one with `swarm serve --model ... --blocks {missing[0]}:{missing[-1] + 1}`"
+    # blocks that an online, unbanned server holds: only their cache is short
+    short = [b for b in missing if any(_usable(r, p, b, banned, 0) for p, r in servers.get(b, {}).items())]
+    if short and len(short) == len(missing):
+        most = max(r.cache_tokens_left for b in short for p, r in servers[b].items() if _usable(r, p, b, banned, 0))
         raise MissingBlocksError(
-            f"blocks {format_blocks(missing)} of {model} have no online server"
-            + (f" with {min_cache_tokens} free cache tokens" if min_cache_tokens else "")
-            + f" ({len(known)} server(s) seen, {len(banned & known)} temporarily banned after failures); "
-            f"start one with `swarm serve --model ... --blocks {missing[0]}:{missing[-1] + 1}`"
-        )
+            f"blocks {format_blocks(missing)} of {model} have no online server with {min_cache_tokens} free cache "
+            f"tokens: their servers have at most {most} free ({seen}); open a shorter session (max_length x batch), "
+            f"wait for other sessions to end, or {fix}")
+    dead = [b for b in missing if any(r.state == ServerState.ONLINE and r.start <= b < r.end and p in banned
+                                      for p, r in servers.get(b, {}).items())]
+    why = ("; the servers announced for them did not answer or failed (a dead server's record stays in the DHT "
+           "until it expires)" if dead else "")
+    raise MissingBlocksError(f"blocks {format_blocks(missing)} of {model} have no online server ({seen}){why}; {fix}")
 
 
 DEFAULT_PING = 0.05  # seconds, for a server not pinged yet

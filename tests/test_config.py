@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -357,3 +358,40 @@ def test_cli_api_builds_api_config(tmp_path):
 def test_api_config_checks(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ApiConfig(**{"initial_peers": (PEER,), **kwargs})
+
+
+# ---------------------------------------------------------------- first mistakes: one-line answers
+
+
+def test_default_prefix_of_a_hub_cache_snapshot_is_its_repository():
+    snapshot = "/root/.cache/huggingface/hub/models--Qwen--Qwen2.5-7B-Instruct/snapshots/a09a35458c702b33/"
+    assert default_prefix(snapshot) == "Qwen2.5-7B-Instruct" == default_prefix("Qwen/Qwen2.5-7B-Instruct")
+
+
+def test_dht_prefix_is_the_one_name_and_prefix_its_old_spelling():
+    assert ServerConfig(model="x", dht_prefix="custom").dht_prefix == "custom"
+    with pytest.raises(ConfigError, match="--prefix 'a' and --dht-prefix 'b' disagree"):
+        ServerConfig(model="x", prefix="a", dht_prefix="b")
+    args = swarm.cli.make_parser().parse_args(["serve", "--model", "x", "--dht-prefix", "p"])
+    assert swarm.cli._build_config(ServerConfig, args).dht_prefix == "p"
+
+
+@pytest.mark.parametrize("addr, problem", [
+    ("/ip4/10.0.0.256/tcp/31337/p2p/QmPeer", "'10.0.0.256' is not an IPv4 address"),
+    ("/ip4/10.0.0.5/tcp/313370/p2p/QmPeer", "'313370' is not a TCP port"),
+    ("/ip6/10.0.0.5/tcp/1/p2p/QmPeer", "is not an IPv6 address"),
+    ("/ip4/10.0.0.5/tcp/1/p2p/", "/p2p needs a value"),
+])
+def test_initial_peers_are_checked_in_every_role(addr, problem):
+    for make in (lambda: ServerConfig(model="x", initial_peers=(addr,)), lambda: DHTConfig(initial_peers=(addr,)),
+                 lambda: ClientConfig(initial_peers=(addr,))):
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            make()
+    assert ServerConfig(model="x", initial_peers=("/dns4/swarm.example.org/tcp/31337/p2p/QmPeer",)).initial_peers
+    assert DHTConfig(initial_peers=("/ip6/::1/tcp/1/p2p/QmPeer", "/ip4/1.2.3.4/udp/5/quic-v1/p2p/QmPeer"))
+
+
+def test_remeasure_throughput_flag():
+    assert ServerConfig(model="x", remeasure_throughput=True).remeasure_throughput is True
+    with pytest.raises(ConfigError, match="either --throughput .* or --remeasure-throughput"):
+        ServerConfig(model="x", throughput=5.0, remeasure_throughput=True)

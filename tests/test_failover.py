@@ -21,7 +21,7 @@ def redundant_swarm(tiny_llama, tmp_path_factory):
         swarm.start_dht()
         servers = {}
         for name, span in (("full", "0:4"), ("left", "0:2"), ("right_a", "2:4"), ("right_b", "2:4")):
-            servers[name] = swarm.start_server(tiny_llama, span, "--num-threads", "1", "--prefix", "failover-llama",
+            servers[name] = swarm.start_server(tiny_llama, span, "--num-threads", "1", "--dht-prefix", "failover-llama",
                                                wait=False, name=name)
         for proc in servers.values():
             proc.wait_for("Server ONLINE", 180)

@@ -99,11 +99,11 @@ class FamilySwarms:
                       str(UPDATE_PERIOD), *member.server_args)
             for span in member.spans:
                 servers.append(self.swarm.start_server(
-                    path, span, "--prefix", member.name, "--dtype", "float32", *common, wait=False,
+                    path, span, "--dht-prefix", member.name, "--dtype", "float32", *common, wait=False,
                     name=f"{member.name}_{span.replace(':', '_')}"))
             if member.bf16:
                 servers.append(self.swarm.start_server(
-                    path, "0:4", "--prefix", f"{member.name}-bf16", "--dtype", "bfloat16", *common, wait=False,
+                    path, "0:4", "--dht-prefix", f"{member.name}-bf16", "--dtype", "bfloat16", *common, wait=False,
                     name=f"{member.name}_bf16"))
 
     def _stop(self, index: int) -> None:

@@ -109,7 +109,7 @@ def health_swarm(tiny_llama, tmp_path_factory):
         servers = {name: swarm.start_server(tiny_llama, span, "--num-threads", "1", "--public-name", name, *extra,
                                             wait=False, name=name)
                    for name, span, extra in [("alpha", "0:2", ()), ("doomed", "2:4", ()), ("leaving", "1:3", ()),
-                                             ("full", "0:4", ("--prefix", COPY))]}
+                                             ("full", "0:4", ("--dht-prefix", COPY))]}
         for proc in servers.values():
             proc.wait_for("Server ONLINE", 180)
         joining_id = announce_joining(swarm.initial_peers, tiny_llama)

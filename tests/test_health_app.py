@@ -278,3 +278,58 @@ def test_health_cli_flags_come_from_the_config(monkeypatch):
     config = swarm.cli._build_config(HealthConfig, args)
     assert config == HealthConfig(initial_peers=(PEER,), port=0, show_ips=True, refresh_period=2.0)
     assert HealthConfig(initial_peers=(PEER,)).port == 8000 and HealthConfig(initial_peers=(PEER,)).host == "127.0.0.1"
+
+
+def test_the_fix_command_joins_this_swarm_and_names_no_foreign_path(app):
+    broken = app.state()["models"][0]
+    assert broken["fix_command"] == f"swarm serve --model org/Broken-7B --blocks 3:8 --initial-peers {PEER}"
+    assert broken["fix_command"] in app.get("")[1]
+    local = dataclasses.replace(sample_snapshot().models[0],
+                                record=ModelRecord(name="/home/alice/models/Broken-7B", num_blocks=8, family="llama"))
+    doc = build_state(Snapshot(models=(local,)), show_ips=False, refresh_period=15.0, initial_peers=(PEER,))
+    assert doc["models"][0]["fix_command"] == ("swarm serve --model /path/to/Broken-7B --blocks 3:8 --dht-prefix "
+                                               f"Broken-7B --initial-peers {PEER}")
+
+
+def test_a_server_that_dies_shows_as_unreachable_after_one_crawl(monkeypatch):
+    """The page says it crawls every refresh period; a probe answer is never reused across crawls, so a
+    dead server (its ONLINE record still in the DHT) is unreachable after one crawl, not after the probe cache's
+    ttl on top."""
+    import asyncio
+    import types
+
+    import health.crawler as crawler_module
+    from health.crawler import Crawler
+
+    alive = {"A": True}
+    probes: list[str] = []
+
+    async def fetch_models(peer):
+        return {"m": ModelRecord(name="org/m", num_blocks=2, family="llama")}
+
+    async def fetch_servers(peer, prefix, blocks):
+        return {b: {"A": ServerRecord(ONLINE, 0, 2)} for b in blocks}
+
+    async def probe_server(p2p, peer_id, timeout):
+        probes.append(peer_id)
+        import time
+
+        return ProbeResult(ok=alive[peer_id], checked_at=time.monotonic(), rtt=0.001,
+                           error=None if alive[peer_id] else "cannot reach server")
+
+    for name, fake in (("fetch_models", fetch_models), ("fetch_servers", fetch_servers),
+                       ("probe_server", probe_server)):
+        monkeypatch.setattr(crawler_module, name, fake)
+    config = HealthConfig(initial_peers=(PEER,), refresh_period=15.0, probe_cache_ttl=30.0)
+    crawler = Crawler(config)
+    crawler._peer = types.SimpleNamespace(p2p=None)
+
+    def crawl_after(seconds: float) -> dict[str, Any]:
+        for peer_id, result in list(crawler.cache._results.items()):  # time passes: answers age
+            crawler.cache.put(peer_id, dataclasses.replace(result, checked_at=result.checked_at - seconds))
+        return build_state(asyncio.run(crawler.crawl_once()), show_ips=False, refresh_period=15.0)["models"][0]
+
+    assert crawl_after(0)["state"] == "healthy" and probes == ["A"]
+    alive["A"] = False  # the server dies right after that probe
+    model = crawl_after(config.refresh_period)  # the next crawl, though the answer is younger than the ttl
+    assert probes == ["A", "A"] and model["state"] == "broken" and model["servers"][0]["state"] == "unreachable"

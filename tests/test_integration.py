@@ -152,7 +152,7 @@ def test_incremental_steps_equal_full_forward(swarm_llama, local_llama):
 def test_missing_blocks_fail_in_bounded_time(tiny_llama, llama_swarm):
     from swarm import AutoDistributedModelForCausalLM
 
-    llama_swarm.start_server(tiny_llama, "0:2", "--prefix", "partial-llama", "--num-threads", "1")
+    llama_swarm.start_server(tiny_llama, "0:2", "--dht-prefix", "partial-llama", "--num-threads", "1")
     model = AutoDistributedModelForCausalLM.from_pretrained(
         tiny_llama, initial_peers=llama_swarm.initial_peers, dht_prefix="partial-llama",
         missing_blocks_timeout=2.0)

@@ -33,7 +33,7 @@ def test_dht_identity_path_gives_a_stable_peer_id(tmp_path):
 
 
 def test_idle_session_times_out_and_stopping_announces_offline(tiny_llama, llama_swarm):
-    proc = llama_swarm.start_server(tiny_llama, "0:4", "--prefix", "lifecycle-llama", "--session-timeout", "1",
+    proc = llama_swarm.start_server(tiny_llama, "0:4", "--dht-prefix", "lifecycle-llama", "--session-timeout", "1",
                                     "--num-threads", "1", "--update-period", "30")
 
     async def scenario():

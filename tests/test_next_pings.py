@@ -60,7 +60,7 @@ def test_next_pings_smooth_and_drop_vanished_or_silent_servers(monkeypatch):
 def test_a_server_publishes_its_round_trip_to_the_next_server(tiny_llama, tmp_path):
     with LocalSwarm(log_dir=str(tmp_path)) as swarm:
         swarm.start_dht()
-        common = ("--prefix", "next-pings", "--throughput", "100", "--num-threads", "1", "--update-period", "1")
+        common = ("--dht-prefix", "next-pings", "--throughput", "100", "--num-threads", "1", "--update-period", "1")
         first, last = (swarm.start_server(tiny_llama, span, *common, wait=False) for span in ("0:2", "2:4"))
         first_id, last_id = _peer_id(first), _peer_id(last)
 

@@ -9,6 +9,7 @@ from swarm.placement import (
     block_totals,
     choose_span,
     improves,
+    settle_span,
     should_move,
     swarm_score,
     typical_throughput,
@@ -207,3 +208,43 @@ def test_own_records_never_count_twice():
 def test_should_move_checks_the_span():
     with pytest.raises(ValueError, match="outside the model"):
         should_move({}, 8, peer_id="me", start=6, end=10, throughput=1, balance_quality=1.3)
+
+
+# ---------------------------------------------------------------- settle_span: servers started at the same moment
+
+
+def test_servers_that_chose_the_same_span_settle_on_different_ones():
+    # both saw an empty swarm and announced JOINING at 0:2 of 4 blocks; then each looks again
+    seen = swarm_of({"peerA": rec(0, 2, 10, JOINING), "peerB": rec(0, 2, 10, JOINING)}, num_blocks=4)
+    a = settle_span(seen, 4, peer_id="peerA", start=0, end=2, throughput=10)
+    b = settle_span(seen, 4, peer_id="peerB", start=0, end=2, throughput=10)
+    assert (a, b) == (0, 2)  # the smaller peer id keeps its choice, the other takes the free blocks
+
+
+def test_a_server_that_saw_part_of_an_announcement_settles_where_it_belongs():
+    # B chose while only block 0 of A's JOINING record was stored: it took 1:3 and left block 3 unserved
+    partial = {0: {"peerA": rec(0, 2, 10, JOINING)}, 1: {}, 2: {}, 3: {}}
+    assert choose_span(block_totals(partial, 4, unknown_throughput=10), 2) == 1
+    seen = swarm_of({"peerA": rec(0, 2, 10, JOINING), "peerB": rec(1, 3, 10, JOINING)}, num_blocks=4)
+    assert settle_span(seen, 4, peer_id="peerB", start=1, end=3, throughput=10) == 2
+    assert settle_span(seen, 4, peer_id="peerA", start=0, end=2, throughput=10) == 0
+
+
+@pytest.mark.parametrize("count", [2, 3, 4, 6])
+def test_settling_covers_the_model_whatever_each_saw_first(count):
+    # every server first chose blocks 0:2 (none saw the others); one look each, smallest peer id first or last
+    first = {f"p{i}": rec(0, 2, 10, JOINING) for i in range(count)}
+    for order in (sorted(first), sorted(first, reverse=True)):
+        servers = dict(first)
+        for peer in order:
+            start = settle_span(swarm_of(servers, 4), 4, peer_id=peer, start=servers[peer].start,
+                                end=servers[peer].end, throughput=10)
+            servers[peer] = rec(start, start + 2, 10, JOINING)
+        assert all(block_totals(swarm_of(servers, 4), 4)), (order, servers)
+
+
+def test_settling_never_moves_for_online_servers_or_ties():
+    seen = swarm_of({"p1": rec(0, 2, 10, ONLINE), "p9": rec(2, 4, 10, JOINING)}, num_blocks=4)
+    assert settle_span(seen, 4, peer_id="p9", start=2, end=4, throughput=10) == 2
+    assert settle_span(swarm_of({"p9": rec(0, 4, 10, JOINING)}, 4), 4, peer_id="p9", start=0, end=4,
+                       throughput=10) == 0

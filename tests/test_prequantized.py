@@ -158,7 +158,7 @@ def test_gptq_swarm_equals_the_dequantized_model(checkpoints, llama_swarm):
 
     path, reference = checkpoints["gptq-act-order"]
     prefix = "tiny-gptq-act-order"
-    procs = [llama_swarm.start_server(path, span, "--num-threads", "1", "--throughput", "100", "--prefix", prefix,
+    procs = [llama_swarm.start_server(path, span, "--num-threads", "1", "--throughput", "100", "--dht-prefix", prefix,
                                       wait=False) for span in ("0:2", "2:4")]
     model = None
     try:

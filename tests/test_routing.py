@@ -144,6 +144,30 @@ def test_missing_blocks_error_names_the_spans():
     assert isinstance(info.value, FatalError)
 
 
+@pytest.mark.parametrize("chain", [make_chain, make_latency_chain, make_forward_chain])
+def test_missing_blocks_blame_cache_only_when_it_is_the_cause(chain):
+    kwargs = {"pings": {}} if chain is make_latency_chain else {"rng": random.Random(0)} \
+        if chain is make_forward_chain else {}
+    cache = {} if chain is make_forward_chain else {"min_cache_tokens": 300}
+    # a dead server: its ONLINE record is still in the DHT, it failed and is banned
+    dead = swarm_of({"A": rec(0, 2, cache=1000), "B": rec(2, 4, cache=1000)})
+    with pytest.raises(MissingBlocksError) as info:
+        chain(dead, 0, 4, banned={"B"}, **cache, **kwargs)
+    assert "free cache" not in str(info.value) and "did not answer or failed" in str(info.value)
+    # an absent server: nobody announced blocks 2:4 at all
+    with pytest.raises(MissingBlocksError) as info:
+        chain(swarm_of({"A": rec(0, 2, cache=1000)}, num_blocks=4), 0, 4, **cache, **kwargs)
+    assert "blocks 2:4" in str(info.value) and "free cache" not in str(info.value)
+    assert "did not answer" not in str(info.value)
+    if chain is make_forward_chain:
+        return
+    # servers there, alive, with too little room: that, and only that, is the cache's fault
+    full = swarm_of({"A": rec(0, 2, cache=1000), "B": rec(2, 4, cache=100)})
+    with pytest.raises(MissingBlocksError, match="blocks 2:4 .* with 300 free cache tokens: their servers have at "
+                                                 "most 100 free .* shorter session"):
+        chain(full, 0, 4, **cache, **kwargs)
+
+
 def test_missing_blocks_beyond_known_keys():
     # blocks the lookup did not even return (no key at all) count as missing
     servers = {0: {"A": rec(0, 2)}, 1: {"A": rec(0, 2)}}

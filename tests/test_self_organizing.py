@@ -137,7 +137,7 @@ def _servers(swarm: LocalSwarm) -> Iterator[list[Proc]]:
 def test_servers_without_blocks_cover_the_model(tiny_llama8, local_llama8, swarm, watcher):
     # started at once, both may pick 0:4 from an empty DHT: then one of them moves
     with _servers(swarm) as procs:
-        procs += [swarm.start_server(tiny_llama8, None, "--prefix", "auto", "--num-blocks", "4", *FAST, wait=False,
+        procs += [swarm.start_server(tiny_llama8, None, "--dht-prefix", "auto", "--num-blocks", "4", *FAST, wait=False,
                                      name=f"auto{i}") for i in range(2)]
         for proc in procs:
             proc.wait_for("Server ONLINE", 180)
@@ -155,14 +155,14 @@ def test_a_joining_server_goes_to_the_weak_blocks_and_moves_when_the_swarm_becom
         tiny_llama8, local_llama8, swarm, watcher):
     with _servers(swarm) as procs:
         # blocks 0:4 offer 10 tokens/s, blocks 4:8 only 5
-        procs += [swarm.start_server(tiny_llama8, span, "--prefix", "lopsided", "--throughput", speed,
+        procs += [swarm.start_server(tiny_llama8, span, "--dht-prefix", "lopsided", "--throughput", speed,
                                      "--num-threads", "1", wait=False, name=name)
                   for span, speed, name in (("0:4", "10", "lopsided_left"), ("4:8", "5", "lopsided_right"))]
         left, right = procs
         watcher.wait_until("lopsided", lambda s: len(s) == 2 and _online_everywhere(s), "two pinned servers online")
 
         # a third server (5 blocks) joins where the swarm is weakest: 3:8
-        mover = swarm.start_server(tiny_llama8, None, "--prefix", "lopsided", "--num-blocks", "5", "--throughput",
+        mover = swarm.start_server(tiny_llama8, None, "--dht-prefix", "lopsided", "--num-blocks", "5", "--throughput",
                                    "10", "--network-rps", "5000", "--no-use-relay", *FAST, name="lopsided_auto")
         procs.append(mover)
         mover_id = _peer_id(mover)

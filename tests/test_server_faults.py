@@ -29,10 +29,10 @@ GRAD_RTOL = 1e-4
 def faulty_swarm(tiny_llama, tmp_path_factory):
     with LocalSwarm(log_dir=str(tmp_path_factory.mktemp("faults"))) as swarm:
         swarm.start_dht()
-        faulty = swarm.start_server(tiny_llama, "0:4", "--num-threads", "1", "--prefix", PREFIX, "--throughput",
+        faulty = swarm.start_server(tiny_llama, "0:4", "--num-threads", "1", "--dht-prefix", PREFIX, "--throughput",
                                     "1000000", wait=False, name="faulty",
                                     env={"SWARM_TEST_FAULTS": "inference,backward"})
-        healthy = swarm.start_server(tiny_llama, "0:4", "--num-threads", "1", "--prefix", PREFIX, "--throughput",
+        healthy = swarm.start_server(tiny_llama, "0:4", "--num-threads", "1", "--dht-prefix", PREFIX, "--throughput",
                                      "1", wait=False, name="healthy")
         ids = {}
         for proc in (faulty, healthy):

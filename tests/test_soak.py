@@ -32,7 +32,7 @@ def test_generations_survive_servers_dying_and_coming_back(tiny_llama, local_lla
     results = {"ok": 0, "wrong": 0, "failed": []}
     lock = threading.Lock()
     stop = threading.Event()
-    server_args = ("--num-threads", "1", "--prefix", "soak-llama")
+    server_args = ("--num-threads", "1", "--dht-prefix", "soak-llama")
 
     with LocalSwarm(log_dir=str(tmp_path)) as swarm:
         swarm.start_dht()

@@ -109,7 +109,7 @@
     const missing = model.missing_blocks;
     const problem = missing.length ? h("p", { class: "problem" },
       "Blocks " + spans(missing) + " have no online server, so clients cannot run this model. Fix: ",
-      h("code", {}, "swarm serve --model " + model.name + " --blocks " + missing[0] + ":" + (missing[missing.length - 1] + 1))) : null;
+      h("code", {}, model.fix_command)) : null;
     const cells = model.replicas.map((count, i) => h("span", {
       class: "cell r" + Math.min(count, 3) + " " + model.block_states[i],
       title: "block " + i + ": " + plural(count, "online server") + (count === 0 ? " (" + model.block_states[i] + ")" : ""),
