@@ -79,7 +79,7 @@ def _model(model: ModelSnapshot, show_ips: bool, initial_peers: tuple[str, ...])
         "replicas": list(health.replicas),
         "min_replicas": health.min_replicas,
         "missing_blocks": health.missing,
-        "fix_command": serve_command(model.record, model.prefix, health.missing, initial_peers),
+        "fix_command": serve_command(model.record, model.prefix, health.missing, initial_peers if show_ips else ()),
         "block_states": [s.value for s in health.blocks],
         "servers_by_state": {s.value: health.servers_in(s) for s in PeerState},
         "throughput": sum(s["throughput"] for s in servers if s["state"] == PeerState.ONLINE.value),
@@ -90,7 +90,8 @@ def _model(model: ModelSnapshot, show_ips: bool, initial_peers: tuple[str, ...])
 def build_state(snapshot: Snapshot, *, show_ips: bool, refresh_period: float,
                 initial_peers: tuple[str, ...] = ()) -> dict[str, Any]:
     """The state document (a JSON-ready dict) for ``snapshot``; see docs/health.md. ``initial_peers``:
-    the addresses this service joined through, which the fix commands name (others join the same way)."""
+    the addresses this service joined through, which the fix commands name with ``show_ips`` (others
+    join the same way); without it they say ``SWARM_ADDRESS``."""
     return {
         "schema_version": SCHEMA_VERSION,
         "version": __version__,

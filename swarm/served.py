@@ -112,17 +112,19 @@ def _is_hub_id(name: str) -> bool:
     return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
 
 
+SWARM_ADDRESS = "SWARM_ADDRESS"  # stands for initial peers a page must not show (pasted as is, it is refused)
+
+
 def serve_command(record: ModelRecord, prefix: str, missing: Sequence[int], initial_peers: Sequence[str]) -> str:
     """The ``swarm serve`` command that fills blocks ``missing`` of a model, to paste on another machine:
     a hub id as it is (a local path of the machine that started it becomes ``/path/to/<name>``, and a
     copy in a folder of another name needs the prefix), the model's ``--dht-prefix`` unless it is the
-    default of that hub id, and the swarm's ``--initial-peers``."""
+    default of that hub id, and the swarm's ``--initial-peers`` (:data:`SWARM_ADDRESS` if none are given:
+    never nothing, which would start a separate swarm)."""
     hub = _is_hub_id(record.name)
     model = record.name if hub else f"/path/to/{os.path.basename(os.path.normpath(record.name))}"
     command = f"swarm serve --model {model} --blocks {missing[0]}:{missing[-1] + 1}" if missing else \
         f"swarm serve --model {model}"
     if not hub or default_prefix(model) != prefix:
         command += f" --dht-prefix {prefix}"
-    if initial_peers:
-        command += f" --initial-peers {' '.join(initial_peers)}"
-    return command
+    return command + f" --initial-peers {' '.join(initial_peers) or SWARM_ADDRESS}"

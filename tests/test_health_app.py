@@ -280,15 +280,20 @@ def test_health_cli_flags_come_from_the_config(monkeypatch):
     assert HealthConfig(initial_peers=(PEER,)).port == 8000 and HealthConfig(initial_peers=(PEER,)).host == "127.0.0.1"
 
 
-def test_the_fix_command_joins_this_swarm_and_names_no_foreign_path(app):
+def test_the_fix_command_joins_this_swarm_and_names_no_foreign_path(app, app_with_ips):
+    # without --show-ips the page names no address, but never leaves --initial-peers out (that would start a
+    # separate swarm); SWARM_ADDRESS, pasted as it is, is refused
     broken = app.state()["models"][0]
-    assert broken["fix_command"] == f"swarm serve --model org/Broken-7B --blocks 3:8 --initial-peers {PEER}"
+    assert broken["fix_command"] == "swarm serve --model org/Broken-7B --blocks 3:8 --initial-peers SWARM_ADDRESS"
     assert broken["fix_command"] in app.get("")[1]
+    broken = app_with_ips.state()["models"][0]
+    assert broken["fix_command"] == f"swarm serve --model org/Broken-7B --blocks 3:8 --initial-peers {PEER}"
     local = dataclasses.replace(sample_snapshot().models[0],
                                 record=ModelRecord(name="/home/alice/models/Broken-7B", num_blocks=8, family="llama"))
-    doc = build_state(Snapshot(models=(local,)), show_ips=False, refresh_period=15.0, initial_peers=(PEER,))
+    doc = build_state(Snapshot(models=(local,)), show_ips=True, refresh_period=15.0, initial_peers=(PEER,))
     assert doc["models"][0]["fix_command"] == ("swarm serve --model /path/to/Broken-7B --blocks 3:8 --dht-prefix "
                                                f"Broken-7B --initial-peers {PEER}")
+    assert "/home/alice" not in json.dumps(doc["models"][0]["fix_command"])
 
 
 def test_a_server_that_dies_shows_as_unreachable_after_one_crawl(monkeypatch):

@@ -50,6 +50,7 @@ def test_serve_command_can_be_pasted_on_another_machine(record, prefix, expected
     assert serve_command(record, prefix, [3, 4, 7], PEERS) == expected
     assert "/home/alice" not in serve_command(record, prefix, [3], PEERS)
     assert default_prefix("/path/to/tiny-llama") == "tiny-llama"
+    assert serve_command(record, prefix, [3], ()).endswith(" --initial-peers SWARM_ADDRESS")  # never none at all
 
 
 def test_summarize_and_describe():
