@@ -13,6 +13,7 @@ other way; the CLI imports them lazily):
 - ``routing``  pure span/chain computation over records
 - ``placement`` pure block placement: where a server is most useful, and whether to move
 - ``swarm_state`` pure server/block/model state: replicas, healthy or broken (health, servers, clients)
+- ``served``   what a swarm serves, in words: ``swarm models --initial-peers``, finding a model by config.json, fix commands
 - ``config``   one frozen config dataclass per component
 - ``models``   family adapters (the only family-specific code)
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)

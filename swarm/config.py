@@ -42,6 +42,7 @@ def parse_span(text: str, num_blocks: int | None = None) -> tuple[int, int]:
     return start, end
 
 
+GGUF_SUFFIX = ".gguf"  # a model file in llama.cpp's format (swarm.gguf reads it)
 _HUB_SNAPSHOT = re.compile(r"models--(?:[^/\\]+--)?([^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
 
 
@@ -62,29 +63,34 @@ def _looks_like_path(model: str) -> bool:
 
 
 def check_model_source(model: str, flag: str = "--model", gguf_file: str | None = None) -> None:
-    """Refuses, in one line and before anything heavy loads, a model that cannot be one: a path that does
-    not exist, a file that is not a GGUF file, a directory without ``config.json`` (or without the
-    ``gguf_file`` named). Hub ids pass."""
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
+    """Refuses, in one line and before anything heavy loads, a model that cannot be one; passes every form
+    that loads: a directory with ``config.json``, a ``.gguf`` file, a directory or hub repository holding
+    ``gguf_file`` (``--gguf-file``), a hub id (the hub judges it when it downloads). Paths are taken as
+    given (like transformers, no ``~`` expansion: the shell does that)."""
+    if os.path.isdir(model):
+        ggufs = sorted(d for d in os.listdir(model) if d.endswith(GGUF_SUFFIX))
         if gguf_file is not None:
-            if not os.path.isfile(os.path.join(path, gguf_file)):
-                raise ModelError(f"{flag} {model!r} has no GGUF file {gguf_file!r} (--gguf-file)")
+            if not os.path.isfile(os.path.join(model, gguf_file)):
+                hint = f" (it holds {', '.join(map(repr, ggufs[:3]))})" if ggufs else ""
+                raise ModelError(f"{flag} {model!r} has no GGUF file {gguf_file!r} (--gguf-file){hint}")
             return
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(model, "config.json")):
             return
-        ggufs = sorted(d for d in os.listdir(path) if d.endswith(".gguf"))[:1]
-        inside = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "config.json")))[:1]
+        inside = sorted(d for d in os.listdir(model) if os.path.isfile(os.path.join(model, d, "config.json")))
         hint = (f" (it holds {ggufs[0]!r}: pass that file, or --gguf-file {ggufs[0]})" if ggufs
                 else f" (its subdirectory {inside[0]!r} has one)" if inside else "")
         raise ModelError(f"{flag} {model!r} has no config.json{hint}: pass the directory that holds the model's "
                          "config.json and *.safetensors files")
-    if os.path.isfile(path):
-        if path.endswith(".gguf") and gguf_file is None:
+    if os.path.isfile(model):
+        if gguf_file is not None:
+            raise ModelError(f"{flag} {model!r} is a file, and --gguf-file names a file inside a directory or hub "
+                             f"repository: pass --model {os.path.dirname(model) or '.'} --gguf-file {gguf_file}, or "
+                             "the .gguf file alone as --model")
+        if model.endswith(GGUF_SUFFIX):
             return
         raise ModelError(f"{flag} {model!r} is a file: pass the directory that holds it (with config.json and "
                          "*.safetensors), a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
-    if path.endswith(".gguf"):
+    if model.endswith(GGUF_SUFFIX):
         raise ModelError(f"GGUF file {model!r} does not exist; for a file in a hub repository pass "
                          "--model ORG/REPO --gguf-file NAME.gguf")
     if _looks_like_path(model):
@@ -456,6 +462,10 @@ class FinetuneConfig:
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required, e.g. --{name} {example}")
         check_model_source(self.model)
+        if self.model.endswith(GGUF_SUFFIX):  # its tokenizer and LoRA targets are read from config.json files
+            raise ConfigError(f"--model {self.model!r}: swarm finetune does not read GGUF files; pass the model's "
+                              "hub id or directory, and --dht-prefix with the prefix the servers of the GGUF "
+                              "announce (`swarm models --initial-peers ...` lists it)")
         for name in ("max_length", "epochs", "gradient_accumulation", "save_every", "keep_checkpoints", "lora_r",
                      "lora_alpha"):
             if getattr(self, name) < 1:

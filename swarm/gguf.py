@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
+from swarm.config import GGUF_SUFFIX
 from swarm.errors import ModelError
 
-GGUF_SUFFIX = ".gguf"
 INSTALL_HINT = "pip install 'swarm-llm[gguf]'  (or: pip install gguf)"
 _FLOAT_TYPES = {0: "f32", 1: "f16", 30: "bf16"}  # ggml type ids of plain float tensors
 _FLOAT_FILE_TYPES = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}

@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
-from swarm.config import default_prefix
+from swarm.config import GGUF_SUFFIX, default_prefix
 from swarm.records import ModelRecord, ServerRecord
 from swarm.routing import format_blocks
 from swarm.swarm_state import merge_servers, model_health
@@ -117,14 +117,23 @@ SWARM_ADDRESS = "SWARM_ADDRESS"  # stands for initial peers a page must not show
 
 def serve_command(record: ModelRecord, prefix: str, missing: Sequence[int], initial_peers: Sequence[str]) -> str:
     """The ``swarm serve`` command that fills blocks ``missing`` of a model, to paste on another machine:
-    a hub id as it is (a local path of the machine that started it becomes ``/path/to/<name>``, and a
-    copy in a folder of another name needs the prefix), the model's ``--dht-prefix`` unless it is the
-    default of that hub id, and the swarm's ``--initial-peers`` (:data:`SWARM_ADDRESS` if none are given:
+    a hub id as it is (a GGUF file of a hub repository, ``ORG/REPO/NAME.gguf``, as ``--model ORG/REPO
+    --gguf-file NAME.gguf``; a local path of the machine that started it becomes ``/path/to/<name>``, and
+    a copy in a folder of another name needs the prefix), the model's ``--dht-prefix`` unless it is the
+    default of that model, and the swarm's ``--initial-peers`` (:data:`SWARM_ADDRESS` if none are given:
     never nothing, which would start a separate swarm)."""
-    hub = _is_hub_id(record.name)
-    model = record.name if hub else f"/path/to/{os.path.basename(os.path.normpath(record.name))}"
-    command = f"swarm serve --model {model} --blocks {missing[0]}:{missing[-1] + 1}" if missing else \
-        f"swarm serve --model {model}"
-    if not hub or default_prefix(model) != prefix:
+    name = os.path.normpath(record.name) if record.name.startswith(("/", ".", "~")) else record.name
+    repo, _, file = name.rpartition("/")
+    if name.endswith(GGUF_SUFFIX) and repo.count("/") == 1 and _is_hub_id(repo):
+        model, default = f"{repo} --gguf-file {file}", default_prefix(file)
+    elif _is_hub_id(name) and not name.endswith(GGUF_SUFFIX):
+        model, default = name, default_prefix(name)
+    else:
+        model = f"/path/to/{os.path.basename(name)}"
+        default = None  # a folder of another name there: only the prefix finds the swarm's model
+    command = f"swarm serve --model {model}"
+    if missing:
+        command += f" --blocks {missing[0]}:{missing[-1] + 1}"
+    if default != prefix:
         command += f" --dht-prefix {prefix}"
     return command + f" --initial-peers {' '.join(initial_peers) or SWARM_ADDRESS}"

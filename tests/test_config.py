@@ -395,3 +395,65 @@ def test_remeasure_throughput_flag():
     assert ServerConfig(model="x", remeasure_throughput=True).remeasure_throughput is True
     with pytest.raises(ConfigError, match="either --throughput .* or --remeasure-throughput"):
         ServerConfig(model="x", throughput=5.0, remeasure_throughput=True)
+
+
+# ---------------------------------------------------------------- model sources: every form that loads passes
+
+
+@pytest.fixture
+def gguf_layout(tmp_path, monkeypatch):
+    """A GGUF file in a folder, the same file in a hub-cache snapshot (a symlink to its blob, as
+    huggingface_hub lays it out), and a folder without config.json; the working directory is tmp_path."""
+    from hub_layout import make_hub_cache
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "m.Q4_K_M.gguf").write_bytes(b"GGUF")  # the check reads no content; swarm.gguf does
+    snapshot = make_hub_cache(tmp_path / "hub", "org/m-GGUF", folder, files=["m.Q4_K_M.gguf"])
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return folder, snapshot
+
+
+@pytest.mark.parametrize("model, gguf_file", [
+    ("{folder}/m.Q4_K_M.gguf", None),  # the file itself
+    ("models/m.Q4_K_M.gguf", None),  # relative to the working directory
+    ("{folder}", "m.Q4_K_M.gguf"),  # a folder and the file in it
+    ("{folder}/", "m.Q4_K_M.gguf"),
+    ("{snapshot}", "m.Q4_K_M.gguf"),  # a hub-cache snapshot (the file a symlink to its blob)
+    ("{snapshot}/m.Q4_K_M.gguf", None),
+    ("org/m-GGUF", "m.Q4_K_M.gguf"),  # a hub repository: downloaded when the server starts
+])
+def test_every_gguf_form_that_loads_passes_the_check(gguf_layout, model, gguf_file):
+    folder, snapshot = gguf_layout
+    model = model.replace("{folder}", str(folder)).replace("{snapshot}", str(snapshot))
+    config = ServerConfig(model=model, gguf_file=gguf_file)
+    assert config.dht_prefix == "m.Q4_K_M.gguf"  # what a client opening the same file looks under
+
+
+def test_finetune_says_it_reads_no_gguf(gguf_layout):
+    from swarm.config import FinetuneConfig
+
+    with pytest.raises(ConfigError, match="swarm finetune does not read GGUF files; pass the model's hub id or "
+                                          "directory, and --dht-prefix"):
+        FinetuneConfig(model="models/m.Q4_K_M.gguf", data="d.json", output="o", initial_peers=(PEER,))
+
+
+@pytest.mark.parametrize("model, gguf_file, message", [
+    ("models/absent.gguf", None, "GGUF file 'models/absent.gguf' does not exist; for a file in a hub repository "
+                                 "pass --model ORG/REPO --gguf-file NAME.gguf"),
+    ("models", "absent.gguf", "--model 'models' has no GGUF file 'absent.gguf' (--gguf-file) (it holds "
+                              "'m.Q4_K_M.gguf')"),
+    ("models", None, "--model 'models' has no config.json (it holds 'm.Q4_K_M.gguf': pass that file, or "
+                     "--gguf-file m.Q4_K_M.gguf)"),
+    ("models/m.Q4_K_M.gguf", "m.Q4_K_M.gguf", "is a file, and --gguf-file names a file inside a directory or hub "
+                                              "repository: pass --model models --gguf-file m.Q4_K_M.gguf"),
+    ("empty", "m.gguf", "--model 'empty' has no GGUF file 'm.gguf' (--gguf-file)"),
+    ("~/models", None, "--model '~/models': no such directory"),  # not expanded, as transformers would not
+])
+def test_gguf_forms_that_cannot_load_are_refused_in_one_line(gguf_layout, model, gguf_file, message):
+    from swarm.errors import ModelError
+
+    with pytest.raises(ModelError) as info:
+        ServerConfig(model=model, gguf_file=gguf_file)
+    assert message in str(info.value) and "\n" not in str(info.value)

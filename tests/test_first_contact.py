@@ -1,12 +1,14 @@
 """First contact: each common first mistake gets a short answer that names its fix, and the swarm
 copes with what a new user does to it.
 
-Every test runs the real command (``python -m swarm.cli ...``) or the real client call and checks
-the exit code, that the answer is a few lines without a traceback, and the fix it names. Mistakes
-in flags are refused before torch is imported (checked, not timed); mistakes that only show when
-joining run a real ``p2pd``. Tests that need a swarm share one (:func:`fc_swarm`): a DHT peer with
-an identity file and two servers of a tiny Llama (with a tokenizer) placed automatically and
-started at the same moment.
+Every test runs the real command or the real client call and checks the exit code, that the
+answer is a few lines without a traceback, and the fix it names. The command runs in this process
+(``swarm.cli.main``, what the ``swarm`` script calls: :func:`run_swarm`) unless the test is about
+the process itself (signals, what it imports): mistakes in flags are refused before torch is
+imported, checked in one fresh interpreter for all of them; mistakes that only show when joining
+run a real ``p2pd``. Tests that need a swarm share one (:func:`fc_swarm`): a DHT peer with an
+identity file and two servers of a tiny Llama (with a tokenizer) placed automatically and started
+at the same moment.
 """
 
 from __future__ import annotations
@@ -41,21 +43,66 @@ EXAMPLES = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{
 @dataclasses.dataclass
 class Result:
     rc: int
-    out: str
+    out: str  # stdout and stderr
     seconds: float
+    problems: tuple[str, ...] = ()  # log records at ERROR or with a traceback
 
 
-def swarm_command(*args: str, timeout: float = 120) -> Result:
+def run_swarm(*args: str) -> Result:
+    """``swarm ARGS`` in this process: ``swarm.cli.main``, with its output and log records captured. The
+    logging setup stays the test run's (the command's own would replace pytest's handlers)."""
+    import io
+    import traceback
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import swarm.cli
+
+    records: list[logging.LogRecord] = []
+    catcher = logging.Handler(logging.INFO)
+    catcher.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    level, setup = root.level, swarm.cli._setup_logging
+    hivemind_mode = _hivemind_log_mode()
+    out = io.StringIO()
+    swarm.cli._setup_logging = lambda verbose: None
+    root.addHandler(catcher)
+    root.setLevel(logging.INFO)
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, start_new_session=True)
-    return Result(done.returncode, done.stdout + done.stderr, time.monotonic() - t0)
+    try:
+        with redirect_stdout(out), redirect_stderr(out):
+            try:
+                rc = swarm.cli.main(list(args))
+            except SystemExit as e:  # argparse: --version, --help
+                rc = e.code if isinstance(e.code, int) else 2
+    finally:
+        swarm.cli._setup_logging = setup
+        _restore_hivemind_log_mode(hivemind_mode)  # this first: it sets the root logger's level
+        root.removeHandler(catcher)
+        root.setLevel(level)
+    problems = tuple(f"{r.levelname} {r.name}: {r.getMessage()}"
+                     + ("".join(traceback.format_exception(*r.exc_info)) if r.exc_info else "")
+                     for r in records if r.levelno >= logging.ERROR or r.exc_info)
+    return Result(rc, out.getvalue(), time.monotonic() - t0, problems)
+
+
+def _hivemind_log_mode():
+    import hivemind.utils.logging as hivemind_logging
+
+    return hivemind_logging._current_mode
+
+
+def _restore_hivemind_log_mode(mode) -> None:
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler(mode)
 
 
 def assert_short_answer(result: Result, *fixes: str, rc: int = 2, max_lines: int = 3) -> None:
-    """Exit code ``rc``, no traceback, at most ``max_lines`` lines, the last one the error naming ``fixes``."""
+    """Exit code ``rc``, no traceback or ERROR log, at most ``max_lines`` lines, the last one the error naming
+    ``fixes``."""
     lines = [line for line in result.out.splitlines() if line.strip()]
     assert result.rc == rc, result.out[-3000:]
+    assert not result.problems, result.problems
     assert "Traceback" not in result.out and len(lines) <= max_lines, result.out[-3000:]
     assert lines[-1].startswith("error: "), result.out[-3000:]
     for fix in fixes:
@@ -97,55 +144,77 @@ def down_peer() -> str:
 # ---------------------------------------------------------------- flags, refused before torch loads
 
 _NO_TORCH = """
-import sys, json
+import contextlib, io, json, sys, time
 from swarm.cli import main
-rc = main(json.loads(sys.argv[1]))
-print("imported: " + " ".join(m for m in ("torch", "hivemind", "transformers") if m in sys.modules))
-sys.exit(rc)
+answers = {}
+for name, args in json.loads(sys.argv[1]).items():
+    out, t0 = io.StringIO(), time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = main(args)
+        except SystemExit as e:
+            rc = e.code
+    answers[name] = [rc, out.getvalue(), time.monotonic() - t0]
+imported = [m for m in ("torch", "hivemind", "transformers") if m in sys.modules]
+print(json.dumps({"answers": answers, "imported": imported}))
 """
 
-
-def run_cli_without_torch(args: list[str]) -> tuple[Result, str]:
-    """``swarm ARGS`` in a Python that says afterwards which heavy packages it imported: (result, their names)."""
-    t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps(args)], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    imported = done.stdout.splitlines()[-1].removeprefix("imported:").strip()
-    return Result(done.returncode, done.stderr, time.monotonic() - t0), imported
-
-
-def test_version():
-    result = swarm_command("--version")
-    assert result.rc == 0 and result.out.strip() == "swarm 0.1.0"
-
-
-@pytest.mark.parametrize("args, fixes", [
-    (["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--blocks", "abc"], ["--blocks 'abc' is not START:END"]),
-    (["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--num-blocks", "0"], ["--num-blocks must be positive"]),
-    (["serve", "--model", "/no/such/models/tiny-llama"], ["no such directory", "hub id"]),
-    (["serve", "--model", "{empty}"], ["has no config.json", "pass the directory that holds"]),
-    (["serve", "--model", "{file}"], ["is a file: pass the directory"]),
-    (["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--initial-peers", f"/ip4/300.0.0.1/tcp/31337/p2p/{PEER_ID}"],
-     ["--initial-peers", "'300.0.0.1' is not an IPv4 address", "as printed by `swarm dht` or `swarm serve`"]),
-    (["health", "--initial-peers", "10.0.0.5:31337"], ["--initial-peers '10.0.0.5:31337' is not a full multiaddr"]),
-    (["finetune", "--model", "./no-such-dir", "--data", "d.json", "--output", "o", "--initial-peers",
-      f"/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID}"], ["no such directory"]),
-], ids=["blocks-abc", "num-blocks-0", "mistyped-path", "no-config-json", "a-file", "bad-ip", "not-a-multiaddr",
-        "finetune-path"])
-def test_mistyped_flags_are_refused_before_torch_loads(args, fixes, tmp_path):
-    (tmp_path / "weights").mkdir()  # a directory without config.json
-    (tmp_path / "model.safetensors").write_bytes(b"")  # a file where the directory was due
-    args = [a.replace("{empty}", str(tmp_path / "weights")).replace("{file}", str(tmp_path / "model.safetensors"))
-            for a in args]
-    result, imported = run_cli_without_torch(args)
-    assert imported == "", result.out  # refused before any heavy import
-    assert_short_answer(result, *fixes)
-    assert result.seconds < 3  # a Python start and argparse: ~0.2 s here
+FLAG_MISTAKES = {  # name: (args, what the answer names)
+    "blocks-abc": (["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--blocks", "abc"],
+                   ["--blocks 'abc' is not START:END"]),
+    "num-blocks-0": (["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--num-blocks", "0"],
+                     ["--num-blocks must be positive"]),
+    "mistyped-path": (["serve", "--model", "/no/such/models/tiny-llama"], ["no such directory", "hub id"]),
+    "no-config-json": (["serve", "--model", "{empty}"], ["has no config.json", "pass the directory that holds"]),
+    "a-file": (["serve", "--model", "{file}"], ["is a file: pass the directory"]),
+    "gguf-not-there": (["serve", "--model", "{empty}/model.Q4_K_M.gguf"],
+                       ["does not exist", "--model ORG/REPO --gguf-file NAME.gguf"]),
+    "gguf-file-not-in-dir": (["serve", "--model", "{empty}", "--gguf-file", "model.Q4_K_M.gguf"],
+                             ["has no GGUF file 'model.Q4_K_M.gguf' (--gguf-file)"]),
+    "bad-ip": (["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--initial-peers",
+                f"/ip4/300.0.0.1/tcp/31337/p2p/{PEER_ID}"],
+               ["--initial-peers", "'300.0.0.1' is not an IPv4 address", "as printed by `swarm dht` or `swarm serve`"]),
+    "not-a-multiaddr": (["health", "--initial-peers", "10.0.0.5:31337"],
+                        ["--initial-peers '10.0.0.5:31337' is not a full multiaddr"]),
+    "finetune-path": (["finetune", "--model", "./no-such-dir", "--data", "d.json", "--output", "o", "--initial-peers",
+                       f"/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID}"], ["no such directory"]),
+}
 
 
-def test_old_prefix_flag_still_works_with_a_note():
-    result, _ = run_cli_without_torch(["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--prefix", "x", "--blocks",
-                                       "9"])
+@pytest.fixture(scope="module")
+def flag_answers(tmp_path_factory) -> tuple[dict[str, Result], list[str]]:
+    """Every mistake of :data:`FLAG_MISTAKES` and ``--version`` (and the old ``--prefix``) answered by one fresh
+    interpreter, which says afterwards which heavy packages it imported: (answers by name, those packages)."""
+    root = tmp_path_factory.mktemp("flags")
+    (root / "weights").mkdir()  # a directory without config.json
+    (root / "model.safetensors").write_bytes(b"")  # a file where the directory was due
+    cases = {name: [a.replace("{empty}", str(root / "weights")).replace("{file}", str(root / "model.safetensors"))
+                    for a in args] for name, (args, _) in FLAG_MISTAKES.items()}
+    cases["version"] = ["--version"]
+    cases["old-prefix"] = ["serve", "--model", "Qwen/Qwen2.5-7B-Instruct", "--prefix", "x", "--blocks", "9"]
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    return {name: Result(*answer) for name, answer in report["answers"].items()}, report["imported"]
+
+
+def test_version(flag_answers):
+    answers, _ = flag_answers
+    assert answers["version"].rc == 0 and answers["version"].out.strip() == "swarm 0.1.0"
+
+
+@pytest.mark.parametrize("name", FLAG_MISTAKES)
+def test_mistyped_flags_are_refused_before_torch_loads(flag_answers, name):
+    answers, imported = flag_answers
+    assert imported == []  # none of the commands imported torch, hivemind or transformers
+    assert_short_answer(answers[name], *FLAG_MISTAKES[name][1])
+    assert answers[name].seconds < 1  # argparse and a few stat calls: milliseconds
+
+
+def test_old_prefix_flag_still_works_with_a_note(flag_answers):
+    answers, _ = flag_answers
+    result = answers["old-prefix"]
     assert "note: --prefix is deprecated; use --dht-prefix" in result.out
     assert result.rc == 2 and "--blocks '9' is not START:END" in result.out
 
@@ -172,14 +241,14 @@ def data_file(tmp_path_factory) -> str:
 def test_unreachable_initial_peers_get_the_same_answer_in_every_role(chat_llama, data_file, tmp_path):
     peer = down_peer()
     message = join_failure([peer], "failed to connect to bootstrap peers")
-    serve = swarm_command("serve", "--model", chat_llama, "--blocks", "0:4", "--device", "cpu", "--initial-peers", peer)
+    serve = run_swarm("serve", "--model", chat_llama, "--blocks", "0:4", "--device", "cpu", "--initial-peers", peer)
     assert_short_answer(serve, message)
-    health = swarm_command("health", "--initial-peers", peer, "--port", "0")
+    health = run_swarm("health", "--initial-peers", peer, "--port", "0")
     assert_short_answer(health, message)
     output = tmp_path / "adapter"
-    finetune = swarm_command("finetune", "--model", chat_llama, "--data", data_file, "--output", str(output),
-                             "--initial-peers", peer)
-    assert_short_answer(finetune, message, max_lines=5)  # after the data and LoRA lines it logs
+    finetune = run_swarm("finetune", "--model", chat_llama, "--data", data_file, "--output", str(output),
+                         "--initial-peers", peer)
+    assert_short_answer(finetune, message)
     assert not output.exists()  # joining comes before anything is written
 
     from swarm import AutoDistributedModelForCausalLM
@@ -194,23 +263,30 @@ def test_unreachable_initial_peers_get_the_same_answer_in_every_role(chat_llama,
 
 
 @pytest.mark.integration
+def test_a_malformed_peer_id_is_refused_in_one_line():
+    # the IP and port are checked before torch loads; the peer id only p2pd can judge (a multihash)
+    result = run_swarm("dht", "--initial-peers", f"/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID[:-3]}")
+    assert_short_answer(result, f'failed to parse multiaddr "/ip4/127.0.0.1/tcp/1/p2p/{PEER_ID[:-3]}"',
+                        "as printed by `swarm dht` or `swarm serve`")
+
+
+@pytest.mark.integration
 def test_a_busy_port_is_refused(chat_llama):
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        result = swarm_command("serve", "--model", chat_llama, "--blocks", "0:4", "--device", "cpu", "--port",
-                               str(port))
+        result = run_swarm("serve", "--model", chat_llama, "--blocks", "0:4", "--device", "cpu", "--port", str(port))
         assert_short_answer(result, f"port {port} is already in use", "pass another --port")
-        result = swarm_command("dht", "--port", str(port))
+        result = run_swarm("dht", "--port", str(port))
         assert_short_answer(result, f"port {port} is already in use")
 
 
 @pytest.mark.integration
 def test_finetune_refuses_a_model_without_a_tokenizer(tiny_llama, data_file, tmp_path):
     output = tmp_path / "adapter"
-    result = swarm_command("finetune", "--model", tiny_llama, "--data", data_file, "--output", str(output),
-                           "--initial-peers", down_peer())
+    result = run_swarm("finetune", "--model", tiny_llama, "--data", data_file, "--output", str(output),
+                       "--initial-peers", down_peer())
     assert_short_answer(result, "has no tokenizer", "copy the base model's tokenizer files")
     assert not output.exists()
 
@@ -258,8 +334,8 @@ def test_servers_started_together_split_the_model_at_once(fc_swarm):
 @pytest.mark.integration
 def test_swarm_models_lists_what_the_swarm_serves(fc_swarm):
     swarm, _, _ = fc_swarm
-    result = swarm_command("models", "--initial-peers", *swarm.initial_peers)
-    assert result.rc == 0 and "Traceback" not in result.out, result.out
+    result = run_swarm("models", "--initial-peers", *swarm.initial_peers)
+    assert result.rc == 0 and "Traceback" not in result.out and not result.problems, result.out
     assert f"'{PREFIX}' (" in result.out and "llama, 4 blocks, 2 server(s)): healthy" in result.out
 
 
@@ -314,20 +390,37 @@ def test_the_same_identity_twice_and_a_port_in_use_are_refused(fc_swarm, chat_ll
     swarm, identity, _ = fc_swarm
     args = ["serve", "--model", chat_llama, "--blocks", "0:1", "--device", "cpu", "--initial-peers",
             *swarm.initial_peers]
-    result = swarm_command(*args, "--identity-path", identity)
+    result = run_swarm(*args, "--identity-path", identity)
     assert_short_answer(result, f"--identity-path {identity} is in use by another peer", "its own identity file")
     dht_port = int(swarm.initial_peers[0].split("/")[4])  # two servers silently sharing a port, unless refused
-    result = swarm_command(*args, "--port", str(dht_port))
+    result = run_swarm(*args, "--port", str(dht_port))
     assert_short_answer(result, f"port {dht_port} is already in use")
 
 
+def _seed_throughput_cache(cache_dir, model: str) -> tuple[str, float]:
+    """A throughput cache in ``cache_dir`` whose entry for ``model``'s blocks (on this CPU, float32, one
+    thread: what a server started with --num-threads 1 looks up) says 1 token/s: (its key, that value)."""
+    from server import throughput as probe
+    from swarm.devices import adapt_to_device
+    from swarm.models import load_config
+
+    config = load_config(model)
+    adapt_to_device(config, torch.device("cpu"))
+    key = probe.speed_key(config, torch.device("cpu"), torch.float32, 1)
+    probe.store_cached(key, probe.ComputeSpeed(1.0, 1.0), cache_dir / probe.CACHE_FILE)
+    return key, 1.0
+
+
 @pytest.mark.integration
-def test_sigterm_to_the_whole_process_group_leaves_cleanly(fc_swarm, chat_llama):
+def test_sigterm_to_the_whole_process_group_leaves_cleanly(fc_swarm, chat_llama, tmp_path):
+    from server import throughput as probe
     from swarm.dht import NetworkConfig, Peer, fetch_servers
     from swarm.records import ServerState
 
     swarm, _, _ = fc_swarm
-    proc = swarm.start_server(chat_llama, "0:1", "--num-threads", "1", "--remeasure-throughput", name="leaver")
+    key, busy = _seed_throughput_cache(tmp_path, chat_llama)  # as if measured while the machine was busy
+    proc = swarm.start_server(chat_llama, "0:1", "--num-threads", "1", "--remeasure-throughput", name="leaver",
+                              env={probe.CACHE_DIR_ENV: str(tmp_path)})
     peer_id = proc.wait_for("Server ONLINE", 5).rsplit(" as ", 1)[1].strip()
     daemons = _p2pd_children(proc.popen.pid)
     assert daemons and all(os.getpgid(d) != proc.popen.pid for d in daemons)  # p2pd runs in a group of its own
@@ -335,7 +428,9 @@ def test_sigterm_to_the_whole_process_group_leaves_cleanly(fc_swarm, chat_llama)
     assert proc.popen.wait(30) == 0
     log = proc.log()
     assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
-    assert "(measured in" in log  # --remeasure-throughput measured although the cache had this setup
+    # --remeasure-throughput measured although the cache had this setup, and replaced the busy value
+    entries = json.loads((tmp_path / probe.CACHE_FILE).read_text())["entries"]
+    assert "(measured in" in log and list(entries) == [key] and entries[key]["forward_rps"] != busy
     assert all(not os.path.exists(f"/proc/{d}") or _zombie(d) for d in daemons), "p2pd outlived its server"
 
     async def announced_state() -> ServerState:
@@ -373,3 +468,21 @@ def test_finetune_leaves_a_checkpoint_on_sigterm(fc_swarm, chat_llama, data_file
     assert rc == 0 and "Traceback" not in text, text[-3000:]
     step = int(re.search(r"Interrupted at step (\d+); run the same command again to resume", text)[1])
     assert step >= 1 and (output / f"checkpoint-{step}" / "trainer_state.json").is_file()
+
+
+# ---------------------------------------------------------------- several roles on one machine share the cores
+
+
+def test_local_roles_share_the_cores_out(monkeypatch, tmp_path):
+    import swarm.local_swarm as local_swarm
+
+    monkeypatch.setattr(local_swarm.os, "cpu_count", lambda: 2)
+    assert local_swarm.threads_per_process(3) == 1 and local_swarm.threads_per_process(1) == 2
+    monkeypatch.setattr(local_swarm.os, "cpu_count", lambda: 16)
+    assert local_swarm.threads_per_process(3) == 5
+    started: list[list[str]] = []
+    monkeypatch.setattr(LocalSwarm, "_spawn", lambda self, name, args, env=None: started.append(args))
+    with LocalSwarm(log_dir=str(tmp_path), threads=5) as swarm:
+        swarm.start_server("m", "0:1", wait=False)
+        swarm.start_server("m", "1:2", "--num-threads", "2", wait=False)  # a server's own flag wins
+    assert started[0][started[0].index("--num-threads") + 1] == "5" and started[1].count("--num-threads") == 1

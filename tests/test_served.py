@@ -62,3 +62,21 @@ def test_summarize_and_describe():
            "have no server" in lines[2]
     assert "28 blocks, 0 server(s)): broken: blocks 0:28" in lines[1]
     assert describe_served([])[0].startswith("This swarm serves no model yet")
+
+
+@pytest.mark.parametrize("name, prefix, expected", [
+    # a GGUF file of a hub repository: the repository and --gguf-file, whose name is the default prefix
+    ("org/m-GGUF/m.Q4_K_M.gguf", "m.Q4_K_M.gguf", "--model org/m-GGUF --gguf-file m.Q4_K_M.gguf --blocks 3:4 "
+                                                  "--initial-peers"),
+    ("org/m-GGUF/m.Q4_K_M.gguf", "mine", "--model org/m-GGUF --gguf-file m.Q4_K_M.gguf --blocks 3:4 "
+                                         "--dht-prefix mine --initial-peers"),
+    # a local GGUF file, absolute or relative: a path of that machine
+    ("/home/alice/m.Q4_K_M.gguf", "m.Q4_K_M.gguf", "--model /path/to/m.Q4_K_M.gguf --blocks 3:4 --dht-prefix "
+                                                   "m.Q4_K_M.gguf --initial-peers"),
+    ("m.Q4_K_M.gguf", "m.Q4_K_M.gguf", "--model /path/to/m.Q4_K_M.gguf --blocks 3:4 --dht-prefix m.Q4_K_M.gguf"),
+    ("/home/alice/models/tiny-llama/", "tiny-llama", "--model /path/to/tiny-llama --blocks 3:4 --dht-prefix "
+                                                     "tiny-llama"),
+])
+def test_serve_command_for_gguf_and_local_names(name, prefix, expected):
+    command = serve_command(ModelRecord(name, 4, "llama"), prefix, [3], PEERS)
+    assert command.startswith(f"swarm serve {expected}") and "alice" not in command
