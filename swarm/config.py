@@ -558,7 +558,7 @@ class DoctorConfig:
         default=10.0, metadata=_help("seconds each check may take (p2pd start, each peer, each matmul)"))
 
     def __post_init__(self) -> None:
-        _check_maddrs("--initial-peers", self.initial_peers)
+        check_maddrs("--initial-peers", self.initial_peers)
         if not 0 < self.timeout < float("inf"):
             raise ConfigError(f"--timeout must be positive seconds, got {self.timeout}")
 
