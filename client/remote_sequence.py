@@ -114,13 +114,15 @@ class RemoteSequence:
                              f"have the same config.json: {choices}; pass dht_prefix= to choose one")
 
     async def _missing_blocks(self, error: MissingBlocksError) -> MissingBlocksError:
-        """``error`` with the prefix it looked under and what the swarm serves (read from the model index)."""
+        """``error``, and if no server announced the prefix it looked under, that prefix and what the swarm
+        serves instead (read from the model index)."""
         try:
             index = await fetch_models(await self.peer())
         except Exception as e:  # the error is news enough without the index
             logger.debug("Reading the model index failed: %s", e)
             return error
-        return MissingBlocksError(f"{error}. {served_line(self.prefix, index)}")
+        line = served_line(self.prefix, index)
+        return error if line is None else MissingBlocksError(f"{error}. {line}")
 
     async def chain(self, start: int, end: int, min_cache_tokens: int = 0,
                     purpose: str = "inference") -> list[ChainLink]:

@@ -79,16 +79,17 @@ def describe_served(served: Sequence[ServedModel]) -> list[str]:
     return lines
 
 
-def served_line(prefix: str, index: Mapping[str, ModelRecord]) -> str:
-    """One sentence for a MissingBlocksError: the prefix looked under and what the swarm serves instead."""
-    others = [f"{p!r} ({r.name})" for p, r in sorted(index.items()) if p != prefix][:8]
-    where = f"Looked under DHT prefix {prefix!r}"
-    if prefix not in index and others:
-        return (f"{where}, which no server announced; the swarm serves {', '.join(others)}: pass "
-                "dht_prefix= (or --dht-prefix) to use one (`swarm models --initial-peers ...` lists them)")
-    if prefix not in index:
-        return f"{where}, which no server announced; the swarm's model index is empty"
-    return f"{where} (dht_prefix=)"
+def served_line(prefix: str, index: Mapping[str, ModelRecord]) -> str | None:
+    """One sentence for a MissingBlocksError whose prefix no server announced: the prefix looked under and
+    what the swarm serves instead; None if the swarm serves that prefix (the blocks are the news then)."""
+    if prefix in index:
+        return None
+    others = [f"{p!r} ({r.name})" for p, r in sorted(index.items())][:8]
+    where = f"Looked under DHT prefix {prefix!r}, which no server announced"
+    if not others:
+        return f"{where}; the swarm's model index is empty"
+    return (f"{where}; the swarm serves {', '.join(others)}: pass dht_prefix= (or --dht-prefix) to use one "
+            "(`swarm models --initial-peers ...` lists them)")
 
 
 def find_prefix(index: Mapping[str, ModelRecord], prefix: str, digest: str, num_blocks: int) -> str | None:

@@ -49,11 +49,15 @@ class Result:
 
 
 def run_swarm(*args: str) -> Result:
-    """``swarm ARGS`` in this process: ``swarm.cli.main``, with its output and log records captured. The
-    logging setup stays the test run's (the command's own would replace pytest's handlers)."""
+    """``swarm ARGS`` in this process: ``swarm.cli.main``, with its output and every log record (hivemind's
+    included) captured. The command's own logging setup is left out: in this process it would install
+    handlers on streams that outlive the test; while it runs the root logger has no handler but the catcher
+    (handlers earlier tests left there may write to closed streams)."""
     import io
     import traceback
     from contextlib import redirect_stderr, redirect_stdout
+
+    import hivemind.utils.logging as hivemind_logging
 
     import swarm.cli
 
@@ -61,12 +65,13 @@ def run_swarm(*args: str) -> Result:
     catcher = logging.Handler(logging.INFO)
     catcher.emit = records.append  # type: ignore[method-assign]
     root = logging.getLogger()
-    level, setup = root.level, swarm.cli._setup_logging
-    hivemind_mode = _hivemind_log_mode()
-    out = io.StringIO()
+    saved = (root.handlers[:], root.level, hivemind_logging._current_mode, swarm.cli._setup_logging,
+             swarm.cli._route_hivemind_logs)
     swarm.cli._setup_logging = lambda verbose: None
-    root.addHandler(catcher)
+    swarm.cli._route_hivemind_logs = lambda: hivemind_logging.use_hivemind_log_handler("nowhere")  # to the root
+    root.handlers = [catcher]
     root.setLevel(logging.INFO)
+    out = io.StringIO()
     t0 = time.monotonic()
     try:
         with redirect_stdout(out), redirect_stderr(out):
@@ -75,26 +80,14 @@ def run_swarm(*args: str) -> Result:
             except SystemExit as e:  # argparse: --version, --help
                 rc = e.code if isinstance(e.code, int) else 2
     finally:
-        swarm.cli._setup_logging = setup
-        _restore_hivemind_log_mode(hivemind_mode)  # this first: it sets the root logger's level
-        root.removeHandler(catcher)
+        handlers, level, mode, swarm.cli._setup_logging, swarm.cli._route_hivemind_logs = saved
+        hivemind_logging.use_hivemind_log_handler(mode)  # before the root's level: it sets that level
+        root.handlers = handlers
         root.setLevel(level)
     problems = tuple(f"{r.levelname} {r.name}: {r.getMessage()}"
                      + ("".join(traceback.format_exception(*r.exc_info)) if r.exc_info else "")
                      for r in records if r.levelno >= logging.ERROR or r.exc_info)
     return Result(rc, out.getvalue(), time.monotonic() - t0, problems)
-
-
-def _hivemind_log_mode():
-    import hivemind.utils.logging as hivemind_logging
-
-    return hivemind_logging._current_mode
-
-
-def _restore_hivemind_log_mode(mode) -> None:
-    from hivemind.utils.logging import use_hivemind_log_handler
-
-    use_hivemind_log_handler(mode)
 
 
 def assert_short_answer(result: Result, *fixes: str, rc: int = 2, max_lines: int = 3) -> None:
