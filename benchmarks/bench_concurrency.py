@@ -202,7 +202,7 @@ def run_shape(shape: str, args, workdir: str) -> dict:
     with LocalSwarm() as swarm:
         swarm.start_dht()
         for name, flag in (("on", "--batching"), ("off", "--no-batching")):
-            swarm.start_server(model_dir, f"0:{args.blocks}", "--prefix", f"bench-{name}", flag, *common,
+            swarm.start_server(model_dir, f"0:{args.blocks}", "--dht-prefix", f"bench-{name}", flag, *common,
                                timeout=1800)
         config = {name: ClientConfig(initial_peers=tuple(swarm.initial_peers), dht_prefix=f"bench-{name}",
                                      request_timeout=600, max_retries=0) for name in ("on", "off")}
