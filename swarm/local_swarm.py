@@ -72,6 +72,7 @@ class LocalSwarm:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.procs: list[Proc] = []
         self.initial_peers: list[str] = []
+        self._dhts: list[Proc] = []  # started by start_dht
         self._sockets_before = peer_sockets()
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -88,6 +89,7 @@ class LocalSwarm:
     def start_dht(self, *extra: str, timeout: float = 60) -> str:
         """Starts ``swarm dht`` (plus ``extra`` flags); returns its full multiaddr."""
         proc = self._spawn(f"dht{len(self.procs)}", ["dht", "--host-maddrs", LOOPBACK, *extra])
+        self._dhts.append(proc)
         maddr = proc.wait_for("/p2p/", timeout).strip()
         self.initial_peers.append(maddr)
         return maddr
@@ -115,24 +117,39 @@ class LocalSwarm:
 
     def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Stops one process (by pid first, so it can announce OFFLINE), then its whole group."""
-        if proc.popen.poll() is None:
+        return self.stop_all([proc], sig, timeout)[0]
+
+    def stop_all(self, procs: list[Proc], sig: int = signal.SIGTERM, timeout: float = 20) -> list[int]:
+        """Stops processes together: signals each (by pid first, so it can announce OFFLINE), gives them
+        ``timeout`` seconds in all, then kills their whole groups (p2pd children, or a process that hung)."""
+        for proc in procs:
+            if proc.popen.poll() is None:
+                try:
+                    proc.popen.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        codes = []
+        for proc in procs:
             try:
-                proc.popen.send_signal(sig)
-                proc.popen.wait(timeout)
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        try:
-            os.killpg(proc.popen.pid, signal.SIGKILL)  # p2pd children, or the process itself if it hung
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            return proc.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            return -9
+            try:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                codes.append(proc.popen.wait(5))
+            except subprocess.TimeoutExpired:
+                codes.append(-9)
+        return codes
 
     def close(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
+        """Stops every server and client together, then the DHT peers (so servers can still announce OFFLINE)."""
+        procs = list(reversed(self.procs))
+        self.stop_all([proc for proc in procs if proc not in self._dhts])
+        self.stop_all([proc for proc in procs if proc in self._dhts])
         clean_peer_sockets(keep=self._sockets_before)
 
     def __enter__(self) -> "LocalSwarm":
