@@ -3,6 +3,9 @@
 - ``model``              ``AutoDistributedModelForCausalLM``: the model's own HF class around the remote blocks
 - ``remote_sequence``    finding servers, chains; forward and backward passes through them (retried by swarm.retry)
 - ``inference_session``  server-side KV caches kept across steps, push, failover with history replay
+- ``hedging``            slow or hung servers: how long a request may take, racing it on another server
+- ``verifier``           re-running a sample of servers' work on other servers; acting on who is wrong
+- ``checker``            ``swarm verify``: a volunteer checker of every server of a model
 - ``autograd``           gradients through the remote blocks (to inputs, soft prompts and LoRA weights)
 - ``tuning``             what a client trains: LoRA for remote blocks, soft prompts; PEFT save/load
 - ``finetune_data``      instruction data (alpaca, sharegpt, messages) -> chat-template tokens and labels

@@ -9,13 +9,25 @@ closes, it stops answering, it lost the session, it raised an unexpected error),
 it, routes around the hole (possibly over several servers), replays the history to rebuild their
 caches, and retries the step. Opening sessions, replaying and retrying all spend one budget per
 step of the client's :class:`~swarm.retry.RetryPolicy`. Outputs equal the fault-free run.
+
+Hedging (:mod:`client.hedging`): a server that keeps a step longer than it advertised is not waited
+for until ``request_timeout``: the session rebuilds that span on other servers (replaying its history,
+this step included) while still waiting, and the first answer wins; a server that lost is avoided.
+
+Verification (:mod:`client.verifier`): after a step, each span is checked with probability
+``verify_rate``, in the background: its whole history goes to another server as a forward pass and
+the outputs are compared with the ones the session got. If a server is found wrong, the next step
+first rebuilds the session from that span on (new servers, every cache downstream recomputed from
+correct inputs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 
 import torch
@@ -26,6 +38,7 @@ from swarm.routing import ChainLink
 from swarm.transport import Stream
 from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput
 
+from client import hedging
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
 
@@ -38,6 +51,7 @@ class _SpanSession:
     stream: Stream
     session_id: str
     history: torch.Tensor | None = None  # [batch, position, hidden]: every input this span has cached
+    patience: float = 1.0  # times the hedging delay to wait for it: doubles each time it was slow but won
 
     def remember(self, hidden: torch.Tensor, start_position: int) -> None:
         kept = self.history[:, :start_position] if self.history is not None else hidden[:, :0]
@@ -50,6 +64,15 @@ class _SpanFailed(Exception):
     def __init__(self, index: int, cause: SwarmError):
         super().__init__(str(cause))
         self.index, self.cause = index, cause
+
+
+class _Hedged(Exception):
+    """The spans before ``index`` hold this step (a hedge rebuilt a slow span elsewhere); ``hidden`` is the
+    input of span ``index``."""
+
+    def __init__(self, index: int, hidden: torch.Tensor):
+        super().__init__(f"hedged up to span {index}")
+        self.index, self.hidden = index, hidden
 
 
 class InferenceSession:
@@ -66,11 +89,14 @@ class InferenceSession:
         self.pending_hypo_ids: torch.Tensor | None = None  # beam reorder to apply with the next step
         self.batch_size: int | None = None
         self.failovers = 0  # how many times a failed server was routed around
+        self.hedges = 0  # how many times a slow server was replaced by others that answered first
         # a padded batch's mask and positions of every token the session holds ([batch, position] each),
         # None while they are the servers' defaults (no padding, positions 0..position-1); replayed on failover
         self._key_mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._spans: list[_SpanSession] = []
+        self._outputs: torch.Tensor | None = None  # [batch, position, hidden]: the last span's outputs, for checks
+        self._checks: dict[tuple[str, int, int], asyncio.Task] = {}  # checks in flight, by the link checked
         self._step_id = 0
         self.closed = False
 
@@ -87,7 +113,7 @@ class InferenceSession:
                 link: ChainLink | None = None
                 try:
                     link = (await self.sequence.chain(position, end, min_cache_tokens=self.max_length
-                                                      * self.batch_size))[0]
+                                                      * self.batch_size, attempts=attempts))[0]
                     span = await self._open(link)
                 except SwarmError as e:
                     where = (f"opening a session on blocks {link.start}:{link.end} on server {link.peer_id}" if link
@@ -154,6 +180,9 @@ class InferenceSession:
                     span.history = span.history[hypo_ids]
             self._key_mask = None if self._key_mask is None else self._key_mask[hypo_ids]
             self._positions = None if self._positions is None else self._positions[hypo_ids]
+            self._outputs = None if self._outputs is None else self._outputs[hypo_ids]
+        else:
+            await self._drop_wrong(position, attempts)
         padding = self._remember_padding(position, hidden, attention_mask, position_ids)
         dtype, device = hidden.dtype, hidden.device  # the output returns to the client's device (CPU or GPU)
         first = 0
@@ -161,6 +190,8 @@ class InferenceSession:
             try:
                 hidden = await self._run_from(first, hidden, position, hypo_ids, padding)
                 break
+            except _Hedged as hedged:
+                first, hidden, hypo_ids = hedged.index, hedged.hidden, None
             except _SpanFailed as failed:
                 broken = self._spans[failed.index]
                 attempts.progress(f"blocks 0:{broken.link.start} done for this step")
@@ -169,7 +200,61 @@ class InferenceSession:
                 first, hidden = await self._replace(failed.index, position, attempts)
                 hypo_ids = None  # applied to the histories the replacements were rebuilt from
         self.position = position + hidden.shape[1]
+        kept = self._outputs[:, :position] if self._outputs is not None else hidden[:, :0]
+        self._outputs = torch.cat([kept, hidden], dim=1)  # [batch, position, hidden], on the CPU like the histories
+        self._schedule_checks()
         return hidden.to(device, dtype)
+
+    def _schedule_checks(self) -> None:
+        """Draws which spans to check after this step and starts their checks (in the background)."""
+        verifier, held = self.sequence.verifier, self.position
+        for j, span in enumerate(self._spans):
+            key = (span.link.peer_id, span.link.start, span.link.end)
+            if not verifier.draw() or key in self._checks or span.history is None:
+                continue
+            outputs = self._spans[j + 1].history if j + 1 < len(self._spans) else self._outputs
+            extras = dataclasses.replace(self.sequence.extras(), **self._padding_fields(0, held))
+            self._checks[key] = asyncio.ensure_future(
+                self._check(key, span.link, span.history[:, :held], outputs[:, :held], extras))
+
+    async def _check(self, key: tuple[str, int, int], link: ChainLink, inputs: torch.Tensor, outputs: torch.Tensor,
+                     extras) -> None:
+        try:
+            await self.sequence.verifier.check(link, inputs, outputs, extras)
+        except Exception:  # a check must never break the session; a bug in it must be seen
+            logger.exception("Checking blocks %d:%d of server %s failed", link.start, link.end, link.peer_id)
+        finally:
+            self._checks.pop(key, None)
+
+    async def afinish_checks(self) -> None:
+        """Waits for the checks in flight (:mod:`client.verifier`), e.g. before closing a session whose work
+        must be verified."""
+        while self._checks:
+            await asyncio.wait(list(self._checks.values()))
+
+    def finish_checks(self) -> None:
+        run_sync(self.afinish_checks())
+
+    async def _drop_wrong(self, position: int, attempts: Attempts) -> None:
+        """If a check found a server of the chain wrong, rebuilds the session from its span on: new sessions
+        for those blocks and every block after them, replaying the history of the first (so every cache after
+        it is recomputed from correct inputs)."""
+        distrusted = self.sequence.bans.distrusted()
+        wrong = next((j for j, span in enumerate(self._spans) if span.link.peer_id in distrusted), None)
+        if wrong is None:
+            return
+        first = self._spans[wrong]
+        history = first.history[:, :position] if first.history is not None else None
+        logger.warning("Server %s was caught computing wrong: rebuilding the session from blocks %d:%d on",
+                       first.link.peer_id, first.link.start, first.link.end)
+        replacements, outputs = await self._open_and_replay(first.link.start, self.sequence.num_blocks, history,
+                                                            attempts)
+        if history is not None:
+            self._outputs = outputs
+        for span in self._spans[wrong:]:
+            span.stream.close()
+        self._spans[wrong:] = replacements
+        self.failovers += 1
 
     def _remember_padding(self, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                           positions: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
@@ -212,16 +297,66 @@ class InferenceSession:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
                 try:
-                    out = await self._receive(self._spans[i], step_id, timeout)
+                    out = await self._answer(i, step_id, position, timeout)
                     check_output(out.hidden, hidden, self._spans[i].link.peer_id)
                 except SwarmError as e:
                     raise _SpanFailed(i, e) from None
+                self.sequence.bans.succeeded(self._spans[i].link.peer_id)  # its failures are forgotten
                 hidden = out.hidden
                 i += 1
                 if i == len(self._spans) or not out.pushed:
                     break
                 self._spans[i].remember(hidden, position)
         return hidden
+
+    async def _answer(self, i: int, step_id: int, position: int, timeout: float) -> StepOutput:
+        """Span ``i``'s answer to the step; if its server takes longer than it advertised, the span is rebuilt
+        on other servers meanwhile, and if they answer first they replace it (raises :class:`_Hedged`)."""
+        span = self._spans[i]
+        new = span.history[:, position:]  # [batch, new_tokens, hidden]: this step's input to the span
+        after = self.sequence.hedge_after(span.link, new.shape[0] * new.shape[1]) * span.patience
+        t0 = time.monotonic()
+        raced = await hedging.race(self._receive(span, step_id, timeout), after, lambda: self._rebuild_elsewhere(span))
+        elapsed = time.monotonic() - t0
+        if not raced.backup_won:
+            if elapsed > after:
+                span.patience *= 2  # slow this once, yet first: give it more time before hedging it again
+            return raced.value
+        replacements, states = raced.value
+        self.sequence.lost_race(span.link, elapsed, raced.primary_error)
+        span.stream.close()
+        self._spans[i:i + 1] = replacements
+        self.hedges += 1
+        logger.info("Server %s kept blocks %d:%d waiting %.1fs; session now goes through %s", span.link.peer_id,
+                    span.link.start, span.link.end, elapsed, self._describe())
+        raise _Hedged(i + len(replacements), states[:, position:])
+
+    async def _rebuild_elsewhere(self, span: _SpanSession) -> tuple[list[_SpanSession], torch.Tensor]:
+        """Opens sessions for ``span``'s blocks on other servers and replays its whole history (the current step
+        included); returns them and their output for it ([batch, position + new_tokens, hidden]). Servers that
+        fail are banned; there are no retries (the span's own server may still answer)."""
+        link = span.link
+        spans: list[_SpanSession] = []
+        try:
+            for other in await self.sequence.chain(link.start, link.end, min_cache_tokens=self.max_length
+                                                   * self.batch_size, exclude={link.peer_id}, wait=False):
+                t0 = time.monotonic()
+                try:
+                    spans.append(await self._open(other))
+                except SwarmError as e:
+                    self.sequence.ban(other.peer_id, e, time.monotonic() - t0)
+                    raise
+            t0 = time.monotonic()
+            try:
+                states = await self._replay(spans, span.history)
+            except _SpanFailed as failed:
+                self.sequence.ban(spans[failed.index].link.peer_id, failed.cause, time.monotonic() - t0)
+                raise
+        except BaseException:
+            for opened in spans:
+                opened.stream.close()
+            raise
+        return spans, states
 
     async def _replace(self, index: int, position: int, attempts: Attempts) -> tuple[int, torch.Tensor]:
         """Routes around span ``index`` (its server is banned already) and rebuilds its caches on other
@@ -232,26 +367,34 @@ class InferenceSession:
         broken.stream.close()
         history = broken.history  # [batch, position + new, hidden]: inputs up to and including this step
         prefix, current = history[:, :position], history[:, position:]
+        self._spans[index:index + 1], _ = await self._open_and_replay(broken.link.start, broken.link.end, prefix,
+                                                                      attempts)
+        self.failovers += 1
+        logger.info("Session now goes through %s", self._describe())
+        return index, current
+
+    async def _open_and_replay(self, start: int, end: int, history: torch.Tensor | None,
+                               attempts: Attempts) -> tuple[list[_SpanSession], torch.Tensor | None]:
+        """New sessions over blocks ``start:end`` holding ``history`` (their inputs so far), routing around
+        servers that fail; returns them and their output for ``history``."""
         while True:
-            replacements = await self._open_spans(broken.link.start, broken.link.end, attempts)
+            replacements = await self._open_spans(start, end, attempts)
+            if history is None:
+                return replacements, None
             try:
-                await self._replay(replacements, prefix)
+                return replacements, await self._replay(replacements, history)
             except _SpanFailed as failed:  # a replacement failed too: route around it as well
                 for span in replacements:
                     span.stream.close()
                 link = replacements[failed.index].link
                 await attempts.failed(failed.cause, where=f"replaying blocks {link.start}:{link.end} on server "
                                                           f"{link.peer_id}", peer_id=link.peer_id)
-                continue
-            self._spans[index:index + 1] = replacements
-            self.failovers += 1
-            logger.info("Session now goes through %s", self._describe())
-            return index, current
 
-    async def _replay(self, spans: list[_SpanSession], states: torch.Tensor) -> None:
-        """Sends the cached prefix through new spans so they hold what the failed server held."""
+    async def _replay(self, spans: list[_SpanSession], states: torch.Tensor) -> torch.Tensor:
+        """Sends the cached prefix through new spans so they hold what the failed server held; returns their
+        output."""
         if states.shape[1] == 0:
-            return
+            return states
         for i, span in enumerate(spans):
             span.remember(states, 0)
             try:
@@ -261,7 +404,9 @@ class InferenceSession:
                 check_output(out.hidden, states, span.link.peer_id)
             except SwarmError as e:
                 raise _SpanFailed(i, e) from None
+            self.sequence.bans.succeeded(span.link.peer_id)
             states = out.hidden
+        return states
 
     def _describe(self) -> str:
         return " -> ".join(f"{s.link.start}:{s.link.end}@{s.link.peer_id[-8:]}" for s in self._spans)
@@ -280,6 +425,10 @@ class InferenceSession:
 
     async def aclose(self) -> None:
         self.closed = True
+        for task in list(self._checks.values()):
+            task.cancel()
+        if self._checks:
+            await asyncio.wait(list(self._checks.values()), timeout=5)
         for span in self._spans:
             span.stream.close()
         self._spans.clear()

@@ -3,7 +3,12 @@
 :class:`RemoteSequence` owns the client's DHT peer, finds servers, builds chains
 (:mod:`swarm.routing`) and runs forward and backward passes through them. Every pass retries
 under one budget of the client's :class:`~swarm.retry.RetryPolicy` (``config.retry_policy``): on
-retryable errors only, banning the server each failure is blamed on.
+retryable errors only, banning the server each failure is blamed on (:meth:`RemoteSequence.ban`).
+
+Whatever a server answers is checked before it is used (:func:`check_output`): hidden states of the
+wrong shape or dtype, non-finite or implausibly large ones are that server's fault. A sample of the
+work is also re-run on other servers (:mod:`client.verifier`); servers found computing wrong are
+reported (:meth:`RemoteSequence.report`).
 """
 
 from __future__ import annotations
@@ -12,17 +17,30 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Collection
 from typing import Any
 
 import torch
 
 from swarm.config import ClientConfig
-from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers
-from swarm.errors import MissingBlocksError, ModelError, ServerError, SwarmError
-from swarm.records import ServerState
+from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers, publish_report
+from swarm.errors import (
+    MissingBlocksError,
+    ModelError,
+    ServerError,
+    ServerRefused,
+    ServerUnavailable,
+    ServerUnreachable,
+    SwarmError,
+    WrongResult,
+)
+from swarm.records import ReportRecord, ServerRecord, ServerState
+from swarm.retry import Attempts
 from swarm.routing import (
+    DEFAULT_PING,
     ChainLink,
     allowed_servers,
+    format_blocks,
     make_forward_chain,
     make_latency_chain,
     missing_blocks,
@@ -33,13 +51,25 @@ from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, Forwar
 
 from swarm import transport
 
+from client import hedging
 from client.tuning import Extras
+from client.verifier import Verifier
 
 logger = logging.getLogger(__name__)
 Records = list[tuple[ChainLink, torch.Tensor]]  # (link, the hidden states it was sent) of a forward pass
 
 PING_TIMEOUT = 5.0  # seconds for a ping (an info call) before the server is banned
 PING_MAX_AGE = 60.0  # seconds a measured ping is trusted
+REPORT_TTL = 600.0  # seconds a report of a wrong server stays in the DHT (re-published with every new one)
+MAX_REPORTS = 64  # servers one client reports at most (the newest)
+# the largest |hidden state| believed without question: real models stay far below (the largest activations
+# measured, e.g. SmolLM2's, are ~2e4); above this, an output must be within 1000x of its input's largest entry
+PLAUSIBLE_ABS = 1e6
+SLOW_MEMORY = 600.0  # seconds a server that lost a hedged race costs chains more
+# a call waits this many times missing_blocks_timeout for servers of blocks that only servers which failed lately
+# hold (one may be restarting: it announces itself once its process is up, JOINING while it loads, and is waited
+# for then)
+RESTART_GRACE = 3.0
 
 
 class RemoteSequence:
@@ -59,6 +89,10 @@ class RemoteSequence:
         self._peer: Peer | None = None
         self._peer_lock: asyncio.Lock | None = None
         self.tuning: Any = None  # the model's client.tuning.Tuning, if it has one
+        self._slow: dict[str, tuple[float, float]] = {}  # peer id -> (seconds it kept a request, when)
+        self.verifier = Verifier(self, config.verify_rate)
+        self.reports: dict[str, str] = {}  # peer id -> what this client found it computing wrong
+        self._probes: set[asyncio.Task] = set()  # pings of servers that went silent: dead or alive?
 
     def extras(self, training: bool = False) -> Extras:
         """What every request of a pass carries now: the current prompts and adapter, if any."""
@@ -81,6 +115,10 @@ class RemoteSequence:
         return self._peer
 
     async def shutdown(self) -> None:
+        for task in list(self._probes):
+            task.cancel()
+        if self._probes:
+            await asyncio.wait(list(self._probes), timeout=5)
         if self._peer is not None:
             peer, self._peer = self._peer, None
             await peer.shutdown()
@@ -124,35 +162,53 @@ class RemoteSequence:
         line = served_line(self.prefix, index)
         return error if line is None else MissingBlocksError(f"{error}. {line}")
 
-    async def chain(self, start: int, end: int, min_cache_tokens: int = 0,
-                    purpose: str = "inference") -> list[ChainLink]:
-        """A chain covering ``start:end``: least latency for inference, throughput-spread for forward.
+    async def chain(self, start: int, end: int, min_cache_tokens: int = 0, purpose: str = "inference",
+                    attempts: Attempts | None = None, exclude: Collection[str] = frozenset(),
+                    wait: bool = True) -> list[ChainLink]:
+        """A chain covering ``start:end``: least latency for inference, throughput-spread for forward, uniformly
+        drawn for a check (:mod:`client.verifier`).
 
-        Waits up to ``missing_blocks_timeout`` for servers of missing blocks, then raises
-        :class:`MissingBlocksError` naming them.
+        Never through banned servers, ``exclude``, nor servers that refused the request of the call whose
+        ``attempts`` these are. Waits up to ``missing_blocks_timeout`` for servers of missing blocks
+        (:data:`RESTART_GRACE` times as long if only servers that failed lately hold them: one may be restarting;
+        while a server of them is joining, e.g. restarting, until the call's retry deadline), then raises
+        :class:`MissingBlocksError` naming them (at once without ``wait``). If only servers that refused the
+        request hold them, raises their refusal at once: the request, not the swarm, is what they object to.
+        A server that was slow lately (:meth:`slow`) costs the chain what it cost then.
         """
-        deadline = time.monotonic() + self.config.missing_blocks_timeout
+        now = time.monotonic()
+        deadline = now + self.config.missing_blocks_timeout
+        patience = max(deadline, attempts.deadline) if attempts is not None else deadline
+        grace = max(deadline, min(patience, now + RESTART_GRACE * self.config.missing_blocks_timeout))
         delay = 0.1
         force = False
+        refused = attempts.refused if attempts is not None else {}
         while True:
             every_server = await self.servers(force)
             adapter = self.tuning.active_adapter if self.tuning is not None else ""
             servers = allowed_servers(every_server, adapter=adapter, allowed_quant=self.config.allowed_quant)
+            banned = self.bans.banned(time.monotonic(), every_server) | set(exclude) | set(refused)
             try:
-                if purpose == "forward":
-                    return make_forward_chain(servers, start, end, rng=self._rng,
-                                              banned=self.bans.banned(time.monotonic()), model=repr(self.model_name))
+                if purpose in ("forward", "check"):  # a check draws its servers uniformly
+                    return make_forward_chain(servers, start, end, rng=self._rng, banned=banned,
+                                              model=repr(self.model_name), by_throughput=purpose == "forward")
                 await self._ping_candidates(servers, start, end)
-                pings = {peer: rtt for peer, (rtt, _) in self.pings.items()}
+                pings = {peer: rtt + self._slowness(peer) for peer, (rtt, _) in self.pings.items()}
                 return make_latency_chain(servers, start, end, pings=pings, min_cache_tokens=min_cache_tokens,
-                                          banned=self.bans.banned(time.monotonic()), push=self.config.use_push,
-                                          model=repr(self.model_name))
+                                          banned=banned | self.bans.banned(time.monotonic()),
+                                          push=self.config.use_push, model=repr(self.model_name))
             except MissingBlocksError as e:
-                banned = self.bans.banned(time.monotonic())
                 missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
-                if force and time.monotonic() + delay > deadline:
-                    raise await self._missing_blocks(MissingBlocksError(
-                        f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}")) from None
+                if refused and not missing_blocks(servers, start, end, banned - set(refused), min_cache_tokens):
+                    raise _refusal(refused, missing) from None
+                lost = self.bans.banned(time.monotonic(), every_server) - self.bans.distrusted()
+                until = (patience if _joining(servers, missing) else grace
+                         if lost and not missing_blocks(servers, start, end, banned - lost, min_cache_tokens) else deadline)
+                error = MissingBlocksError(f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}")
+                if not wait:
+                    raise error from None
+                if force and time.monotonic() + delay > until:
+                    raise await self._missing_blocks(error) from None
                 if force:
                     logger.info("Waiting for servers of blocks %s", missing)
                     await asyncio.sleep(delay)
@@ -165,27 +221,83 @@ class RemoteSequence:
         candidates = {peer for b in range(start, end) for peer, record in servers.get(b, {}).items()
                       if record.state == ServerState.ONLINE
                       and now - self.pings.get(peer, (0.0, -float("inf")))[1] > PING_MAX_AGE}
-        candidates -= self.bans.banned(now)
+        candidates -= self.bans.banned(now, servers)
         if candidates:
             await asyncio.gather(*(self.ping(peer) for peer in sorted(candidates)))
 
     async def ping(self, peer_id: str) -> float | None:
         """Round trip of an ``info`` call to ``peer_id`` (smoothed); a server that does not answer is banned."""
         peer = await self.peer()
+        t0 = time.monotonic()
         try:
             rtt = await transport.ping(peer.p2p, peer_id, PING_TIMEOUT)
-        except SwarmError:
-            self.ban(peer_id)
+        except SwarmError as e:
+            self.ban(peer_id, e, time.monotonic() - t0, probe=False)
             return None
         previous = self.pings.get(peer_id)
         smoothed = rtt if previous is None else 0.7 * previous[0] + 0.3 * rtt
         self.pings[peer_id] = (smoothed, time.monotonic())
         return smoothed
 
-    def ban(self, peer_id: str) -> None:
-        delay = self.bans.ban(peer_id, time.monotonic())
+    def slow(self, peer_id: str, seconds: float, error: BaseException) -> None:
+        """``peer_id`` kept a request ``seconds`` longer than it should have (another server answered it first):
+        banned for that long, and chains through it cost that much more for :data:`SLOW_MEMORY` seconds."""
+        self._slow[peer_id] = (seconds, time.monotonic())
+        self.ban(peer_id, error, seconds)
+
+    def _slowness(self, peer_id: str) -> float:
+        seconds, when = self._slow.get(peer_id, (0.0, 0.0))
+        return seconds if time.monotonic() - when < SLOW_MEMORY else 0.0
+
+    def record(self, peer_id: str, block: int) -> ServerRecord | None:
+        """What ``peer_id`` announced for ``block`` in the last lookup."""
+        return self._servers.get(block, {}).get(peer_id)
+
+    def records(self, start: int, end: int) -> dict[str, ServerRecord]:
+        """Every server of some block of ``start:end`` in the last lookup, with one of its records."""
+        return {peer_id: record for block in range(start, end) for peer_id, record in self._servers.get(block, {}).items()}
+
+    def hedge_after(self, link: ChainLink, tokens: int) -> float:
+        """Seconds after which ``tokens`` tokens through ``link`` are asked of another server too
+        (:mod:`client.hedging`)."""
+        expected = hedging.expected_seconds(self.record(link.peer_id, link.start), link.end - link.start, tokens)
+        return hedging.hedge_after(expected, self.pings.get(link.peer_id, (DEFAULT_PING, 0.0))[0])
+
+    async def report(self, peer_id: str, reason: str) -> None:
+        """Tells the swarm that ``peer_id`` computed wrong: this client's signed record under ``"{prefix}.reports"``
+        lists every server it caught (the health page shows them). Best effort: a failed store is logged."""
+        self.reports.pop(peer_id, None)
+        self.reports[peer_id] = reason[:200]
+        while len(self.reports) > MAX_REPORTS:
+            del self.reports[next(iter(self.reports))]
+        try:
+            stored = await publish_report(await self.peer(), self.prefix, ReportRecord(wrong=dict(self.reports)),
+                                          REPORT_TTL)
+        except Exception as e:  # reporting must never break the client's own work
+            logger.warning("Could not report server %s in the DHT: %s", peer_id, e)
+            return
+        if not stored:
+            logger.warning("Could not report server %s in the DHT: no peer stored the report", peer_id)
+
+    def ban(self, peer_id: str, error: BaseException | None = None, cost: float = 0.0, probe: bool = True) -> None:
+        """Stops using ``peer_id`` after ``error``, which cost ``cost`` seconds: for at least as long; if it
+        could not be dialed, until its record changes; if it computed wrong, for good. A server that closed a
+        stream or stopped answering is pinged at once (with ``probe``): if it cannot be dialed any more (its
+        process died), it is dead until its record changes too."""
+        delay = self.bans.ban(peer_id, time.monotonic(), cost)
         self._servers_time = -float("inf")  # what we know about the swarm may be stale too
-        logger.info("Not using server %s for %.0fs after a failure", peer_id, delay)
+        if isinstance(error, WrongResult):
+            self.bans.distrust(peer_id)
+            logger.warning("Not using server %s again: %s", peer_id, error)
+        elif isinstance(error, ServerUnreachable):
+            self.bans.dead(peer_id, self._servers)
+            logger.info("Not using server %s until it announces itself again: %s", peer_id, error)
+        else:
+            logger.info("Not using server %s for %.0fs after a failure", peer_id, delay)
+            if probe and isinstance(error, ServerUnavailable):
+                task = asyncio.ensure_future(self.ping(peer_id))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
 
     async def forward(self, hidden: torch.Tensor, extras: Extras | None = None,
                       records: Records | None = None) -> torch.Tensor:
@@ -202,12 +314,19 @@ class RemoteSequence:
         while position < self.num_blocks:
             link: ChainLink | None = None
             try:
-                link = (await self.chain(position, self.num_blocks, purpose="forward"))[0]
-                out = await self._forward_link(link, hidden, extras)
+                link = (await self.chain(position, self.num_blocks, purpose="forward", attempts=attempts))[0]
+                out, hedged = await self._forward_hedged(link, hidden, extras)
             except SwarmError as e:
                 await attempts.failed(e, where=_where(link, position, self.num_blocks),
                                       peer_id=link.peer_id if link else None)
                 continue
+            if not hedged and self.verifier.draw():  # (what another server answered is not link's claim)
+                verdict = await self.verifier.check(link, hidden, out, extras)
+                if verdict is not None and link.peer_id in verdict.wrong:
+                    await attempts.failed(WrongResult(f"server {link.peer_id} computed blocks {link.start}:{link.end} "
+                                                      "wrong"), where=_where(link, position, self.num_blocks),
+                                          peer_id=link.peer_id)
+                    continue
             if records is not None:
                 records.append((link, hidden))
             position = link.end
@@ -215,7 +334,39 @@ class RemoteSequence:
             attempts.progress(f"blocks 0:{position} done")
         return hidden.to(device)
 
-    async def _forward_link(self, link: ChainLink, hidden: torch.Tensor, extras: Extras) -> torch.Tensor:
+    async def _forward_hedged(self, link: ChainLink, hidden: torch.Tensor,
+                              extras: Extras) -> tuple[torch.Tensor, bool]:
+        """Blocks ``link`` on ``hidden``; if its server is slower than it advertised, on others too (first wins).
+        Returns the output and whether other servers gave it."""
+
+        async def elsewhere() -> torch.Tensor:
+            out = hidden
+            for other in await self.chain(link.start, link.end, purpose="forward", exclude={link.peer_id}, wait=False):
+                t0 = time.monotonic()
+                try:
+                    out = (await self.forward_link(other, out, extras)).to(hidden.dtype)
+                except SwarmError as e:
+                    self.ban(other.peer_id, e, time.monotonic() - t0)
+                    raise
+            return out
+
+        t0 = time.monotonic()
+        raced = await hedging.race(self.forward_link(link, hidden, extras), self.hedge_after(link, hidden.shape[0] *
+                                                                                      hidden.shape[1]), elsewhere)
+        if raced.backup_won:
+            self.lost_race(link, time.monotonic() - t0, raced.primary_error)
+        return raced.value, raced.backup_won
+
+    def lost_race(self, link: ChainLink, seconds: float, error: BaseException | None) -> None:
+        """Another server answered first for ``link``, whose server failed (``error``) or was just slow."""
+        if error is not None:
+            self.ban(link.peer_id, error, seconds)
+        else:
+            self.slow(link.peer_id, seconds, ServerUnavailable(
+                f"server {link.peer_id} took over {seconds:.1f}s for blocks {link.start}:{link.end}, far more than it "
+                "advertised; another server answered first"))
+
+    async def forward_link(self, link: ChainLink, hidden: torch.Tensor, extras: Extras) -> torch.Tensor:
         request = ForwardRequest(start=link.start, end=link.end, hidden=hidden, **extras.fields(link.start, link.end))
         out = (await self._call(link.peer_id, "forward", request, ForwardResponse)).hidden
         check_output(out, hidden, link.peer_id)
@@ -247,11 +398,12 @@ class RemoteSequence:
             while True:
                 current: ChainLink | None = None
                 try:
-                    chain = [link] if link.peer_id not in self.bans.banned(time.monotonic()) else \
-                        await self.chain(link.start, link.end, purpose="forward")
+                    usable = link.peer_id not in self.bans.banned(time.monotonic()) | set(attempts.refused)
+                    chain = [link] if usable else await self.chain(link.start, link.end, purpose="forward",
+                                                                   attempts=attempts)
                     inputs = [hidden]
                     for current in chain[:-1]:
-                        inputs.append((await self._forward_link(current, inputs[-1], extras)).to(hidden.dtype))
+                        inputs.append((await self.forward_link(current, inputs[-1], extras)).to(hidden.dtype))
                     span_grads = []  # applied only if the whole chain succeeds
                     out_grad = grad
                     for current, sub_input in zip(reversed(chain), reversed(inputs)):
@@ -294,7 +446,31 @@ def _where(link: ChainLink | None, start: int, end: int) -> str:
 
 
 def check_output(out: torch.Tensor, sent: torch.Tensor, peer_id: str) -> None:
-    """A server must answer with hidden states of the shape it was sent; anything else is its fault."""
+    """A server must answer with finite, plausible hidden states of the shape it was sent; anything else is
+    its fault. Plausible: every entry within :data:`PLAUSIBLE_ABS`, or within 1000x of the input's largest
+    (a server never gets the blame for what the client sent: a non-finite input gets no check)."""
     if out.shape != sent.shape or not out.is_floating_point():
         raise ServerError(f"server {peer_id} returned {out.dtype} {list(out.shape)} for hidden states "
-                                f"{list(sent.shape)}; not using it")
+                          f"{list(sent.shape)}; not using it")
+    if out.numel() == 0:
+        return
+    limit = max(PLAUSIBLE_ABS, 1e3 * float(sent.abs().amax()))
+    peak = float(out.abs().amax())
+    if limit == limit and limit < float("inf") and not peak <= limit:  # NaN compares false
+        what = "non-finite" if not peak < float("inf") else f"implausibly large (up to {peak:.3g})"
+        raise ServerError(f"server {peer_id} returned {what} hidden states; not using it")
+
+
+def _joining(servers: dict[int, dict], blocks: list[int]) -> bool:
+    """True if a server of some of ``blocks`` is joining (loading them, or restarting): worth waiting for."""
+    return any(record.state == ServerState.JOINING and record.start <= b < record.end
+               for b in blocks for record in servers.get(b, {}).values())
+
+
+def _refusal(refused: dict[str, ServerRefused], blocks: list[int]) -> SwarmError:
+    """The error to raise when only servers that refused a request hold ``blocks``: the refusal they sent, in
+    its own class (e.g. a BadRequest naming the server's limit), saying so."""
+    peer_id, error = next(reversed(refused.items()))  # the latest
+    refusal = error.refusal()
+    return type(refusal)(f"every server of blocks {format_blocks(blocks)} that was tried refused this request; "
+                         f"server {peer_id} said: {refusal}")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from types import TracebackType
 
 from swarm.config import HealthConfig
-from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers
+from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_reports, fetch_servers
 from swarm.records import ModelRecord, ServerRecord, ServerState
 
 from health.probe import ProbeCache, ProbeResult, probe_server
@@ -36,6 +36,8 @@ class ModelSnapshot:
     servers: Mapping[int, Mapping[str, ServerRecord]]  # {block: {peer id: record}}, as fetch_servers gives
     probes: Mapping[str, ProbeResult]  # for every server that announced ONLINE
     addrs: Mapping[str, tuple[str, ...]]  # peer id -> multiaddrs this service is connected to
+    # peer id -> {reporter's peer id: why}: clients that caught it computing wrong (client.verifier)
+    reports: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +147,8 @@ class Crawler:
             *(fetch_servers(peer, prefix, list(range(r.num_blocks))) for prefix, r in crawlable.items())),
             DHT_TIMEOUT)
         by_model = dict(zip(crawlable, found))
+        reports = dict(zip(crawlable, await asyncio.wait_for(asyncio.gather(
+            *(self._reports(prefix) for prefix in crawlable)), DHT_TIMEOUT)))
 
         online = sorted({p for servers in by_model.values() for records in servers.values()
                          for p, r in records.items() if r.state == ServerState.ONLINE})
@@ -162,8 +166,16 @@ class Crawler:
             snapshots.append(ModelSnapshot(
                 prefix=prefix, record=record, servers=servers,
                 probes={p: probes[p] for p in peers if p in probes},
-                addrs={p: addrs[p] for p in peers if p in addrs}))
+                addrs={p: addrs[p] for p in peers if p in addrs}, reports=reports[prefix]))
         return tuple(snapshots)
+
+    async def _reports(self, prefix: str) -> dict[str, dict[str, str]]:
+        """The model's reports of wrong servers; a failed lookup shows none rather than failing the crawl."""
+        try:
+            return await fetch_reports(self.peer, prefix)
+        except Exception as e:
+            logger.warning("Reading the reports of %r failed: %s", prefix, e or type(e).__name__)
+            return {}
 
     async def probe(self, peer_id: str, max_age: float | None = None) -> ProbeResult:
         """The info probe of ``peer_id``, from the cache if it is younger than ``probe_cache_ttl`` (and

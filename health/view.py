@@ -34,7 +34,7 @@ def redact_addresses(text: str | None, show_ips: bool) -> str | None:
 
 
 def _server(peer_id: str, record: ServerRecord, state: PeerState, probe: ProbeResult | None,
-            addrs: tuple[str, ...] | None, show_ips: bool) -> dict[str, Any]:
+            addrs: tuple[str, ...] | None, show_ips: bool, reports: dict[str, str]) -> dict[str, Any]:
     info = probe.info if probe is not None and probe.ok else None
     out: dict[str, Any] = {
         "peer_id": peer_id,
@@ -59,6 +59,7 @@ def _server(peer_id: str, record: ServerRecord, state: PeerState, probe: ProbeRe
         "next_pings": dict(record.next_pings),
         "ping": probe.rtt if probe is not None and probe.ok else None,
         "probe_error": redact_addresses(probe.error, show_ips) if probe is not None else None,
+        "reported_by": reports,
     }
     if show_ips:
         out["addrs"] = list(addrs or ())
@@ -68,8 +69,8 @@ def _server(peer_id: str, record: ServerRecord, state: PeerState, probe: ProbeRe
 def _model(model: ModelSnapshot, show_ips: bool, initial_peers: tuple[str, ...]) -> dict[str, Any]:
     health = model_health(model.servers, model.record.num_blocks,
                           reachable={p: probe.ok for p, probe in model.probes.items()})
-    servers = [_server(p, record, health.states[p], model.probes.get(p), model.addrs.get(p), show_ips)
-               for p, record in merge_servers(model.servers).items()]
+    servers = [_server(p, record, health.states[p], model.probes.get(p), model.addrs.get(p), show_ips,
+                       dict(model.reports.get(p, {}))) for p, record in merge_servers(model.servers).items()]
     return {
         "prefix": model.prefix,
         "name": model.record.name,

@@ -115,7 +115,7 @@ def run_rows(span: Span, kv: PagedKV, parts: list[Part], start: int, end: int,
                         start, end, prompts=prompts or None).cpu()
     for i, part, length, here in zip(running, batch, lengths, slices):
         part.cache.length = length
-        results[i] = out[here]
+        results[i] = faults.corrupt("inference", out[here])
     return results
 
 

@@ -208,8 +208,9 @@ class SpanHandler:
         hidden = hidden.to(self.device, self.dtype)
         key_mask, position_ids = self._on_device(padding)
         with applied(lora):
-            return self.span(hidden, None, 0, start, end, prompts=prompts, key_mask=key_mask,
-                             position_ids=position_ids).cpu()
+            out = self.span(hidden, None, 0, start, end, prompts=prompts, key_mask=key_mask,
+                            position_ids=position_ids).cpu()
+        return faults.corrupt("forward", out)
 
     # ---------------------------------------------------------------- backward
 

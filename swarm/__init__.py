@@ -5,7 +5,8 @@ other way; the CLI imports them lazily):
 
 - ``errors``   the exception tree, retryable vs fatal, and its wire form
 - ``retry``    the one retry policy of client calls (budget, backoff, bans)
-- ``records``  DHT records (ServerRecord, ModelRecord) and key names
+- ``verification`` pure comparison of two servers' outputs: tolerances by dtype, who is wrong
+- ``records``  DHT records (ServerRecord, ModelRecord, ReportRecord) and key names
 - ``codec``    typed dataclasses <-> msgpack maps, tensors <-> raw buffers
 - ``wire``     RPC messages and stream framing
 - ``dht``      starting a peer, announcing and fetching records

@@ -1,5 +1,5 @@
-"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``doctor``, ``download``, ``slurm``,
-``demo``, ``models``.
+"""The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``verify``, ``doctor``, ``download``,
+``slurm``, ``demo``, ``models``.
 
 The flags of every command but ``demo`` and ``models`` are derived from its config dataclass in
 :mod:`swarm.config` (``ServerConfig`` for ``serve``...); the roles are imported only when their command runs.
@@ -25,7 +25,7 @@ from typing import Any
 
 from swarm import __version__, aio
 from swarm.config import (ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig,
-                          ServerConfig, SlurmConfig, check_maddrs)
+                          ServerConfig, SlurmConfig, VerifyConfig, check_maddrs)
 from swarm.errors import SwarmError
 
 
@@ -125,6 +125,13 @@ def make_parser() -> argparse.ArgumentParser:
                                    "data; checkpoints every --save-every steps and resumes from the latest one in "
                                    "--output (docs/finetune.md)")
     _add_dataclass_flags(p, FinetuneConfig)
+
+    p = sub.add_parser("verify", help="check that the servers of a model compute what other servers compute",
+                       description="Re-run every online server's work (an inference session and a forward pass on "
+                                   "random hidden states) on other servers of the same blocks and compare; servers "
+                                   "found wrong are reported to the swarm (the health page shows them) and printed. "
+                                   "Exits 1 if any was found wrong (docs/faults.md)")
+    _add_dataclass_flags(p, VerifyConfig)
 
     p = sub.add_parser("doctor", help="say what this machine can serve with: torch build vs accelerators, memory, "
                                       "a matmul per device, p2pd, peers; and the fix for every mismatch",
@@ -238,7 +245,7 @@ def _main(argv: list[str] | None) -> int:
             return run_models(tuple(args.initial_peers))
         configs = {"dht": DHTConfig, "serve": ServerConfig, "health": HealthConfig, "api": ApiConfig,
                    "finetune": FinetuneConfig, "doctor": DoctorConfig, "download": DownloadConfig,
-                   "slurm": SlurmConfig}
+                   "slurm": SlurmConfig, "verify": VerifyConfig}
         config = _build_config(configs[args.command], args)  # every flag checked before a heavy import
         if args.command == "slurm":
             from swarm.sbatch import run_slurm, split_serve_args
@@ -248,7 +255,8 @@ def _main(argv: list[str] | None) -> int:
         roles = {"dht": ("swarm.dht", None, True), "serve": ("server.server", "serve", True),
                  "health": ("health.app", "run_health", True), "api": ("api.app", "run_api", True),
                  "finetune": ("client.finetune", "run_finetune", True), "doctor": ("swarm.doctor", "run_doctor", True),
-                 "download": ("swarm.download", "run_download", False)}
+                 "download": ("swarm.download", "run_download", False),
+                 "verify": ("client.checker", "run_verify", True)}
         module, name, joins = roles[args.command]
         with _ctrl_c_exits_at_once():
             if joins:

@@ -283,14 +283,18 @@ class ClientConfig:
     connect_timeout: float = 15.0  # seconds to wait for a server to open a stream
     request_timeout: float = 60.0  # seconds one forward or inference step may take
     missing_blocks_timeout: float = 10.0  # how long to wait for servers of missing blocks before failing
-    max_retries: int = 3  # retries of one forward, backward or inference step (retryable errors only)
-    retry_deadline: float = 300.0  # seconds after which one call stops retrying (swarm.retry.RetryPolicy)
+    # seconds one forward, backward or inference step may spend retrying elsewhere after servers fail
+    # (retryable errors only; swarm.retry.RetryPolicy)
+    retry_deadline: float = 300.0
     routing_refresh: float = 5.0  # seconds a DHT lookup of the model's servers is reused
     use_push: bool = True  # servers pass step outputs straight to the next server of the chain
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     # the quant schemes (ServerRecord.quant) the client's requests may run on, e.g. ("none",) for full
     # precision only or ("int8", "none"); None: any server
     allowed_quant: tuple[str, ...] | None = None
+    # the share of span steps and forward passes re-run on another server and compared (client.verifier);
+    # a server found computing wrong is never used again and is reported (docs/faults.md)
+    verify_rate: float = 0.05
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -301,8 +305,8 @@ class ClientConfig:
                      "retry_deadline"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_retries < 0:
-            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not 0.0 <= self.verify_rate <= 1.0:
+            raise ConfigError(f"verify_rate must be within 0..1 (0: no checks), got {self.verify_rate}")
         if isinstance(self.allowed_quant, (str, list)):  # allowed_quant="none" or a list: a tuple
             allowed = (self.allowed_quant,) if isinstance(self.allowed_quant, str) else tuple(self.allowed_quant)
             object.__setattr__(self, "allowed_quant", allowed)
@@ -315,7 +319,7 @@ class ClientConfig:
     def retry_policy(self) -> RetryPolicy:
         from swarm.retry import RetryPolicy
 
-        return RetryPolicy(max_retries=self.max_retries, deadline=self.retry_deadline)
+        return RetryPolicy(deadline=self.retry_deadline)
 
 
 _MADDR_EXAMPLE = "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`"
@@ -411,6 +415,40 @@ class HealthConfig:
             raise ConfigError(f"--max-probes must be at least 1, got {self.max_probes}")
         if not self.host_maddrs:
             raise ConfigError("--host-maddrs needs at least one multiaddr, e.g. /ip4/0.0.0.0/tcp/0")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    """``swarm verify``: a volunteer checker that re-runs every server's work on another server (docs/faults.md)."""
+
+    initial_peers: tuple[str, ...] = _swarm_peers("to check")
+    model: str = dataclasses.field(default="", metadata=_help("hub id or local directory of the model whose "
+                                                              "servers to check (its config is read)", required=True))
+    dht_prefix: str | None = dataclasses.field(
+        default=None, metadata=_help("DHT namespace of the model (default: the model's repository or dir name)"))
+    rounds: int = dataclasses.field(
+        default=1, metadata=_help("times to check every online server (0: until stopped, a round every --period)"))
+    period: float = dataclasses.field(default=60.0, metadata=_help("seconds between the starts of rounds"))
+    prompt_tokens: int = dataclasses.field(
+        default=16, metadata=_help("random hidden states each session check starts with"))
+    steps: int = dataclasses.field(default=8, metadata=_help("1-token inference steps each session check runs after"))
+    request_timeout: float = dataclasses.field(
+        default=60.0, metadata=_help("seconds a server has to answer one request"))
+    host_maddrs: tuple[str, ...] = dataclasses.field(
+        default=("/ip4/0.0.0.0/tcp/0",), metadata=_help("multiaddrs the checker's DHT client listens on", nargs="+"))
+
+    def __post_init__(self) -> None:
+        _check_swarm_peers("swarm verify", self.initial_peers)
+        if not self.model:
+            raise ConfigError("--model is required: the hub id or directory the servers were started with")
+        for name in ("prompt_tokens", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.rounds < 0:
+            raise ConfigError(f"--rounds must be >= 0 (0: until stopped), got {self.rounds}")
+        for name in ("period", "request_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive seconds, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,16 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.config import INITIAL_PEERS_ENV, check_maddrs
 from swarm.errors import BadRequest, ConfigError, ServerUnavailable
-from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, block_key, decode_record, encode_record
+from swarm.records import (
+    MODEL_INDEX_KEY,
+    ModelRecord,
+    ReportRecord,
+    ServerRecord,
+    block_key,
+    decode_record,
+    encode_record,
+    reports_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -283,10 +292,12 @@ async def declare_server(
     """Stores ``record`` under every block key of its span (or of ``blocks``, e.g. an OFFLINE record for the
     blocks a moving server leaves) and the model index entry; True if all stored.
 
-    A later call supersedes an earlier one for the same (block, server): its expiration is later.
+    A later call supersedes an earlier one for the same (block, server): its expiration is later. Each call
+    stamps the record with its time (``announced_at``), so every announcement differs from the last.
     """
-    expiration_time = get_dht_time() + expiration
-    value = encode_record(record)
+    now = get_dht_time()
+    expiration_time = now + expiration
+    value = encode_record(dataclasses.replace(record, announced_at=now))
     keys: list[str] = [block_key(prefix, b) for b in (range(record.start, record.end) if blocks is None else blocks)]
     values: list[bytes] = [value] * len(keys)
     subkeys: list[bytes | str] = [peer.server_subkey()] * len(keys)
@@ -352,6 +363,28 @@ async def fetch_servers(peer: Peer, prefix: str, blocks: Sequence[int]) -> dict[
                     servers[peer_id] = record
         out[b] = servers
     return out
+
+
+async def publish_report(peer: Peer, prefix: str, record: ReportRecord, expiration: float) -> bool:
+    """Stores this peer's report (it replaces its earlier one) under the model's reports key; True if stored."""
+    return bool(await peer.node.store(reports_key(prefix), encode_record(record), get_dht_time() + expiration,
+                                      subkey=peer.server_subkey()))
+
+
+async def fetch_reports(peer: Peer, prefix: str) -> dict[str, dict[str, str]]:
+    """The model's reports: ``{peer id of a server: {reporter's peer id: why}}`` (malformed ones skipped)."""
+    entry = await peer.node.get(reports_key(prefix), latest=True)
+    reports: dict[str, dict[str, str]] = {}
+    if entry is not None and isinstance(entry.value, dict):
+        for subkey, item in entry.value.items():
+            try:
+                reporter = parse_server_subkey(subkey)
+                record = decode_record(ReportRecord, item.value)
+            except BadRequest:
+                continue
+            for accused, why in record.wrong.items():
+                reports.setdefault(accused, {})[reporter] = why
+    return reports
 
 
 async def fetch_models(peer: Peer) -> dict[str, ModelRecord]:

@@ -5,7 +5,10 @@
     SwarmError
     ├── RetryableError            another server or a later attempt may succeed
     │   ├── ServerUnavailable     a peer did not answer, closed the stream, or is gone
+    │   │   └── ServerUnreachable a peer cannot be dialed (connection refused, no route): dead until its record changes
     │   ├── ServerError           a peer failed on a valid request (a bug, out of memory) or answered garbage
+    │   │   ├── ServerRefused     a peer answered a request this client checked with a fatal error code
+    │   │   └── WrongResult       a peer's outputs disagree with another server's recomputation of them
     │   └── ServerBusy            a peer is out of cache or over its queue limits
     └── FatalError                retrying the same request cannot help
         ├── BadRequest            the request broke the protocol (shape, dtype, blocks, lengths)
@@ -19,11 +22,15 @@
 
 Three kinds of failure, decided by :func:`is_retryable`:
 
-- the *client's* fault: a :class:`FatalError` (a request the client could have checked, a missing
-  model): never retried;
-- a *server's* fault: :class:`ServerUnavailable`, :class:`ServerError`, and any error reply whose code
-  this peer does not know (a newer peer's, or a foreign exception an older server sent as plain
-  ``swarm_error``): the client bans that server and retries elsewhere;
+- the *client's* fault: a :class:`FatalError` raised on this side (a request the client checked
+  before sending, a missing model): never retried;
+- a *server's* fault: :class:`ServerUnavailable`, :class:`ServerError`, and every error reply. A
+  server that answers a request the client checked with a fatal code (``bad_request``,
+  ``unknown_session``...) may be broken or hostile: :mod:`swarm.transport` raises its reply as
+  :class:`ServerRefused`, and the client bans that server and retries elsewhere; only when no server
+  is left that has not refused the request does the client raise the refusal itself
+  (:meth:`ServerRefused.refusal`, :mod:`swarm.retry`). An error reply whose code this peer does not
+  know (a newer peer's, or an older server's plain ``swarm_error``) is the server's fault too;
 - *transient*: :class:`ServerBusy`: retried later or elsewhere.
 
 A server answers an exception it did not anticipate with :class:`ServerError` and logs it at ERROR
@@ -54,6 +61,35 @@ class ServerError(RetryableError):
     """A server failed while handling a valid request, or answered with a malformed message: its fault."""
 
     code = "server_error"
+
+
+class ServerUnreachable(ServerUnavailable):
+    """A peer could not be dialed at all (connection refused, no route): its process is gone. The client
+    treats it as dead until its DHT record changes (a restart announces anew)."""
+
+    code = "server_unreachable"
+
+
+class ServerRefused(ServerError):
+    """A peer answered with a fatal error code (``bad_request``, ``unknown_session``, ...) a request that this
+    client checked before sending: the peer may be broken or hostile, so it is banned and another server
+    tried. :meth:`refusal` is the error the peer sent, raised when every server refuses the request."""
+
+    code = "server_refused"
+
+    def __init__(self, message: str, refusal: SwarmError | None = None):
+        super().__init__(message)
+        self._refusal = refusal
+
+    def refusal(self) -> SwarmError:
+        return self._refusal if self._refusal is not None else FatalError(str(self))
+
+
+class WrongResult(ServerError):
+    """A peer's outputs disagree with another server's recomputation of the same blocks on the same inputs
+    beyond the tolerance of their dtypes (:mod:`swarm.verification`)."""
+
+    code = "wrong_result"
 
 
 class ServerBusy(RetryableError):
@@ -109,7 +145,10 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         SwarmError,
         RetryableError,
         ServerUnavailable,
+        ServerUnreachable,
         ServerError,
+        ServerRefused,
+        WrongResult,
         ServerBusy,
         FatalError,
         BadRequest,
@@ -142,3 +181,12 @@ def to_wire(error: BaseException) -> tuple[str, str]:
 def from_wire(code: str, message: str) -> SwarmError:
     """Rebuilds the exception a peer reported; an unknown code becomes a plain :class:`SwarmError`."""
     return _BY_CODE.get(code, SwarmError)(message)
+
+
+def server_reply_error(code: str, message: str, peer_id: str) -> SwarmError:
+    """The exception to raise on the client for an error reply of server ``peer_id``: the server's fault,
+    always. A fatal code becomes :class:`ServerRefused` carrying the server's own error."""
+    error = from_wire(code, message)
+    if is_retryable(error):
+        return error
+    return ServerRefused(f"server {peer_id} refused the request ({code}): {message}", refusal=error)

@@ -9,6 +9,8 @@ DHT layout (see DESIGN.md):
 
 - block key ``"{prefix}.{block}"``, subkey = the server's peer id (+ its signing key), value = ServerRecord
 - model index key :data:`MODEL_INDEX_KEY`, subkey = prefix, value = ModelRecord
+- reports key ``"{prefix}.reports"``, subkey = the reporting client's peer id (+ its signing key),
+  value = ReportRecord
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class ServerRecord:
     version: str = ""
     using_relay: bool = False
     next_pings: dict[str, float] = dataclasses.field(default_factory=dict)
+    # DHT time (seconds since the epoch) of this announcement: every announce differs, so a client that found
+    # the server dead knows when it announced again (swarm.routing.Bans)
+    announced_at: float = 0.0
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -78,10 +83,19 @@ class ModelRecord:
             raise BadRequest(f"a model record needs num_blocks > 0, got {self.num_blocks}")
 
 
-R = TypeVar("R", ServerRecord, ModelRecord)
+@dataclasses.dataclass(frozen=True)
+class ReportRecord:
+    """What one client (or ``swarm verify`` checker) caught servers computing wrong, stored under
+    :func:`reports_key` with the reporter's own signed subkey: ``{peer id of the server: why}``."""
+
+    wrong: dict[str, str]
+    schema_version: int = SCHEMA_VERSION
 
 
-def encode_record(record: ServerRecord | ModelRecord) -> bytes:
+R = TypeVar("R", ServerRecord, ModelRecord, ReportRecord)
+
+
+def encode_record(record: ServerRecord | ModelRecord | ReportRecord) -> bytes:
     return msgpack.packb(dataclass_to_map(record), use_bin_type=True)
 
 
@@ -101,3 +115,8 @@ def decode_record(cls: type[R], data: bytes) -> R:
 
 def block_key(prefix: str, block: int) -> str:
     return f"{prefix}.{block}"
+
+
+def reports_key(prefix: str) -> str:
+    """Where clients report the servers of a model they caught computing wrong."""
+    return f"{prefix}.reports"

@@ -6,7 +6,7 @@
 - :func:`make_latency_chain` — the chain with the least expected step latency (inference), from client
   pings, the pings servers publish to their likely next servers, and per-block speeds
 - :func:`make_forward_chain` — a chain drawn at random, weighted by throughput (forward passes)
-- :class:`Bans` — exponential backoff for peers that failed
+- :class:`Bans` — peers not to use: failed ones for a while, dead ones until their record changes, wrong ones for good
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping, Set
 
 from swarm.config import QUANT_SCHEMES
 from swarm.errors import MissingBlocksError
-from swarm.records import ServerRecord, ServerState
+from swarm.records import ServerRecord, ServerState, encode_record
 
 ServersByBlock = Mapping[int, Mapping[str, ServerRecord]]
 
@@ -201,16 +201,18 @@ def _published_ping(record: ServerRecord, next_peer: str) -> float | None:
 
 
 def make_forward_chain(servers: ServersByBlock, start: int, end: int, *, rng: random.Random,
-                       banned: Set[str] = frozenset(), model: str = "the model") -> list[ChainLink]:
+                       banned: Set[str] = frozenset(), model: str = "the model",
+                       by_throughput: bool = True) -> list[ChainLink]:
     """A chain for a forward pass: at each block, a usable server drawn with probability ∝ its throughput,
-    so that concurrent forward passes spread over the swarm's capacity."""
+    so that concurrent forward passes spread over the swarm's capacity (``by_throughput=False``: uniformly,
+    so that a server claiming a huge throughput is not picked more often, e.g. to check others' work)."""
     _check_coverage(servers, start, end, banned, 0, model)
     chain: list[ChainLink] = []
     position = start
     while position < end:
         options = sorted((peer_id, record) for peer_id, record in servers[position].items()
                          if _usable(record, peer_id, position, banned, 0))
-        weights = [max(record.throughput, 1e-3) for _, record in options]
+        weights = [max(record.throughput, 1e-3) if by_throughput else 1.0 for _, record in options]
         peer_id, record = rng.choices(options, weights=weights)[0]
         reach = min(record.end, end)
         chain.append(ChainLink(peer_id, position, reach))
@@ -220,23 +222,61 @@ def make_forward_chain(servers: ServersByBlock, start: int, end: int, *, rng: ra
 
 @dataclasses.dataclass
 class Bans:
-    """Peers that failed, each banned until ``now + min_backoff * 2**(failures-1)`` (capped)."""
+    """Peers not to use, for three reasons:
+
+    - a failure: until ``now + max(cost, min_backoff * 2**(failures-1))``, the exponential part capped at
+      ``max_backoff``: never shorter than what the failure cost the caller (a server that took a whole
+      timeout to fail is not retried before as long again), and longer with every failure until a success;
+    - dead (:meth:`dead`: it could not be dialed): until its record in the DHT changes (a restarted server
+      announces anew, and every live server re-announces each ``--update-period``). A dead server's last
+      record outlives it by up to 2.5 update periods; a time ban alone would let it be picked again;
+    - wrong (:meth:`distrust`: its outputs disagreed with another server's recomputation): for good.
+    """
 
     min_backoff: float = 1.0
     max_backoff: float = 60.0
     _until: dict[str, float] = dataclasses.field(default_factory=dict)
     _failures: dict[str, int] = dataclasses.field(default_factory=dict)
+    _dead: dict[str, frozenset[bytes]] = dataclasses.field(default_factory=dict)  # peer -> its records then
+    _distrusted: set[str] = dataclasses.field(default_factory=set)
 
-    def ban(self, peer_id: str, now: float) -> float:
+    def ban(self, peer_id: str, now: float, cost: float = 0.0) -> float:
+        """Bans ``peer_id`` after a failure that cost ``cost`` seconds; returns the ban's length."""
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
-        delay = min(self.max_backoff, self.min_backoff * 2 ** min(failures - 1, 64))  # no float overflow
-        self._until[peer_id] = now + delay
+        backoff = min(self.max_backoff, self.min_backoff * 2 ** min(failures - 1, 64))  # no float overflow
+        delay = max(backoff, cost) if cost == cost else backoff
+        self._until[peer_id] = max(self._until.get(peer_id, now), now + delay)
         return delay
+
+    def dead(self, peer_id: str, servers: ServersByBlock) -> None:
+        """``peer_id`` could not be dialed: not used until its records in ``servers`` (a lookup of every
+        block) are replaced by others."""
+        self._dead[peer_id] = _records_of(servers, peer_id)
+
+    def distrust(self, peer_id: str) -> None:
+        """``peer_id`` computed wrong: never used again."""
+        self._distrusted.add(peer_id)
 
     def succeeded(self, peer_id: str) -> None:
         self._failures.pop(peer_id, None)
         self._until.pop(peer_id, None)
 
-    def banned(self, now: float) -> frozenset[str]:
-        return frozenset(p for p, until in self._until.items() if until > now)
+    def banned(self, now: float, servers: ServersByBlock | None = None) -> frozenset[str]:
+        """Peers not to use now. With ``servers`` (a fresh lookup of every block), a dead peer whose records
+        changed is forgiven, its time ban and failure count too (it is a new process, e.g. restarted with the
+        same identity; dead again only if it fails to be dialed again)."""
+        if servers is not None:  # a new process: its predecessor's failures do not count against it
+            for peer_id in [p for p, records in self._dead.items() if _records_of(servers, p) != records]:
+                del self._dead[peer_id]
+                self.succeeded(peer_id)
+        timed = (p for p, until in self._until.items() if until > now)
+        return frozenset((*timed, *self._dead, *self._distrusted))
+
+    def distrusted(self) -> frozenset[str]:
+        return frozenset(self._distrusted)
+
+
+def _records_of(servers: ServersByBlock, peer_id: str) -> frozenset[bytes]:
+    """Every record ``peer_id`` has in a lookup, encoded: what must change for a dead peer to be tried again."""
+    return frozenset(encode_record(by_peer[peer_id]) for by_peer in servers.values() if peer_id in by_peer)

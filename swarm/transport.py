@@ -1,9 +1,11 @@
 """Calls to one server over its stream handlers, with timeouts and errors mapped to our tree.
 
-What the other side did wrong becomes that server's retryable error (:mod:`swarm.errors`): no
-stream (:class:`ServerUnavailable`), no answer in time or a closed stream (:class:`ServerUnavailable`),
-a malformed message or one of the wrong type (:class:`ServerError`). An error reply is raised as the
-class the server sent. Anything else (a bug on this side) propagates as it is.
+What the other side did wrong becomes that server's retryable error (:mod:`swarm.errors`): a peer
+that cannot be dialed (:class:`ServerUnreachable`: dead until its record changes), no stream in time,
+no answer in time or a closed stream (:class:`ServerUnavailable`), a malformed message or one of the
+wrong type (:class:`ServerError`). An error reply is the server's fault too: a retryable code is raised
+as the class the server sent, a fatal one as :class:`ServerRefused` (the client checked its request
+before sending it). Anything else (a bug on this side) propagates as it is.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from swarm import aio
-from swarm.errors import BadRequest, ServerError, ServerUnavailable
+from swarm.errors import BadRequest, ServerError, ServerUnavailable, ServerUnreachable, server_reply_error
 from swarm.wire import HANDLERS, ErrorReply, InfoRequest, InfoResponse, read_message, write_message
 
 # what opening a stream raises when the peer cannot be reached: the daemon's refusals (no route, dial
@@ -36,14 +38,14 @@ class Stream:
         try:
             peer = PeerID.from_base58(peer_id)
         except ValueError:  # a malformed id in some record: nothing to dial
-            raise ServerUnavailable(f"{peer_id[:60]!r} is not a peer id") from None
+            raise ServerUnreachable(f"{peer_id[:60]!r} is not a peer id") from None
         try:
             _info, reader, writer = await asyncio.wait_for(
                 p2p.call_binary_stream_handler(peer, HANDLERS[handler]), timeout)
         except asyncio.TimeoutError:
             raise ServerUnavailable(f"server {peer_id} did not accept a {handler} stream in {timeout:.0f}s") from None
         except _UNREACHABLE as e:
-            raise ServerUnavailable(f"cannot reach server {peer_id}: {e or type(e).__name__}") from None
+            raise ServerUnreachable(f"cannot reach server {peer_id}: {e or type(e).__name__}") from None
         return cls(peer_id, reader, writer)
 
     async def send(self, msg: Any) -> None:
@@ -53,8 +55,9 @@ class Stream:
             raise ServerUnavailable(f"server {self.peer_id} closed the stream: {e}") from None
 
     async def receive(self, timeout: float, expected: type | None = None) -> Any:
-        """The next message; with ``expected``, an :class:`ErrorReply` is raised as the server's error
-        and any other type is the server's fault (:class:`ServerError`)."""
+        """The next message; with ``expected``, an :class:`ErrorReply` is raised as the server's fault
+        (:func:`~swarm.errors.server_reply_error`) and any other type is the server's fault too
+        (:class:`ServerError`)."""
         try:
             msg = await aio.wait_for(read_message(self.reader), timeout)
         except asyncio.TimeoutError:
@@ -66,7 +69,7 @@ class Stream:
         if expected is None:
             return msg
         if isinstance(msg, ErrorReply):
-            raise msg.to_exception()
+            raise server_reply_error(msg.code, msg.message, self.peer_id)
         if not isinstance(msg, expected):
             raise ServerError(f"server {self.peer_id} answered {type(msg).__name__} where {expected.__name__} "
                               "was due")

@@ -14,6 +14,7 @@ from swarm.config import (
     ClientConfig,
     DHTConfig,
     ServerConfig,
+    VerifyConfig,
     default_prefix,
     env_initial_peers,
     parse_span,
@@ -178,10 +179,9 @@ def test_client_config_timeouts_positive(field):
         ClientConfig(initial_peers=(PEER,), **{field: 0})
 
 
-def test_client_config_max_retries():
-    assert ClientConfig(initial_peers=(PEER,), max_retries=0).max_retries == 0
-    with pytest.raises(ConfigError, match="max_retries must be >= 0"):
-        ClientConfig(initial_peers=(PEER,), max_retries=-1)
+def test_client_config_retries_are_budgeted_by_time():
+    assert ClientConfig(initial_peers=(PEER,), retry_deadline=5.0).retry_policy.deadline == 5.0
+    assert "max_retries" not in {f.name for f in dataclasses.fields(ClientConfig)}
 
 
 # ---------------------------------------------------------------- NetworkConfig
@@ -457,3 +457,21 @@ def test_gguf_forms_that_cannot_load_are_refused_in_one_line(gguf_layout, model,
     with pytest.raises(ModelError) as info:
         ServerConfig(model=model, gguf_file=gguf_file)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_verify_rate_and_swarm_verify_flags():
+    assert ClientConfig(initial_peers=(PEER,)).verify_rate == 0.05
+    assert ClientConfig(initial_peers=(PEER,), verify_rate=0).verify_rate == 0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="verify_rate must be within 0..1"):
+            ClientConfig(initial_peers=(PEER,), verify_rate=bad)
+    args = swarm.cli.make_parser().parse_args(["verify", "--model", "m", "--initial-peers", PEER, "--rounds", "0",
+                                               "--steps", "4"])
+    config = swarm.cli._build_config(VerifyConfig, args)
+    assert (config.rounds, config.steps, config.prompt_tokens, config.period) == (0, 4, 16, 60.0)
+    for fields, flag in (({"steps": 0}, "--steps"), ({"rounds": -1}, "--rounds"), ({"period": 0}, "--period"),
+                         ({"model": ""}, "--model")):
+        with pytest.raises(ConfigError, match=flag):
+            VerifyConfig(**{"model": "m", "initial_peers": (PEER,), **fields})
+    with pytest.raises(ConfigError, match="swarm verify needs --initial-peers"):
+        VerifyConfig(model="m", initial_peers=())

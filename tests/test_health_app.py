@@ -35,14 +35,15 @@ def peer_id(i: int) -> str:
 
 
 def model(prefix: str, num_blocks: int, servers: dict[str, ServerRecord], probes: dict[str, ProbeResult],
-          addrs: dict[str, tuple[str, ...]] | None = None) -> ModelSnapshot:
+          addrs: dict[str, tuple[str, ...]] | None = None,
+          reports: dict[str, dict[str, str]] | None = None) -> ModelSnapshot:
     by_block: dict[int, dict[str, ServerRecord]] = {b: {} for b in range(num_blocks)}
     for p, r in servers.items():
         for b in range(r.start, r.end):
             by_block[b][p] = r
     return ModelSnapshot(prefix=prefix, record=ModelRecord(name=f"org/{prefix}", num_blocks=num_blocks,
                                                            family="llama"),
-                         servers=by_block, probes=probes, addrs=addrs or {})
+                         servers=by_block, probes=probes, addrs=addrs or {}, reports=reports or {})
 
 
 def ok(rtt: float = 0.004, cache: int = 9000) -> ProbeResult:
@@ -67,7 +68,8 @@ def sample_snapshot() -> Snapshot:
         peer_id(3): ServerRecord(ONLINE, 3, 6, public_name="dead"),
         peer_id(4): ServerRecord(JOINING, 5, 8, public_name="loading"),
         peer_id(5): ServerRecord(OFFLINE, 6, 8, public_name="gone"),
-    }, {peer_id(2): ok(), peer_id(3): failed()})
+    }, {peer_id(2): ok(), peer_id(3): failed()},
+        reports={peer_id(2): {peer_id(9): "blocks 0:3: relative error 1.2e-02 > 5e-03 <script>"}})
     big_servers = {peer_id(10 + i): ServerRecord(ONLINE, start, min(start + 24, 80), throughput=100.0 + i,
                                                  public_name=f"node-{i}")
                    for i, start in enumerate(range(0, 80, 16))}
@@ -338,3 +340,12 @@ def test_a_server_that_dies_shows_as_unreachable_after_one_crawl(monkeypatch):
     alive["A"] = False  # the server dies right after that probe
     model = crawl_after(config.refresh_period)  # the next crawl, though the answer is younger than the ttl
     assert probes == ["A", "A"] and model["state"] == "broken" and model["servers"][0]["state"] == "unreachable"
+
+
+def test_servers_caught_computing_wrong_are_shown(app):
+    broken = app.state()["models"][0]
+    alpha = next(s for s in broken["servers"] if s["public_name"] == "alpha")
+    assert alpha["reported_by"] == {peer_id(9): "blocks 0:3: relative error 1.2e-02 > 5e-03 <script>"}
+    assert all(not s["reported_by"] for s in broken["servers"] if s is not alpha)
+    _, page = app.get("")
+    assert page.count("reported by 1") == 1 and "&gt; 5e-03 &lt;script&gt;" in page and "<script>\"" not in page

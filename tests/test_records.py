@@ -42,6 +42,7 @@ def full_server_record() -> ServerRecord:
         version="0.1.0",
         using_relay=True,
         next_pings={"QmPeerA": 0.012, "QmPeerB": 1.5},
+        announced_at=1_700_000_000.5,
         schema_version=SCHEMA_VERSION,
     )
 

@@ -18,10 +18,13 @@ from swarm.errors import (
     RetriesExhausted,
     ServerBusy,
     ServerError,
+    ServerRefused,
     ServerUnavailable,
+    ServerUnreachable,
     SwarmError,
     from_wire,
     is_retryable,
+    server_reply_error,
 )
 from swarm.retry import RetryPolicy
 
@@ -67,35 +70,60 @@ def test_unexpected_server_errors_cross_the_wire_as_server_error():
     assert type(error) is ServerError and is_retryable(error) and "RuntimeError: boom" in str(error)
 
 
-def test_retries_until_the_budget_is_spent_and_says_how_far_it_got():
+class Banned(list):
+    """A ban callback that records (peer, error class, cost)."""
+
+    def __call__(self, peer_id: str, error: BaseException, cost: float) -> None:
+        self.append((peer_id, type(error).__name__, cost))
+
+
+def test_retries_until_the_deadline_and_says_how_far_it_got():
     t = FakeTime()
-    banned: list[str] = []
-    attempts = RetryPolicy(max_retries=2, backoff=0.5, max_backoff=4.0).begin(
-        "forward through blocks 0:8", banned.append, clock=t.clock, sleep=t.sleep)
+    banned = Banned()
+    attempts = RetryPolicy(deadline=10.0, backoff=0.5, max_backoff=4.0).begin(
+        "forward through blocks 0:8", banned, clock=t.clock, sleep=t.sleep)
 
     async def scenario():
         attempts.progress("blocks 0:4 done")
+        t.now = 3.0  # the attempt on A took 3 s to fail
         await attempts.failed(ServerUnavailable("server A did not answer"), where="blocks 4:8 on server A",
                               peer_id="A")
         await attempts.failed(ServerError("RuntimeError: boom"), where="blocks 4:8 on server B", peer_id="B")
+        t.now += 7.0
         await attempts.failed(ServerBusy("full"), where="blocks 4:6 on server C", peer_id="C")
 
     with pytest.raises(RetriesExhausted) as info:
         run(scenario())
-    assert banned == ["A", "B", "C"]  # every failure bans the server it is blamed on
+    # every failure bans the server it is blamed on, for at least what the failed attempt cost
+    assert banned == [("A", "ServerUnavailable", 3.0), ("B", "ServerError", 0.0), ("C", "ServerBusy", 7.0)]
     assert t.slept == [0.5]  # the first retry goes elsewhere at once, the second waits
     message = str(info.value)
-    assert message.startswith("forward through blocks 0:8 gave up after 3 failures")
+    assert message.startswith("forward through blocks 0:8 gave up after 3 failures in 10.5s (the 10s deadline)")
     assert "blocks 0:4 done; it failed at blocks 4:6 on server C: full" in message
     assert "earlier: blocks 4:8 on server A: server A did not answer | blocks 4:8 on server B" in message
     assert "swarm health" in message
     assert len(info.value.errors) == 3 and not is_retryable(info.value)
 
 
+def test_the_budget_is_time_not_a_count():
+    t = FakeTime()
+    attempts = RetryPolicy(deadline=60.0, backoff=0.25, max_backoff=1.0).begin("x", None, clock=t.clock,
+                                                                               sleep=t.sleep)
+
+    async def scenario():
+        for _ in range(50):  # fifty servers that refuse connections at once: each is simply tried
+            await attempts.failed(ServerUnreachable("connection refused"), where="blocks 0:2")
+
+    run(scenario())
+    assert len(attempts.errors) == 50 and t.now < 60.0
+    with pytest.raises(RetriesExhausted, match=r"gave up after 6\d failures in \d+\.\ds \(the 60s deadline\)"):
+        run(scenario())  # the deadline, whatever the count
+
+
 def test_fatal_errors_and_bugs_pass_through_untouched():
     t = FakeTime()
-    banned: list[str] = []
-    attempts = RetryPolicy().begin("x", banned.append, clock=t.clock, sleep=t.sleep)
+    banned = Banned()
+    attempts = RetryPolicy().begin("x", banned, clock=t.clock, sleep=t.sleep)
     bad = BadRequest("your request is wrong")
     with pytest.raises(BadRequest) as info:
         run(attempts.failed(bad, where="blocks 0:2 on server A", peer_id="A"))
@@ -105,18 +133,29 @@ def test_fatal_errors_and_bugs_pass_through_untouched():
     assert banned == [] and attempts.errors == []  # not the server's fault: nobody banned, nothing spent
 
 
-def test_deadline_stops_retrying_before_the_count_does():
+def test_a_refusal_is_retried_elsewhere_and_remembered_for_the_call():
     t = FakeTime()
-    attempts = RetryPolicy(max_retries=100, deadline=10.0).begin("inference step", None, clock=t.clock,
-                                                                 sleep=t.sleep)
+    banned = Banned()
+    attempts = RetryPolicy().begin("x", banned, clock=t.clock, sleep=t.sleep)
+    refusal = server_reply_error("bad_request", "blocks 0:9 are not all served here", "A")
+    assert isinstance(refusal, ServerRefused) and is_retryable(refusal)
+    assert "server A refused the request (bad_request): blocks 0:9" in str(refusal)
+    assert type(refusal.refusal()) is BadRequest and str(refusal.refusal()) == "blocks 0:9 are not all served here"
+    run(attempts.failed(refusal, where="blocks 0:9 on server A", peer_id="A"))
+    assert banned == [("A", "ServerRefused", 0.0)] and attempts.refused == {"A": refusal}
+    unknown = server_reply_error("unknown_session", "no such session", "B")
+    assert isinstance(unknown, ServerRefused) and type(unknown.refusal()) is errors.UnknownSession
+    busy = server_reply_error("server_busy", "out of cache", "C")  # retryable codes keep their class
+    assert type(busy) is ServerBusy
 
-    async def scenario():
-        await attempts.failed(ServerUnavailable("slow"), where="blocks 0:2")  # at t=0
-        t.now = 11.0  # the next attempt took long and failed too
-        await attempts.failed(ServerUnavailable("slow again"), where="blocks 0:2")
 
-    with pytest.raises(RetriesExhausted, match="gave up after the 10s deadline in 11.0s"):
-        run(scenario())
+def test_missing_blocks_after_failures_names_them():
+    t = FakeTime()
+    attempts = RetryPolicy().begin("inference step", None, clock=t.clock, sleep=t.sleep)
+    run(attempts.failed(ServerUnavailable("server A closed the stream"), where="blocks 0:2 on server A"))
+    with pytest.raises(MissingBlocksError, match="blocks 0:2 have no online server .*earlier failures of "
+                                                 "inference step: blocks 0:2 on server A: server A closed"):
+        run(attempts.failed(MissingBlocksError("blocks 0:2 have no online server"), where="blocks 0:2"))
 
 
 def test_backoff_grows_and_is_capped():
@@ -128,16 +167,11 @@ def test_backoff_grows_and_is_capped():
 def test_bans_have_the_policy_lengths():
     bans = RetryPolicy(min_ban=2.0, max_ban=5.0).bans()
     assert [bans.ban("A", now=0.0) for _ in range(3)] == [2.0, 4.0, 5.0]
-
-
-def test_zero_retries_means_one_attempt():
-    attempts = RetryPolicy(max_retries=0).begin("x", None)
-    with pytest.raises(RetriesExhausted, match="after 1 failures"):
-        run(attempts.failed(ServerUnavailable("gone"), where="blocks 0:1"))
+    assert bans.ban("A", now=0.0, cost=30.0) == 30.0  # never shorter than what the failure cost
 
 
 @pytest.mark.parametrize("fields, flag", [
-    ({"max_retries": -1}, "max_retries"), ({"deadline": 0}, "deadline"), ({"min_ban": -1.0}, "min_ban"),
+    ({"deadline": 0}, "deadline"), ({"min_ban": -1.0}, "min_ban"),
     ({"backoff": 5.0, "max_backoff": 1.0}, "backoff"),
 ])
 def test_policy_checks_its_values(fields, flag):
@@ -146,8 +180,8 @@ def test_policy_checks_its_values(fields, flag):
 
 
 def test_client_config_makes_the_policy():
-    config = ClientConfig(initial_peers=(PEER,), max_retries=5, retry_deadline=30.0)
-    assert config.retry_policy == RetryPolicy(max_retries=5, deadline=30.0)
+    config = ClientConfig(initial_peers=(PEER,), retry_deadline=30.0)
+    assert config.retry_policy == RetryPolicy(deadline=30.0)
     with pytest.raises(ConfigError, match="retry_deadline must be positive"):
         ClientConfig(initial_peers=(PEER,), retry_deadline=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -431,3 +432,52 @@ def test_missing_blocks_say_when_the_quant_filter_excluded_servers():
     assert quant_excluded(servers, [0, 1], allowed) == ""  # nothing was excluded there
     assert quant_excluded(servers, [2, 3], None) == ""  # no filter
     assert quant_excluded(servers, [3], ("fp8",)).endswith("serve quant int8, nf4: allow it")  # nothing to start
+
+
+def test_bans_last_at_least_what_the_failure_cost():
+    bans = Bans(min_backoff=1.0, max_backoff=60.0)
+    assert bans.ban("A", now=0.0, cost=20.0) == 20.0  # a timeout of 20 s: out for 20 s, not 1 s
+    assert bans.banned(now=19.0) == {"A"} and bans.banned(now=20.0) == frozenset()
+    assert bans.ban("A", now=100.0, cost=0.5) == 2.0  # the exponential part when it is longer
+    assert bans.ban("B", now=0.0, cost=float("nan")) == 1.0  # a broken clock does not ban for ever
+    bans.ban("C", now=0.0, cost=50.0)
+    bans.ban("C", now=1.0, cost=0.0)  # a later, shorter ban does not shorten the running one
+    assert "C" in bans.banned(now=49.0)
+
+
+def test_a_dead_server_stays_out_until_its_record_changes():
+    record = rec(0, 4, throughput=10)
+    servers = swarm_of({"A": record, "B": rec(0, 4)})
+    bans = Bans()
+    bans.dead("A", servers)
+    # its ONLINE record outlives it in the DHT; time alone does not bring it back
+    assert bans.banned(now=10_000.0, servers=servers) == {"A"}
+    assert links(make_chain(servers, 0, 4, banned=bans.banned(now=10_000.0, servers=servers))) == [("B", 0, 4)]
+    # a restart with the same identity announces again: a new record, and it is tried again
+    restarted = swarm_of({"A": dataclasses.replace(record, announced_at=record.announced_at + 60), "B": rec(0, 4)})
+    assert bans.banned(now=10_000.0, servers=restarted) == frozenset()
+    assert bans.banned(now=10_000.0, servers=servers) == frozenset()  # forgiven for good, until it fails again
+    bans.dead("A", restarted)
+    assert bans.banned(now=0.0) == {"A"}  # without a lookup, a dead peer stays dead
+
+
+def test_a_restarted_server_starts_afresh():
+    """Killed again and again (each time banned for longer), then restarted: the new process is not held to
+    its predecessor's bans."""
+    record = rec(0, 4)
+    servers = swarm_of({"A": record})
+    bans = Bans(min_backoff=1.0, max_backoff=60.0)
+    for _ in range(6):
+        bans.ban("A", now=0.0)
+    bans.dead("A", servers)
+    assert bans.banned(now=30.0) == {"A"}
+    restarted = swarm_of({"A": dataclasses.replace(record, announced_at=record.announced_at + 10)})
+    assert bans.banned(now=30.0, servers=restarted) == frozenset()
+    assert bans.ban("A", now=31.0) == 1.0  # its first failure: the shortest ban
+
+
+def test_a_wrong_server_is_distrusted_for_good():
+    bans = Bans()
+    bans.distrust("A")
+    bans.succeeded("A")
+    assert bans.banned(now=1e9, servers=swarm_of({"A": rec(0, 4)})) == {"A"} and bans.distrusted() == {"A"}

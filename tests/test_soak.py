@@ -43,7 +43,7 @@ def test_generations_survive_servers_dying_and_coming_back(tiny_llama, local_lla
         def client(index: int) -> None:
             model = AutoDistributedModelForCausalLM.from_pretrained(
                 tiny_llama, initial_peers=swarm.initial_peers, dht_prefix="soak-llama", request_timeout=15,
-                missing_blocks_timeout=30, max_retries=5)
+                missing_blocks_timeout=30)
             model.generation_config.eos_token_id = None
             try:
                 for _ in range(10_000):  # bounded; the loop ends when the soak time is over

@@ -76,7 +76,9 @@
     const rows = [h("tr", { class: "server " + s.state, "data-peer-id": s.peer_id, "data-state": s.state,
                             "data-span": s.start + ":" + s.end },
       h("td", { class: "mono", title: s.peer_id }, shortId(s.peer_id)),
-      h("td", { class: "name" }, s.public_name || "—"),
+      h("td", { class: "name" }, s.public_name || "—", Object.keys(s.reported_by).length
+        ? [" ", h("span", { class: "bad reported", title: Object.values(s.reported_by).join("; ") },
+                 "reported by " + Object.keys(s.reported_by).length)] : null),
       h("td", {}, h("span", { class: "state " + s.state, title: s.probe_error }, s.state)),
       h("td", { class: "span-col" }, h("div", { class: "span-cell" },
         h("div", { class: "span-bar", style: "--n: " + n, title: "blocks " + s.start + ":" + s.end },
