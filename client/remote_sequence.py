@@ -281,9 +281,9 @@ class RemoteSequence:
 
     def ban(self, peer_id: str, error: BaseException | None = None, cost: float = 0.0, probe: bool = True) -> None:
         """Stops using ``peer_id`` after ``error``, which cost ``cost`` seconds: for at least as long; if it
-        could not be dialed, until its record changes; if it computed wrong, for good. A server that closed a
+        could not be dialed, until it announces itself again; if it computed wrong, for good. A server that closed a
         stream or stopped answering is pinged at once (with ``probe``): if it cannot be dialed any more (its
-        process died), it is dead until its record changes too."""
+        process died), it is dead until it announces itself again too."""
         delay = self.bans.ban(peer_id, time.monotonic(), cost)
         self._servers_time = -float("inf")  # what we know about the swarm may be stale too
         if isinstance(error, WrongResult):

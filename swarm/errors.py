@@ -5,7 +5,7 @@
     SwarmError
     ├── RetryableError            another server or a later attempt may succeed
     │   ├── ServerUnavailable     a peer did not answer, closed the stream, or is gone
-    │   │   └── ServerUnreachable a peer cannot be dialed (connection refused, no route): dead until its record changes
+    │   │   └── ServerUnreachable a peer cannot be dialed (refused, no route): dead until it announces again
     │   ├── ServerError           a peer failed on a valid request (a bug, out of memory) or answered garbage
     │   │   ├── ServerRefused     a peer answered a request this client checked with a fatal error code
     │   │   └── WrongResult       a peer's outputs disagree with another server's recomputation of them
@@ -65,7 +65,7 @@ class ServerError(RetryableError):
 
 class ServerUnreachable(ServerUnavailable):
     """A peer could not be dialed at all (connection refused, no route): its process is gone. The client
-    treats it as dead until its DHT record changes (a restart announces anew)."""
+    treats it as dead until it announces itself again in the DHT (a restart does at once)."""
 
     code = "server_unreachable"
 

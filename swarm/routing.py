@@ -227,9 +227,10 @@ class Bans:
     - a failure: until ``now + max(cost, min_backoff * 2**(failures-1))``, the exponential part capped at
       ``max_backoff``: never shorter than what the failure cost the caller (a server that took a whole
       timeout to fail is not retried before as long again), and longer with every failure until a success;
-    - dead (:meth:`dead`: it could not be dialed): until its record in the DHT changes (a restarted server
+    - dead (:meth:`dead`: it could not be dialed): until the DHT shows a newer record of it (a restarted server
       announces anew, and every live server re-announces each ``--update-period``). A dead server's last
-      record outlives it by up to 2.5 update periods; a time ban alone would let it be picked again;
+      record outlives it by up to 2.5 update periods; a time ban alone would let it be picked again. Newer,
+      not just different: lookups may return older copies of a block's entry for a while;
     - wrong (:meth:`distrust`: its outputs disagreed with another server's recomputation): for good.
     """
 
@@ -237,7 +238,8 @@ class Bans:
     max_backoff: float = 60.0
     _until: dict[str, float] = dataclasses.field(default_factory=dict)
     _failures: dict[str, int] = dataclasses.field(default_factory=dict)
-    _dead: dict[str, frozenset[bytes]] = dataclasses.field(default_factory=dict)  # peer -> its records then
+    # peer -> (when it last announced, its records) when found dead
+    _dead: dict[str, tuple[float, frozenset[bytes]]] = dataclasses.field(default_factory=dict)
     _distrusted: set[str] = dataclasses.field(default_factory=set)
 
     def ban(self, peer_id: str, now: float, cost: float = 0.0) -> float:
@@ -250,9 +252,9 @@ class Bans:
         return delay
 
     def dead(self, peer_id: str, servers: ServersByBlock) -> None:
-        """``peer_id`` could not be dialed: not used until its records in ``servers`` (a lookup of every
-        block) are replaced by others."""
-        self._dead[peer_id] = _records_of(servers, peer_id)
+        """``peer_id`` could not be dialed: not used until a lookup shows a record of it announced after those in
+        ``servers`` (a lookup of every block)."""
+        self._dead[peer_id] = (_announced(servers, peer_id), _records_of(servers, peer_id))
 
     def distrust(self, peer_id: str) -> None:
         """``peer_id`` computed wrong: never used again."""
@@ -263,11 +265,12 @@ class Bans:
         self._until.pop(peer_id, None)
 
     def banned(self, now: float, servers: ServersByBlock | None = None) -> frozenset[str]:
-        """Peers not to use now. With ``servers`` (a fresh lookup of every block), a dead peer whose records
-        changed is forgiven, its time ban and failure count too (it is a new process, e.g. restarted with the
-        same identity; dead again only if it fails to be dialed again)."""
+        """Peers not to use now. With ``servers`` (a fresh lookup of every block), a dead peer that announced
+        itself since is forgiven, its time ban and failure count too (it is a new process, e.g. restarted with the
+        same identity; dead again only if it fails to be dialed again). Records without announcement times
+        (older servers) count as new when they differ."""
         if servers is not None:  # a new process: its predecessor's failures do not count against it
-            for peer_id in [p for p, records in self._dead.items() if _records_of(servers, p) != records]:
+            for peer_id in [p for p, then in self._dead.items() if _announced_since(servers, p, *then)]:
                 del self._dead[peer_id]
                 self.succeeded(peer_id)
         timed = (p for p, until in self._until.items() if until > now)
@@ -275,6 +278,19 @@ class Bans:
 
     def distrusted(self) -> frozenset[str]:
         return frozenset(self._distrusted)
+
+
+def _announced(servers: ServersByBlock, peer_id: str) -> float:
+    """When ``peer_id`` last announced itself, by its records in a lookup (-inf: it has none)."""
+    return max((by_peer[peer_id].announced_at for by_peer in servers.values() if peer_id in by_peer),
+               default=-float("inf"))
+
+
+def _announced_since(servers: ServersByBlock, peer_id: str, announced: float, records: frozenset[bytes]) -> bool:
+    latest = _announced(servers, peer_id)
+    if latest > 0 or announced > 0:
+        return latest > announced
+    return latest > -float("inf") and _records_of(servers, peer_id) != records  # unstamped records
 
 
 def _records_of(servers: ServersByBlock, peer_id: str) -> frozenset[bytes]:

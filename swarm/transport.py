@@ -1,7 +1,7 @@
 """Calls to one server over its stream handlers, with timeouts and errors mapped to our tree.
 
 What the other side did wrong becomes that server's retryable error (:mod:`swarm.errors`): a peer
-that cannot be dialed (:class:`ServerUnreachable`: dead until its record changes), no stream in time,
+that cannot be dialed (:class:`ServerUnreachable`: dead until it announces again), no stream in time,
 no answer in time or a closed stream (:class:`ServerUnavailable`), a malformed message or one of the
 wrong type (:class:`ServerError`). An error reply is the server's fault too: a retryable code is raised
 as the class the server sent, a fatal one as :class:`ServerRefused` (the client checked its request

@@ -461,6 +461,22 @@ def test_a_dead_server_stays_out_until_its_record_changes():
     assert bans.banned(now=0.0) == {"A"}  # without a lookup, a dead peer stays dead
 
 
+def test_an_older_copy_of_a_dead_servers_record_does_not_revive_it():
+    """Lookups may return older copies of a block's entry for a while (another DHT node's): a dead server is
+    tried again only for a record announced after the one it was found dead with."""
+    record = dataclasses.replace(rec(0, 4), announced_at=100.0)
+    bans = Bans()
+    bans.dead("A", swarm_of({"A": record}))
+    older = swarm_of({"A": dataclasses.replace(record, announced_at=40.0, throughput=3.0)})
+    assert bans.banned(now=0.0, servers=older) == {"A"}
+    assert bans.banned(now=0.0, servers=swarm_of({"A": record})) == {"A"}
+    assert bans.banned(now=0.0, servers=swarm_of({"A": dataclasses.replace(record, announced_at=160.0)})) == set()
+    unstamped = rec(0, 4)  # an older server's records carry no time: a different record counts as new
+    bans.dead("B", swarm_of({"B": unstamped}))
+    assert bans.banned(now=0.0, servers=swarm_of({"B": unstamped})) == {"B"}
+    assert bans.banned(now=0.0, servers=swarm_of({"B": dataclasses.replace(unstamped, throughput=3.0)})) == set()
+
+
 def test_a_restarted_server_starts_afresh():
     """Killed again and again (each time banned for longer), then restarted: the new process is not held to
     its predecessor's bans."""
