@@ -33,6 +33,7 @@ import uuid
 import torch
 
 from swarm.errors import BadRequest, ServerError, SessionLengthExceeded, SwarmError
+from swarm.push_tokens import new_push_key, push_token
 from swarm.retry import Attempts
 from swarm.routing import ChainLink
 from swarm.transport import Stream
@@ -50,6 +51,7 @@ class _SpanSession:
     link: ChainLink
     stream: Stream
     session_id: str
+    push_key: bytes = b""  # the server accepts a pushed step only with a token under this key
     history: torch.Tensor | None = None  # [batch, position, hidden]: every input this span has cached
     patience: float = 1.0  # times the hedging delay to wait for it: doubles each time it was slow but won
 
@@ -132,16 +134,16 @@ class InferenceSession:
         config = self.sequence.config
         peer = await self.sequence.peer()
         stream = await Stream.open(peer.p2p, link.peer_id, "inference", config.connect_timeout)
-        session_id = uuid.uuid4().hex
+        session_id, push_key = uuid.uuid4().hex, new_push_key()
         try:
             await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
-                                          max_length=self.max_length, batch_size=self.batch_size,
+                                          max_length=self.max_length, batch_size=self.batch_size, push_key=push_key,
                                           **self.sequence.session_fields(link.start, link.end)))
             await stream.receive(config.request_timeout, SessionOpened)
         except BaseException:
             stream.close()
             raise
-        return _SpanSession(link, stream, session_id)
+        return _SpanSession(link, stream, session_id, push_key)
 
     async def astep(self, hidden: torch.Tensor, start_position: int | None = None,
                     attention_mask: torch.Tensor | None = None,
@@ -287,12 +289,15 @@ class InferenceSession:
         i = first
         while i < len(self._spans):
             span = self._spans[i]
-            rest = self._spans[i + 1:] if push else []
+            # each later span may take this step only from the span before it (swarm.push_tokens)
+            rest = [(s.link.peer_id, s.session_id, push_token(s.push_key, before.link.peer_id, step_id, position,
+                                                              hidden.shape[1], hypo_ids))
+                    for before, s in zip(self._spans[i:], self._spans[i + 1:])] if push else []
             span.remember(hidden, position)
             try:
                 await span.stream.send(InferenceStep(
                     session_id=span.session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
-                    step_id=step_id, next_servers=tuple((s.link.peer_id, s.session_id) for s in rest), **padding))
+                    step_id=step_id, next_servers=tuple(rest), **padding))
             except SwarmError as e:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on

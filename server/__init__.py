@@ -5,6 +5,10 @@
 - ``throughput``  measuring compute speed on the loaded blocks, and its cache
 - ``loading``     how many blocks fit the device (chosen by ``swarm.devices``), loading (and re-spanning) blocks
 - ``handler``     the RPC handlers: info, forward, backward, inference sessions, push
+- ``checks``      the checks every request gets before it touches the model
+- ``quotas``      what one peer may hold: streams, sessions, KV cache pages, forward/backward passes (pure)
+- ``streams``     deadlines on a handler's reads and writes, cancelling work whose client went away
+- ``chunked_forward``  long forward passes block by block in chunks, so inference steps never wait long
 - ``adapters``    LoRA adapters preloaded with --adapters, selected per request by name
 - ``push``        sending a step's output straight to the next server of a chain
 - ``pings``       round trips to the servers that may come next in a chain, published in the record

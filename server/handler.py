@@ -1,10 +1,19 @@
 """The server's RPC surface: ``info``, ``forward``, ``backward`` and ``inference`` stream handlers.
 
-Every request is validated (:meth:`SpanHandler._check_*`) before it touches the model; a bad
+Every request is validated (:mod:`server.checks`) before it touches the model; a bad
 request gets an :class:`~swarm.wire.ErrorReply` and the server goes on serving everyone else.
 An exception nobody anticipated (a bug, out of memory) is this server's fault: it is logged here at
 ERROR with its traceback and answered with :class:`~swarm.errors.ServerError`, which clients retry
 on another server.
+
+No peer holds resources for long or beyond its share. Every stream counts against its opener's
+quotas (:mod:`server.quotas`: streams, sessions, KV cache pages, forward/backward passes); every
+read and write has a deadline (``--idle-timeout``; a session's ``--session-timeout``); a pass or
+step whose client goes away is cancelled (:mod:`server.streams`); long forwards run in chunks
+(:mod:`server.chunked_forward`); deep prompts and LoRA weights a session holds are charged to the
+cache budget; sessions idle while the cache is full make room for busy ones. A session takes steps
+from the stream that opened it, and pushed steps only from the hop its client named, with that
+hop's token (:mod:`swarm.push_tokens`).
 """
 
 from __future__ import annotations
@@ -21,13 +30,15 @@ import torch
 from swarm import __version__, aio
 from swarm.blocks import Span
 from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError,
-                          UnknownSession)
-from swarm.lora import AppliedLora, applied, check_lora, parse_wire_name
+                          UnknownSession, to_wire)
+from swarm.lora import AppliedLora, applied
+from swarm.push_tokens import KEY_BYTES, check_push_token
 from swarm.wire import (
     HANDLERS,
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
+    ErrorReply,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -37,24 +48,24 @@ from swarm.wire import (
     SessionOpened,
     StepOutput,
     WireLimits,
+    encode,
     read_message,
     write_error,
-    write_message,
 )
 
 from server import faults
 from server.adapters import Adapter
 from server.batching import StepBatcher
+from server.checks import Padding, RequestChecks
+from server.chunked_forward import chunk_length, chunked_forward
 from server.compute import PRIORITY_BACKWARD, PRIORITY_FORWARD, ComputeExecutor
 from server.kv_cache import PagedKV, PagePool, SessionCache
 from server.push import MAX_NEXT_SERVERS, PushSender
+from server.quotas import QuotaLimits, Quotas, StreamSlot
+from server.streams import read, send, until_gone
 
 logger = logging.getLogger(__name__)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FIRST_MESSAGE_TIMEOUT = 30.0
-# a padded batch: (key mask [batch, seq] bool, False for padding; position ids [batch, seq]), each None if absent
-Padding = tuple[torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +79,9 @@ class HandlerLimits:
     max_adapter_bytes: int = 256 << 20
     max_batch_tokens: int = 512  # tokens of one batched inference forward; longer steps run in chunks
     batching: bool = True  # concurrent sessions' steps share a forward (off: one session's step at a time)
+    forward_chunk_tokens: int = 2048  # a longer forward pass runs in chunks (server.chunked_forward)
+    idle_timeout: float = 60.0  # a stream waiting this long for a request or for its client to read is closed
+    evict_idle: float = 5.0  # when the cache is full, sessions idle this long make room for busy ones
 
 
 @dataclasses.dataclass
@@ -79,6 +93,9 @@ class Session:
     batch_size: int
     cache: SessionCache  # its pages of the server's KV cache, its length and padding
     writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
+    peer: str  # who opened it: its pages count against that peer's share, only it may send steps
+    task: asyncio.Task | None = None  # the handler serving it (cancelled to evict the session)
+    push_key: bytes = b""  # pushes into this session need a token under this key (swarm.push_tokens)
     lora: AppliedLora | None = None  # the adapter every step of this session runs with
     prompts: torch.Tensor | None = None  # deep prompts, added to the positions below their length
     position: int = 0
@@ -87,14 +104,15 @@ class Session:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)  # steps come from the client and pushes
 
 
-class SpanHandler:
+class SpanHandler(RequestChecks):
     """Serves one :class:`Span`; register with :meth:`add_to` and remove with :meth:`remove_from`."""
 
     def __init__(self, span: Span, *, model_name: str, dtype: torch.dtype, device: torch.device,
                  pool: PagePool, limits: HandlerLimits, executor: ComputeExecutor, public_name: str = "",
-                 adapters: dict[str, Adapter] | None = None):
+                 adapters: dict[str, Adapter] | None = None, quotas: Quotas | None = None):
         self.span, self.model_name, self.dtype, self.device = span, model_name, dtype, device
         self.pool, self.limits, self.executor, self.public_name = pool, limits, executor, public_name
+        self.quotas = quotas or Quotas(QuotaLimits(), pool.capacity)
         self.batcher = StepBatcher(span, PagedKV(pool, span.start, len(span.blocks), device), executor, dtype,
                                    limits.max_batch_tokens, limits.batching)
         self.adapters = adapters or {}  # preloaded with --adapters, selected per request by name
@@ -140,21 +158,30 @@ class SpanHandler:
         async def guarded(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
             self._streams.add(task)
+            slot = None
             try:
-                await handler(reader, writer)
+                slot, evicted = self.quotas.open_stream(stream_info.peer_id.to_base58(), task)
+                if evicted is not None:  # the stream idle longest makes room (all streams together are capped)
+                    evicted.key.cancel()
+                await handler(slot, reader, writer)
             except (EOFError, ConnectionError, asyncio.IncompleteReadError):
                 pass  # the peer went away; its sessions are freed by the handler's finally blocks
+            except asyncio.TimeoutError:
+                pass  # idle past --idle-timeout: the stream is closed below
             except SwarmError as e:
                 with contextlib.suppress(Exception):
-                    await write_error(writer, e)
+                    await aio.wait_for(write_error(writer, e), 5)
             except asyncio.CancelledError:
                 pass
             except Exception as e:
                 logger.exception("handler %s failed", handler.__name__)
                 with contextlib.suppress(Exception):
-                    await write_error(writer, ServerError(f"the server failed: {type(e).__name__}: {e}"))
+                    await aio.wait_for(write_error(writer, ServerError(f"the server failed: {type(e).__name__}: {e}")),
+                                       5)
             finally:
                 self._streams.discard(task)
+                if slot is not None:
+                    self.quotas.close_stream(slot)
                 with contextlib.suppress(Exception):
                     writer.close()
 
@@ -167,22 +194,30 @@ class SpanHandler:
             protocol_version=PROTOCOL_VERSION, version=__version__, model=self.model_name,
             start=self.span.start, end=self.span.end, hidden_size=self.hidden_size,
             dtype=str(self.dtype).removeprefix("torch."), max_session_length=self.limits.max_session_length,
-            max_batch_size=self.limits.max_batch_size, cache_tokens_left=self.pool.tokens_left,
+            max_batch_size=self.limits.max_batch_size, cache_tokens_left=self.room(),
             public_name=self.public_name,
         )
 
-    async def _handle_info(self, reader, writer) -> None:
-        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+    async def _read(self, slot: StreamSlot, reader, timeout: float | None = None) -> Any:
+        msg = await read(reader, self._wire_limits, self.limits.idle_timeout if timeout is None else timeout)
+        slot.touch()
+        return msg
+
+    async def _send(self, writer, msg: Any) -> None:
+        await send(writer, msg, self.limits.idle_timeout)
+
+    async def _handle_info(self, slot: StreamSlot, reader, writer) -> None:
+        msg = await self._read(slot, reader)
         if not isinstance(msg, InfoRequest):
             raise BadRequest(f"the info handler expects InfoRequest, got {type(msg).__name__}")
-        await write_message(writer, self.info())
+        await self._send(writer, self.info())
 
     # ---------------------------------------------------------------- forward
 
-    async def _read_pass(self, reader, cls: type, max_tokens: int, flag: str,
+    async def _read_pass(self, slot: StreamSlot, reader, cls: type, max_tokens: int, flag: str,
                          advice: str) -> tuple[Any, torch.Tensor, Padding, torch.Tensor | None, AppliedLora | None]:
         """Reads and checks a forward or backward request: ``(msg, hidden, padding, prompts, lora)``."""
-        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+        msg = await self._read(slot, reader)
         if not isinstance(msg, cls):
             raise BadRequest(f"this handler expects {cls.__name__}, got {type(msg).__name__}")
         self._check_blocks(msg.start, msg.end)
@@ -194,12 +229,28 @@ class SpanHandler:
         padding = self._check_padding(msg.attention_mask, msg.position_ids, hidden, cls.__name__)
         return msg, hidden, padding, prompts, self._lora(msg, msg.start, msg.end, dropout=msg.lora_dropout)
 
-    async def _handle_forward(self, reader, writer) -> None:
+    @contextlib.contextmanager
+    def _job(self, peer: str):
+        self.quotas.start_job(peer)
+        try:
+            yield
+        finally:
+            self.quotas.end_job(peer)
+
+    async def _handle_forward(self, slot: StreamSlot, reader, writer) -> None:
         msg, hidden, padding, prompts, lora = await self._read_pass(
-            reader, ForwardRequest, self.limits.max_forward_tokens, "--max-forward-tokens", "split the batch")
-        out = await self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, prompts, lora,
-                                      padding, kind="forward")
-        await write_message(writer, ForwardResponse(hidden=out))
+            slot, reader, ForwardRequest, self.limits.max_forward_tokens, "--max-forward-tokens", "split the batch")
+        chunk = chunk_length(hidden.shape[0], hidden.shape[1], self.limits.forward_chunk_tokens)
+        with self._job(slot.peer):
+            if chunk < hidden.shape[1] and (lora is None or lora.dropout == 0):  # dropout draws per pass: one pass
+                faults.check("forward")
+                work = chunked_forward(self.executor, self.span, hidden, msg.start, msg.end, prompts, lora, padding,
+                                       chunk, self.device, self.dtype)
+            else:
+                work = self.executor.run(PRIORITY_FORWARD, self._forward, hidden, msg.start, msg.end, prompts, lora,
+                                         padding, kind="forward")
+            out = await until_gone(reader, work)
+        await self._send(writer, ForwardResponse(hidden=out))
 
     @torch.inference_mode()
     def _forward(self, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None = None,
@@ -214,16 +265,17 @@ class SpanHandler:
 
     # ---------------------------------------------------------------- backward
 
-    async def _handle_backward(self, reader, writer) -> None:
+    async def _handle_backward(self, slot: StreamSlot, reader, writer) -> None:
         msg, hidden, padding, prompts, lora = await self._read_pass(
-            reader, BackwardRequest, self.limits.max_backward_tokens, "--max-backward-tokens",
+            slot, reader, BackwardRequest, self.limits.max_backward_tokens, "--max-backward-tokens",
             "use smaller batches or shorter sequences")
         grad = self._check_hidden(msg.grad_output, "BackwardRequest.grad_output")
         if grad.shape != hidden.shape:
             raise BadRequest(f"grad_output has shape {list(grad.shape)}; it must match hidden {list(hidden.shape)}")
-        reply = await self.executor.run(PRIORITY_BACKWARD, self._backward, hidden, grad, msg, prompts, lora, padding,
-                                        kind="backward")
-        await write_message(writer, reply)
+        with self._job(slot.peer):
+            reply = await until_gone(reader, self.executor.run(PRIORITY_BACKWARD, self._backward, hidden, grad, msg,
+                                                               prompts, lora, padding, kind="backward"))
+        await self._send(writer, reply)
 
     def _backward(self, hidden: torch.Tensor, grad: torch.Tensor, msg: BackwardRequest,
                   prompts: torch.Tensor | None, lora: AppliedLora | None, padding: Padding) -> BackwardResponse:
@@ -254,8 +306,8 @@ class SpanHandler:
 
     # ---------------------------------------------------------------- inference
 
-    async def _handle_inference(self, reader, writer) -> None:
-        msg = await asyncio.wait_for(read_message(reader, self._wire_limits), FIRST_MESSAGE_TIMEOUT)
+    async def _handle_inference(self, slot: StreamSlot, reader, writer) -> None:
+        msg = await self._read(slot, reader)
         if not isinstance(msg, OpenSession):
             raise BadRequest(f"an inference stream must start with OpenSession, got {type(msg).__name__}")
         if self.leaving is not None:
@@ -269,36 +321,96 @@ class SpanHandler:
                              "(this server's --max-batch-size)")
         if msg.session_id in self.sessions or not msg.session_id or len(msg.session_id) > 128:
             raise BadRequest(f"session id {msg.session_id[:128]!r} is empty, too long or already open here")
+        if len(msg.push_key) not in (0, KEY_BYTES):
+            raise BadRequest(f"push_key must be {KEY_BYTES} random bytes (or empty: no pushes), got {len(msg.push_key)}")
         lora = self._lora(msg, msg.start, msg.end, dropout=0.0)
         prompts = self._check_prompts(msg.prompts, msg.batch_size, msg.start, msg.end)
         if lora is not None:  # cast once: every step of the session uses them
             lora.modules = [(m, a.to(self.device, self.dtype), b.to(self.device, self.dtype))
                             for m, a, b in lora.modules]
         if self.pool.tokens_left < msg.batch_size * self.pool.page_tokens:
+            self._make_room(msg.batch_size)
+        if self.pool.tokens_left < msg.batch_size * self.pool.page_tokens:
             raise ServerBusy(f"this server's KV cache is full ({self.pool.tokens_left} tokens free of --cache-tokens "
                              f"{self.pool.capacity * self.pool.page_tokens}); retry later or use another server")
-        session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size,
-                          SessionCache(self.pool, msg.batch_size), writer, lora=lora, prompts=prompts)
-        self.sessions[session.session_id] = session
+        self.quotas.open_session(slot.peer)
+        cache = SessionCache(self.pool, msg.batch_size, self.quotas.account(slot.peer))
+        session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, cache, writer,
+                          slot.peer, asyncio.current_task(), push_key=msg.push_key, lora=lora, prompts=prompts)
         try:
-            await write_message(writer, SessionOpened(session.session_id, self.pool.tokens_left))
-            await self._serve_session(session, reader, writer)
+            # what the session holds besides its keys and values counts against the budget as well
+            held = (0 if prompts is None else prompts.nbytes) + (0 if lora is None or msg.adapter else sum(
+                a.nbytes + b.nbytes for _, a, b in lora.modules))
+            cache.charge(held, "this session's deep prompts and LoRA weights")
+            self.sessions[session.session_id] = session
+            try:
+                await self._send(writer, SessionOpened(session.session_id, self.pool.tokens_left))
+                await self._serve_session(session, slot, reader)
+            finally:
+                del self.sessions[session.session_id]
+                self.batcher.forget(session)
         finally:
-            del self.sessions[session.session_id]
-            session.cache.close()
-            self.batcher.forget(session)
+            cache.close()
+            self.quotas.close_session(slot.peer)
             self.batcher.release_memory()
 
-    async def _serve_session(self, session: Session, reader, writer) -> None:
-        while True:
-            try:
-                msg = await aio.wait_for(read_message(reader, self._wire_limits), self.limits.session_timeout)
-            except asyncio.TimeoutError:
-                logger.info("session %s idle for %.0fs: closed", session.session_id[:8], self.limits.session_timeout)
-                return
-            await self._process_step(session, msg)
+    async def _serve_session(self, session: Session, slot: StreamSlot, reader) -> None:
+        """Steps from the client until it closes the stream or the session is idle (no step from the client
+        nor pushed) for --session-timeout; a step still running when the client goes away is cancelled."""
+        read_next = asyncio.ensure_future(read_message(reader, self._wire_limits))
+        try:
+            while True:
+                idle = time.monotonic() - session.last_used
+                if idle >= self.limits.session_timeout:
+                    logger.info("session %s idle for %.0fs: closed", session.session_id[:8], idle)
+                    return
+                await asyncio.wait({read_next}, timeout=self.limits.session_timeout - idle)
+                if not read_next.done():
+                    continue
+                msg = read_next.result()  # raises EOFError when the client closed the stream
+                slot.touch()
+                read_next = asyncio.ensure_future(read_message(reader, self._wire_limits))
+                step = asyncio.ensure_future(self._process_step(session, msg))
+                await asyncio.wait({step, read_next}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done() and read_next.done() and read_next.exception() is not None:
+                    step.cancel()  # the client went away (or sent garbage): its step is not worth finishing
+                await asyncio.gather(step, return_exceptions=True)
+                if not step.cancelled():
+                    step.result()
+        finally:
+            read_next.cancel()
+            await asyncio.gather(read_next, return_exceptions=True)
 
-    async def _handle_push(self, reader, writer) -> None:
+    def _idle_sessions(self, busy: Session | None = None) -> list[Session]:
+        """Sessions that may be evicted to make room, the idlest first."""
+        now = time.monotonic()
+        return sorted((s for s in self.sessions.values() if s is not busy and not s.lock.locked()
+                       and now - s.last_used > self.limits.evict_idle), key=lambda s: s.last_used)
+
+    def room(self) -> int:
+        """Tokens (of one row) a new session can get: the free pages and those of idle sessions."""
+        return self.pool.tokens_left + self.pool.page_tokens * sum(
+            s.cache.table.numel() + len(s.cache.charged) for s in self._idle_sessions())
+
+    def _make_room(self, pages: int, busy: Session | None = None) -> None:
+        """The cache lacks ``pages``: sessions idle longer than ``evict_idle`` seconds are closed, the idlest
+        first, until they fit (a session that trickles steps does not keep its pages from busy ones)."""
+        free, now = self.pool.tokens_left // self.pool.page_tokens, time.monotonic()
+        for victim in self._idle_sessions(busy):
+            if free >= pages:
+                return
+            free += victim.cache.table.numel() + len(victim.cache.charged)
+            logger.info("session %s of %s idle for %.0fs: evicted to make room in a full cache",
+                        victim.session_id[:8], victim.peer[-8:], now - victim.last_used)
+            victim.cache.close()
+            with contextlib.suppress(Exception):  # without waiting: the stream closes next anyway
+                victim.writer.write(encode(ErrorReply(*to_wire(ServerBusy(
+                    f"this session was idle for {now - victim.last_used:.0f}s while the server's KV cache was full; "
+                    "it was closed to make room (replay it here or elsewhere)"))))[0])
+            if victim.task is not None:
+                victim.task.cancel()
+
+    async def _handle_push(self, slot: StreamSlot, reader, writer) -> None:
         """Steps pushed by the previous server of a chain, for any session open here.
 
         The previous server pushes every session's steps through one stream; each step runs as a task of
@@ -307,12 +419,19 @@ class SpanHandler:
         more steps than sessions are open)."""
         last: dict[str, asyncio.Task] = {}  # each session's latest pushed step
         while True:
-            msg = await read_message(reader, self._wire_limits)
+            msg = await self._read(slot, reader)
             if not isinstance(msg, InferenceStep):
                 raise BadRequest(f"the push handler expects InferenceStep, got {type(msg).__name__}")
             session = self.sessions.get(msg.session_id)
             if session is None:  # closed meanwhile, or never here; the client's timeout covers it
-                logger.warning("push for unknown session %r ignored", msg.session_id[:40])
+                logger.info("push for unknown session %r ignored", msg.session_id[:40])
+                continue
+            hidden = msg.hidden
+            new_tokens = hidden.shape[1] if isinstance(hidden, torch.Tensor) and hidden.ndim == 3 else -1
+            if not check_push_token(session.push_key, msg.push_token, slot.peer, msg.step_id, msg.start_position,
+                                    new_tokens, msg.hypo_ids):
+                logger.warning("push from %s into session %s refused: not the hop its client named for step %d "
+                               "(or a wrong token)", slot.peer, session.session_id[:8], msg.step_id)
                 continue
             previous = last.get(session.session_id)
             if previous is not None and not previous.done():
@@ -327,7 +446,7 @@ class SpanHandler:
     async def _process_pushed(self, session: Session, msg: InferenceStep) -> None:
         try:
             await self._process_step(session, msg)
-        except (EOFError, ConnectionError, SwarmError) as e:  # the session's client went away meanwhile
+        except (EOFError, ConnectionError, SwarmError, asyncio.TimeoutError) as e:  # its client went away meanwhile
             logger.info("pushed step of session %s not answered: %s", session.session_id[:8], e)
         except Exception:
             logger.exception("pushed step of session %s failed", session.session_id[:8])
@@ -340,11 +459,14 @@ class SpanHandler:
                 return  # already answered: it was pushed and then sent by the client too
             try:
                 step = self._check_step(session, msg)
+                missing = session.cache.missing_pages(step.start_position + step.hidden.shape[1])
+                if missing > self.pool.tokens_left // self.pool.page_tokens:
+                    self._make_room(missing, busy=session)
                 out = await self.batcher.run(session, step)
             except (BadRequest, ServerBusy) as e:
                 # the session stays usable: the client may correct the request, retry, or go elsewhere
                 session.position = session.cache.length
-                await write_error(session.writer, e)
+                await aio.wait_for(write_error(session.writer, e), self.limits.idle_timeout)
                 return
             except Exception as e:
                 # its cache may be half-updated: the session ends, the client replays it elsewhere
@@ -352,7 +474,7 @@ class SpanHandler:
                     logger.exception("inference step of session %s failed", session.session_id[:8])
                     e = ServerError(f"the server failed: {type(e).__name__}: {e}")
                 with contextlib.suppress(Exception):
-                    await write_error(session.writer, e)
+                    await aio.wait_for(write_error(session.writer, e), self.limits.idle_timeout)
                 session.writer.close()
                 return
             session.position = session.cache.length
@@ -360,14 +482,14 @@ class SpanHandler:
             session.last_step_id = max(session.last_step_id, step_id)
             pushed = False
             if step.next_servers and self.pusher is not None:
-                (peer_id, next_session_id), rest = step.next_servers[0], step.next_servers[1:]
+                (peer_id, next_session_id, token), rest = step.next_servers[0], step.next_servers[1:]
                 pushed = await self.pusher.push(peer_id, InferenceStep(
                     session_id=next_session_id, hidden=out, start_position=step.start_position,
-                    hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest,
+                    hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest, push_token=token,
                     attention_mask=None if step.attention_mask is None else step.attention_mask.long(),
                     position_ids=step.position_ids))
-            await write_message(session.writer, StepOutput(hidden=out, position=session.position, step_id=step_id,
-                                                           pushed=pushed))
+            await self._send(session.writer, StepOutput(hidden=out, position=session.position, step_id=step_id,
+                                                        pushed=pushed))
 
     def _check_step(self, session: Session, msg) -> InferenceStep:
         if not isinstance(msg, InferenceStep):
@@ -378,9 +500,9 @@ class SpanHandler:
                                  f"({session.session_id[:40]!r}); it belongs to {known}")
         hidden = self._check_hidden(msg.hidden, "InferenceStep.hidden")
         if len(msg.next_servers) > MAX_NEXT_SERVERS or any(
-                len(peer) > 128 or len(sid) > 128 for peer, sid in msg.next_servers):
-            raise BadRequest(f"next_servers must list at most {MAX_NEXT_SERVERS} (peer id, session id) pairs "
-                             "of at most 128 characters each")
+                len(peer) > 128 or len(sid) > 128 or len(token) > 64 for peer, sid, token in msg.next_servers):
+            raise BadRequest(f"next_servers must list at most {MAX_NEXT_SERVERS} (peer id, session id, push token) "
+                             "of at most 128, 128 and 64 bytes each")
         batch, new_tokens = hidden.shape[0], hidden.shape[1]
         if batch != session.batch_size:
             raise BadRequest(f"step batch {batch} differs from the session's batch_size {session.batch_size}")
@@ -400,84 +522,3 @@ class SpanHandler:
         if hidden is msg.hidden and mask is msg.attention_mask:
             return msg
         return dataclasses.replace(msg, hidden=hidden, attention_mask=mask, position_ids=positions)
-
-    # ---------------------------------------------------------------- checks
-
-    def _lora(self, msg: ForwardRequest | BackwardRequest | OpenSession, start: int, end: int,
-              dropout: float) -> AppliedLora | None:
-        """The request's adapter for blocks ``start:end``: preloaded by name, or sent weights (validated)."""
-        if msg.adapter:
-            if msg.lora_modules:
-                raise BadRequest("a request may name a preloaded adapter or send LoRA weights, not both")
-            adapter = self.adapters.get(msg.adapter)
-            if adapter is None:
-                raise BadRequest(f"adapter {msg.adapter[:100]!r} is not loaded on this server; it has "
-                                 f"{sorted(self.adapters) or 'none'} (swarm serve --adapters PATH...)")
-            modules = [(self._modules[block][path], a, b) for (block, path), (a, b) in adapter.weights.items()
-                       if start <= block < end]
-            return AppliedLora(modules, adapter.spec.scaling)
-        if not msg.lora_modules:
-            return None
-        check_lora(msg.lora_modules, msg.lora_a, msg.lora_b, start, end, self._modules, self.limits.max_lora_rank,
-                   self.limits.max_adapter_bytes)
-        if not (0.0 <= dropout < 1.0 and msg.lora_scaling == msg.lora_scaling):
-            raise BadRequest(f"lora_dropout must be in [0, 1) and lora_scaling a number, got {dropout} and "
-                             f"{msg.lora_scaling}")
-        modules = []
-        for name, a, b in zip(msg.lora_modules, msg.lora_a, msg.lora_b):
-            block, path = parse_wire_name(name)
-            modules.append((self._modules[block][path], a.to(self.device), b.to(self.device)))
-        return AppliedLora(modules, msg.lora_scaling, dropout, getattr(msg, "seed", 0), list(msg.lora_modules))
-
-    def _check_prompts(self, prompts: torch.Tensor | None, batch: int, start: int,
-                       end: int) -> torch.Tensor | None:
-        if prompts is None:
-            return None
-        shape = list(prompts.shape)
-        if (not prompts.is_floating_point() or prompts.ndim != 4 or shape[0] != end - start
-                or shape[1] not in (1, batch) or shape[3] != self.hidden_size or shape[2] == 0
-                or shape[2] > self.limits.max_session_length):
-            raise BadRequest(f"prompts have {prompts.dtype} shape {shape}; expected floating point "
-                             f"[{end - start} blocks, 1 or {batch} (batch), prompt tokens, {self.hidden_size}]")
-        return prompts.to(self.device, self.dtype)
-
-    def _check_padding(self, mask: torch.Tensor | None, positions: torch.Tensor | None, hidden: torch.Tensor,
-                       what: str) -> Padding:
-        """A request's ``attention_mask`` and ``position_ids`` ([batch, seq] each): the mask as bool, or None
-        where it has no padding."""
-        shape = tuple(hidden.shape[:2])
-        if mask is not None:
-            if mask.dtype not in (torch.int64, torch.int32) or tuple(mask.shape) != shape or not bool(
-                    ((mask == 0) | (mask == 1)).all()):
-                raise BadRequest(f"{what}.attention_mask must be int64 or int32 of shape {list(shape)} holding 0 "
-                                 f"(padding) and 1 (token), got {mask.dtype} {list(mask.shape)}")
-            mask = mask.bool()
-            if bool(mask.all()):
-                mask = None
-        if positions is not None:
-            limit = max(self.limits.max_session_length, self.limits.max_forward_tokens)
-            if positions.dtype != torch.int64 or tuple(positions.shape) != shape or (positions.numel() and not (
-                    0 <= int(positions.min()) and int(positions.max()) < limit)):
-                raise BadRequest(f"{what}.position_ids must be int64 of shape {list(shape)} with values in "
-                                 f"0..{limit - 1}, got {positions.dtype} {list(positions.shape)}")
-        return mask, positions
-
-    def _on_device(self, padding: Padding) -> Padding:
-        return tuple(None if t is None else t.to(self.device) for t in padding)  # type: ignore[return-value]
-
-    def _check_blocks(self, start: int, end: int) -> None:
-        if not self.span.start <= start < end <= self.span.end:
-            raise BadRequest(f"blocks {start}:{end} are not all served here; this server holds "
-                             f"{self.span.start}:{self.span.end}")
-
-    def _check_hidden(self, hidden: torch.Tensor, what: str) -> torch.Tensor:
-        if hidden.dtype not in FLOAT_DTYPES:
-            raise BadRequest(f"{what} has dtype {hidden.dtype}; send float32, float16 or bfloat16")
-        if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
-            raise BadRequest(f"{what} has shape {list(hidden.shape)}; expected [batch, seq, {self.hidden_size}] "
-                             f"(this model's hidden size)")
-        if hidden.shape[0] == 0 or hidden.shape[1] == 0:
-            raise BadRequest(f"{what} is empty: shape {list(hidden.shape)}")
-        if hidden.shape[0] > self.limits.max_batch_size:
-            raise BadRequest(f"{what} batch {hidden.shape[0]} exceeds --max-batch-size {self.limits.max_batch_size}")
-        return hidden

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from typing import Protocol
 
 import torch
 
@@ -62,17 +63,29 @@ class PagePool:
         return (len(self._free) + len(self._retired)) * self.page_tokens
 
     @property
-    def capacity_bytes(self) -> int:
-        return self.capacity * self.page_tokens * self.num_blocks * self.bytes_per_token_block
+    def page_bytes(self) -> int:
+        return self.page_tokens * self.num_blocks * self.bytes_per_token_block
 
-    def take(self, count: int, what: str = "") -> list[int]:
-        """``count`` free pages, or :class:`ServerBusy` (and nothing taken)."""
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity * self.page_bytes
+
+    def take(self, count: int, what: str = "", highest: bool = False) -> list[int]:
+        """``count`` free pages, or :class:`ServerBusy` (and nothing taken). ``highest``: pages that only
+        stand for memory held elsewhere (never written), taken from the top so the KV storage need not
+        grow to hold them."""
         with self.lock:
             if count > len(self._free):
                 raise ServerBusy(
                     f"this server's KV cache is full: {what or 'the step'} needs {count * self.page_tokens} more "
                     f"tokens of cache, {len(self._free) * self.page_tokens} are free (of --cache-tokens "
                     f"{self.capacity * self.page_tokens}); retry later or use another server")
+            if highest:
+                pages = heapq.nlargest(count, self._free)
+                taken = set(pages)
+                self._free = [page for page in self._free if page not in taken]
+                heapq.heapify(self._free)
+                return pages
             pages = [heapq.heappop(self._free) for _ in range(count)]
             self.top = max([self.top, *pages])
             return pages
@@ -98,11 +111,21 @@ class PagePool:
         self.give(retired)
 
 
-class SessionCache:
-    """The pages of one session of ``batch`` rows; every row holds ``length`` tokens."""
+class Account(Protocol):
+    """Who a session's pages are charged to besides the pool (a peer's share: :mod:`server.quotas`)."""
 
-    def __init__(self, pool: PagePool, batch: int):
-        self.pool, self.batch = pool, batch
+    def take(self, count: int, what: str) -> None: ...  # raises ServerBusy past the share
+
+    def give(self, count: int) -> None: ...
+
+
+class SessionCache:
+    """The pages of one session of ``batch`` rows; every row holds ``length`` tokens. Everything else the
+    session holds (deep prompts, LoRA weights) is charged as pages too (:meth:`charge`)."""
+
+    def __init__(self, pool: PagePool, batch: int, account: Account | None = None):
+        self.pool, self.batch, self.account = pool, batch, account
+        self.charged: list[int] = []  # pages standing for the bytes charged
         self.length = 0
         self.table = torch.zeros(batch, 0, dtype=torch.int64)  # [batch, pages]: row r's pages in order
         self.key_mask: torch.Tensor | None = None  # [batch, length] bool, False for padding; None: no padding
@@ -112,6 +135,32 @@ class SessionCache:
     def pages_for(self, length: int) -> int:
         return -(-length // self.pool.page_tokens)
 
+    def _take(self, count: int, what: str, highest: bool = False) -> list[int]:
+        pages = self.pool.take(count, what, highest)
+        if self.account is not None:
+            try:
+                self.account.take(count, what)
+            except ServerBusy:
+                self.pool.give(pages)
+                raise
+        return pages
+
+    def _give(self, pages: list[int]) -> None:
+        if self.account is not None and pages:
+            self.account.give(len(pages))
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Holds pages for ``nbytes`` of memory the session keeps outside the cache until it closes
+        (all or nothing, else ServerBusy)."""
+        pages = -(-nbytes // self.pool.page_bytes)
+        if pages:
+            with self._lock:
+                self.charged += self._take(pages, what, highest=True)
+
+    def missing_pages(self, length: int) -> int:
+        """Pages :meth:`grow` to ``length`` would take."""
+        return max(0, self.pages_for(length) - self.table.shape[1]) * self.batch
+
     def grow(self, length: int) -> None:
         """Makes room for ``length`` tokens per row: takes the pages missing, all or none (ServerBusy)."""
         with self._lock:
@@ -120,7 +169,7 @@ class SessionCache:
             missing = self.pages_for(length) - self.table.shape[1]
             if missing <= 0:
                 return
-            pages = self.pool.take(missing * self.batch, f"this session ({self.batch} rows to {length} tokens)")
+            pages = self._take(missing * self.batch, f"this session ({self.batch} rows to {length} tokens)")
             self.table = torch.cat([self.table, torch.tensor(pages, dtype=torch.int64).view(self.batch, missing)],
                                    dim=1)
 
@@ -134,13 +183,16 @@ class SessionCache:
             if keep < self.table.shape[1] and not self.closed:  # a closed session's pages are retired already
                 freed, self.table = self.table[:, keep:], self.table[:, :keep]
                 self.pool.give(freed.reshape(-1).tolist())
+                self._give(freed.reshape(-1).tolist())
 
     def close(self) -> None:
         """The session ended (from the event loop): its pages are freed before the next batch runs."""
         with self._lock:
             if not self.closed:
                 self.closed = True
-                self.pool.retire(self.table.reshape(-1).tolist())
+                pages = self.table.reshape(-1).tolist() + self.charged
+                self.pool.retire(pages)
+                self._give(pages)
 
     def slots(self, start: int, end: int) -> torch.Tensor:
         """[batch, end - start]: the slots of positions ``start..end-1`` of every row (pages taken already)."""

@@ -45,6 +45,7 @@ from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import PagePool
 from server.loading import default_num_blocks, human_bytes, load_span, respan, shared_blocks
 from server.pings import PING_TIMEOUT, NextPings, next_candidates
+from server.quotas import QuotaLimits, Quotas
 from server.rebalancer import Rebalancer, initial_span, settled_span
 from server.walltime import catch_warning, watch_walltime
 
@@ -232,7 +233,10 @@ class Server:
             limits=HandlerLimits(cfg.max_session_length, cfg.max_batch_size, cfg.max_forward_tokens,
                                  cfg.session_timeout, max_backward_tokens=cfg.max_backward_tokens,
                                  max_lora_rank=cfg.max_lora_rank, max_adapter_bytes=int(cfg.max_adapter_mb * 2**20),
-                                 max_batch_tokens=cfg.max_batch_tokens, batching=cfg.batching))
+                                 max_batch_tokens=cfg.max_batch_tokens, batching=cfg.batching,
+                                 forward_chunk_tokens=cfg.forward_chunk_tokens, idle_timeout=cfg.idle_timeout),
+            quotas=Quotas(QuotaLimits(cfg.max_streams_per_peer, cfg.max_sessions_per_peer, cfg.max_jobs_per_peer,
+                                      cfg.peer_cache_share), self.pool.capacity))
         await self.handler.add_to(self.peer.p2p)
         self.state = ServerState.ONLINE
         await self._announce()
@@ -296,7 +300,8 @@ class Server:
             quant=self.quant,
             throughput=self.offered_throughput, inference_rps=speed.inference_rps if speed else 0.0,
             forward_rps=speed.forward_rps if speed else 0.0, network_rps=cfg.network_rps or 0.0,
-            device=self.device.type, device_name=device_name(self.device), cache_tokens_left=self.pool.tokens_left,
+            device=self.device.type, device_name=device_name(self.device),
+            cache_tokens_left=self.handler.room() if self.handler is not None else self.pool.tokens_left,
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
             adapters=tuple(parse_adapter_arg(arg)[0] for arg in cfg.adapters),
             using_relay=self.using_relay, next_pings=dict(self.next_pings.rtts),

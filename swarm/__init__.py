@@ -11,6 +11,7 @@ other way; the CLI imports them lazily):
 - ``wire``     RPC messages and stream framing
 - ``dht``      starting a peer, announcing and fetching records
 - ``transport`` one stream to a server: send/receive messages with timeouts
+- ``push_tokens`` which pushes a session accepts: the hop its client named, with that hop's token
 - ``routing``  pure span/chain computation over records
 - ``placement`` pure block placement: where a server is most useful, and whether to move
 - ``swarm_state`` pure server/block/model state: replicas, healthy or broken (health, servers, clients)

@@ -195,6 +195,20 @@ class ServerConfig(NetworkFlags):
         default=60.0, metadata=_help("seconds between re-announcements in the DHT (records live 2.5x this)"))
     session_timeout: float = dataclasses.field(
         default=300.0, metadata=_help("an inference session idle this many seconds is closed and its cache freed"))
+    idle_timeout: float = dataclasses.field(
+        default=60.0, metadata=_help("a stream that brings no request, or whose client reads no answer, for this "
+                                     "many seconds is closed (server-to-server push streams too)"))
+    forward_chunk_tokens: int = dataclasses.field(
+        default=2048, metadata=_help("a forward request of more tokens runs in chunks of this many, block by block, "
+                                     "so inference steps wait at most for one chunk"))
+    max_streams_per_peer: int = dataclasses.field(
+        default=128, metadata=_help("the most streams one peer may hold open to this server"))
+    max_sessions_per_peer: int = dataclasses.field(
+        default=64, metadata=_help("the most inference sessions one peer may hold open on this server"))
+    max_jobs_per_peer: int = dataclasses.field(
+        default=4, metadata=_help("the most forward/backward passes of one peer queued or running here"))
+    peer_cache_share: float = dataclasses.field(
+        default=0.5, metadata=_help("the share of the KV cache (--cache-tokens) one peer's sessions may hold"))
     num_threads: int | None = dataclasses.field(
         default=None, metadata=_help("torch CPU threads for compute (default: torch's choice)"))
     throughput: float | None = dataclasses.field(
@@ -243,11 +257,14 @@ class ServerConfig(NetworkFlags):
         if self.quant not in QUANT_SCHEMES:
             raise ConfigError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_SCHEMES)}")
         for name in ("cache_tokens", "max_session_length", "max_batch_size", "max_forward_tokens",
-                     "max_backward_tokens", "max_lora_rank", "max_adapter_mb", "max_batch_tokens"):
+                     "max_backward_tokens", "max_lora_rank", "max_adapter_mb", "max_batch_tokens",
+                     "forward_chunk_tokens", "max_streams_per_peer", "max_sessions_per_peer", "max_jobs_per_peer"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.update_period <= 0 or self.session_timeout <= 0:
-            raise ConfigError("--update-period and --session-timeout must be positive")
+        if not (self.update_period > 0 and self.session_timeout > 0 and self.idle_timeout > 0):
+            raise ConfigError("--update-period, --session-timeout and --idle-timeout must be positive")
+        if not 0 < self.peer_cache_share <= 1:
+            raise ConfigError(f"--peer-cache-share must be in (0, 1], got {self.peer_cache_share}")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ConfigError(f"--num-threads must be positive, got {self.num_threads}")
         if self.num_blocks is not None and self.num_blocks <= 0:

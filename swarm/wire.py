@@ -155,6 +155,7 @@ class OpenSession:
     adapter: str = ""  # or one the server preloaded
     prompts: torch.Tensor | None = None  # deep prompts, added wherever a step covers positions below their length
     protocol_version: int = PROTOCOL_VERSION
+    push_key: bytes = b""  # the secret of this session's push tokens (swarm.push_tokens); empty: no pushes
 
 
 @message
@@ -170,10 +171,12 @@ class InferenceStep:
     start_position: int  # position of hidden[:, 0]; < the cached length rolls the cache back to it
     hypo_ids: torch.Tensor | None = None  # [batch] int64: reorder cached hypotheses first (beam search)
     step_id: int = 0  # the client's step counter; a server answers each step id > 0 once
-    # (peer id, session id) of the spans after this one: push the output straight to the first
-    next_servers: tuple[tuple[str, str], ...] = ()
+    # (peer id, session id, push token) of the spans after this one: push the output straight to the first;
+    # each token lets the server before that span push this step into it (swarm.push_tokens)
+    next_servers: tuple[tuple[str, str, bytes], ...] = ()
     attention_mask: torch.Tensor | None = None  # [batch, new_tokens]: see "Padded batches" above
     position_ids: torch.Tensor | None = None  # [batch, new_tokens]
+    push_token: bytes = b""  # in a pushed step: the token the client gave for it
 
 
 @message

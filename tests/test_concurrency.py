@@ -75,7 +75,8 @@ async def _tokens_left(peer: Peer, server_id: str) -> int:
 
 def test_concurrent_sessions_equal_each_alone_and_a_full_cache_refuses_one(tiny_llama, llama_swarm):
     # 16 pages of 16 tokens: the four sessions below hold 8 of them at most
-    llama_swarm.start_server(tiny_llama, "0:4", "--dht-prefix", PREFIX, "--num-threads", "1", "--cache-tokens", "256")
+    llama_swarm.start_server(tiny_llama, "0:4", "--dht-prefix", PREFIX, "--num-threads", "1", "--cache-tokens", "256",
+                             "--peer-cache-share", "1")  # one peer fills the whole cache here
 
     async def scenario():
         peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.push_tokens import push_token
 from swarm.transport import Stream
 from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
 
@@ -16,10 +17,13 @@ pytestmark = pytest.mark.integration
 TIMEOUT = 30
 
 
+KEY = b"k" * 32  # every session's push key here (a client draws a random one per session)
+
+
 async def _open(peer: Peer, server_id: str, start: int, end: int) -> tuple[Stream, str]:
     stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
     session_id = uuid.uuid4().hex
-    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=16))
+    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=16, push_key=KEY))
     expect(await stream.receive(TIMEOUT), SessionOpened)
     return stream, session_id
 
@@ -47,7 +51,7 @@ def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
             c, c_id = await _open(peer, middle, 1, 3)
             d, d_id = await _open(peer, last, 3, 4)
             await c.send(InferenceStep(session_id=c_id, hidden=hidden, start_position=0, step_id=1,
-                                       next_servers=((last, d_id),)))
+                                       next_servers=((last, d_id, push_token(KEY, middle, 1, 0, 4, None)),)))
             pushed_mid = expect(await c.receive(TIMEOUT), StepOutput)
             assert pushed_mid.pushed and pushed_mid.step_id == 1
             final = expect(await d.receive(TIMEOUT), StepOutput)
@@ -64,7 +68,7 @@ def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
             # a push to a peer that does not exist fails; the server says so, and the client carries on
             e, e_id = await _open(peer, middle, 1, 3)
             await e.send(InferenceStep(session_id=e_id, hidden=hidden, start_position=0, step_id=1,
-                                       next_servers=(("12D3KooWNoSuchPeerNoSuchPeerNoSuchPeerNoSuchPeer1", "x"),)))
+                                       next_servers=(("12D3KooWNoSuchPeerNoSuchPeerNoSuchPeerNoSuchPeer1", "x", b""),)))
             failed = expect(await e.receive(TIMEOUT), StepOutput)
             assert not failed.pushed
             assert torch.allclose(failed.hidden, mid.hidden, atol=1e-6)
