@@ -93,7 +93,7 @@ class Session:
     batch_size: int
     cache: SessionCache  # its pages of the server's KV cache, its length and padding
     writer: asyncio.StreamWriter  # the client's stream: every answer for this session goes there
-    peer: str  # who opened it: its pages count against that peer's share, only it may send steps
+    peer: str = ""  # who opened it: its pages count against that peer's share, only it may send steps
     task: asyncio.Task | None = None  # the handler serving it (cancelled to evict the session)
     push_key: bytes = b""  # pushes into this session need a token under this key (swarm.push_tokens)
     lora: AppliedLora | None = None  # the adapter every step of this session runs with

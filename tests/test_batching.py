@@ -242,6 +242,10 @@ class _Writer:
 
 def test_pushed_steps_of_concurrent_sessions_batch(span):
     """The previous server pushes every session's steps through one stream; they still share a forward."""
+    from server.quotas import StreamSlot
+    from swarm.push_tokens import new_push_key, push_token
+
+    KEY = new_push_key()
     async def scenario():
         executor = ComputeExecutor(num_threads=1)
         pool = PagePool(4096, 4, 8)
@@ -252,15 +256,18 @@ def test_pushed_steps_of_concurrent_sessions_batch(span):
         references = [_open(span, PagePool(4096, 4, 8), b) for b in sizes]
         writers = [_Writer() for _ in sizes]
         for i, (b, writer) in enumerate(zip(sizes, writers)):
-            handler.sessions[str(i)] = HandlerSession(str(i), 0, 4, 256, b, SessionCache(pool, b), writer)
+            handler.sessions[str(i)] = HandlerSession(str(i), 0, 4, 256, b, SessionCache(pool, b), writer,
+                                                      push_key=KEY)
 
         async def push(steps: list[InferenceStep]) -> None:
             reader = asyncio.StreamReader()
-            for step in steps:
+            for step in steps:  # each with the token its client gave the pushing server
+                step = dataclasses.replace(step, push_token=push_token(KEY, "pusher", step.step_id, step.start_position,
+                                                                       step.hidden.shape[1], None))
                 reader.feed_data(b"".join(bytes(part) for part in encode(step)))
             reader.feed_eof()
             with pytest.raises(EOFError):
-                await handler._handle_push(reader, None)
+                await handler._handle_push(StreamSlot("pusher", None), reader, None)
             if handler._streams:  # the pushed steps still running
                 await asyncio.wait(list(handler._streams), timeout=30)
 

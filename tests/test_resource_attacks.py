@@ -1,9 +1,10 @@
 """A peer trying to hold a real server's resources, while an honest client generates next to it.
 
-One server holds the tiny Llama (blocks 0:4) with small limits so that each attack reaches them in
-seconds: 512 tokens of KV cache (a peer may hold half), 16 streams per peer, 3 s idle timeout,
-2 forward passes per peer, forwards of more than 1024 tokens in chunks. The honest client's output
-must equal transformers' own generation (the fault-free run) in every case.
+Two servers hold the tiny Llama (blocks 0:2 and 2:4; the attacks go to the first) with small limits
+so that each attack reaches them in seconds: 512 tokens of KV cache (a peer may hold half), 16
+streams per peer, 3 s idle timeout, 2 forward passes per peer, forwards of more than 1024 tokens in
+chunks. The honest client's output must equal transformers' own generation (the fault-free run) in
+every case.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ IDS = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(5))
 def small_server(tiny_llama, tmp_path_factory):
     with LocalSwarm(log_dir=str(tmp_path_factory.mktemp("attacked"))) as swarm:
         swarm.start_dht()
-        proc = swarm.start_server(tiny_llama, "0:4", "--num-threads", "1", "--cache-tokens", "512",
-                                  "--max-streams-per-peer", "16", "--idle-timeout", "3", "--max-jobs-per-peer", "2",
-                                  "--forward-chunk-tokens", "1024")
+        flags = ("--num-threads", "1", "--cache-tokens", "512", "--max-streams-per-peer", "16", "--idle-timeout", "3",
+                 "--max-jobs-per-peer", "2", "--forward-chunk-tokens", "1024")
+        proc = swarm.start_server(tiny_llama, "0:2", *flags, wait=False)
+        swarm.start_server(tiny_llama, "2:4", *flags)
+        proc.wait_for("Server ONLINE", 180)
         yield swarm, proc
 
 
@@ -84,7 +87,7 @@ async def _session(peer: Peer, server_id: str, tokens: int, **fields) -> Stream:
     """An open session (its id in ``stream.session_id``) holding ``tokens`` tokens."""
     stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
     session_id = uuid.uuid4().hex
-    await stream.send(OpenSession(session_id=session_id, start=0, end=4, max_length=1024, **fields))
+    await stream.send(OpenSession(session_id=session_id, start=0, end=2, max_length=1024, **fields))
     expect(await stream.receive(TIMEOUT), SessionOpened)
     if tokens:
         await stream.send(InferenceStep(session_id=session_id, hidden=torch.randn(1, tokens, 64), start_position=0))
@@ -106,7 +109,7 @@ def test_idle_and_flooding_streams_cannot_starve_honest_clients(tiny_llama, smal
         peer, server_id = await _attacker(swarm)
         streams = []
         try:
-            fds_before = _open_fds(proc)
+            fds_before, began = _open_fds(proc), time.monotonic()
             for _ in range(12):
                 opened = await asyncio.gather(*(Stream.open(peer.p2p, server_id, "push", TIMEOUT)
                                                 for _ in range(100)), return_exceptions=True)
@@ -121,13 +124,12 @@ def test_idle_and_flooding_streams_cannot_starve_honest_clients(tiny_llama, smal
                 except SwarmError:
                     pass  # let in: no answer
             # 16 at a time are let in; those idle 3 s are closed, and later ones take their places
-            assert len(streams) == 1200 and refused > 1000, (len(streams), refused)
+            flooding = time.monotonic() - began
+            assert len(streams) == 1200 and 1200 - refused <= 16 * (flooding / 3 + 2), (refused, flooding)
             assert _open_fds(proc) - fds_before < 100
-            with pytest.raises(ServerBusy):
-                await _info(peer, server_id)  # the flooding peer itself is at its limit
             other, _ = await _attacker(swarm)
             try:
-                assert (await _info(other, server_id)).end == 4  # any other peer is served
+                assert (await _info(other, server_id)).end == 2  # any other peer is served
                 assert torch.equal(await asyncio.to_thread(_generate, tiny_llama, swarm), expected)
                 # a stream that brings nothing is closed after --idle-timeout
                 stream = await Stream.open(other.p2p, server_id, "push", TIMEOUT)
@@ -182,15 +184,15 @@ def test_deep_prompts_and_lora_weights_sent_at_open_count_against_the_budget(sma
         peer, server_id = await _attacker(swarm)
         try:
             before = (await _info(peer, server_id)).cache_tokens_left
-            # 4 blocks x 16 prompt tokens x 64 floats: 16 KiB, one page of the cache (16 tokens x 4 blocks x 256 B)
-            stream = await _session(peer, server_id, 0, prompts=torch.randn(4, 1, 16, 64))
+            # 2 blocks x 16 prompt tokens x 64 floats: 8 KiB, one page of the cache (16 tokens x 2 blocks x 256 B)
+            stream = await _session(peer, server_id, 0, prompts=torch.randn(2, 1, 16, 64))
             assert (await _info(peer, server_id)).cache_tokens_left == before - 16
-            with pytest.raises(ServerBusy, match="deep prompts and LoRA weights: peer .* need 32 more"):
-                await _session(peer, server_id, 0, prompts=torch.randn(4, 1, 500, 64))
+            with pytest.raises(ServerBusy, match="deep prompts and LoRA weights: peer .* need 19 more"):
+                await _session(peer, server_id, 0, prompts=torch.randn(2, 1, 300, 64))  # 150 KiB
             with pytest.raises(ServerBusy, match="deep prompts and LoRA weights"):
-                await _session(peer, server_id, 0, lora_modules=tuple(f"{b}.mlp.up_proj" for b in range(4)),
-                               lora_a=tuple(torch.randn(128, 64) for _ in range(4)),  # rank 128: 384 KiB
-                               lora_b=tuple(torch.randn(128, 128) for _ in range(4)))
+                await _session(peer, server_id, 0, lora_modules=tuple(f"{b}.mlp.up_proj" for b in range(2)),
+                               lora_a=tuple(torch.randn(128, 64) for _ in range(2)),  # rank 128: 192 KiB
+                               lora_b=tuple(torch.randn(128, 128) for _ in range(2)))
             stream.close()
             for _ in range(100):
                 if (await _info(peer, server_id)).cache_tokens_left == before:
@@ -204,7 +206,7 @@ def test_deep_prompts_and_lora_weights_sent_at_open_count_against_the_budget(sma
 
 
 def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_server):
-    """A forward of 8,192 tokens while a session decodes: no step waits for more than a few chunks
+    """A forward of 16,384 tokens while a session decodes: no step waits for more than a few chunks
     (1,024 tokens of one block); a third concurrent forward of the same peer is refused; the same
     forward abandoned by its client stops at once: a short forward queued after it is not held up."""
     swarm, _ = small_server
@@ -213,7 +215,7 @@ def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_se
         peer, server_id = await _attacker(swarm)
         honest, _ = await _attacker(swarm)
         try:
-            long = ForwardRequest(hidden=torch.randn(1, 8192, 64), start=0, end=4)
+            long = ForwardRequest(hidden=torch.randn(1, 16384, 64), start=0, end=2)
             session = await _session(honest, server_id, 0)
             forward = await Stream.open(peer.p2p, server_id, "forward", TIMEOUT)
             began = time.perf_counter()
@@ -221,7 +223,7 @@ def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_se
             await asyncio.sleep(0.2)
             extra = [await Stream.open(peer.p2p, server_id, "forward", TIMEOUT) for _ in range(2)]
             for stream in extra:
-                await stream.send(ForwardRequest(hidden=torch.randn(1, 4, 64), start=0, end=4))
+                await stream.send(ForwardRequest(hidden=torch.randn(1, 4, 64), start=0, end=2))
             outcomes = [await s.receive(TIMEOUT) for s in extra]
             assert sorted(type(o).__name__ for o in outcomes) == ["ErrorReply", "ForwardResponse"]
             assert "--max-jobs-per-peer 2" in next(o.message for o in outcomes if hasattr(o, "message"))
@@ -247,7 +249,7 @@ def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_se
             await asyncio.sleep(0.2)
             short = await Stream.open(honest.p2p, server_id, "forward", TIMEOUT)
             start = time.perf_counter()
-            await short.send(ForwardRequest(hidden=torch.randn(1, 4, 64), start=0, end=4))
+            await short.send(ForwardRequest(hidden=torch.randn(1, 4, 64), start=0, end=2))
             expect(await short.receive(TIMEOUT), ForwardResponse)
             assert time.perf_counter() - start < total / 3
             session.close()
@@ -256,3 +258,23 @@ def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_se
             await honest.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 180))
+
+
+def test_a_push_chain_idle_past_the_idle_timeout_goes_on_without_a_failover(tiny_llama, small_server, expected):
+    """The first server pushes to the second over a stream the second closes after 3 s idle: the next
+    push opens a new one instead of writing into the closed stream."""
+    from swarm import AutoDistributedModelForCausalLM
+
+    swarm, _ = small_server
+    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
+    model.generation_config.eos_token_id = None
+    try:
+        with model.inference_session(max_length=16) as session:
+            model.generate(IDS, max_new_tokens=4, do_sample=False, session=session)
+            assert len(session._spans) == 2
+            time.sleep(4)
+            whole = model.generate(None, max_new_tokens=4, do_sample=False, session=session)
+            assert session.failovers == 0
+        assert torch.equal(whole, expected)
+    finally:
+        model.shutdown()
