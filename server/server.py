@@ -378,6 +378,16 @@ class Server:
         print(f"Status: swarm health --initial-peers {' '.join(self.config.initial_peers or maddrs)}", flush=True)
 
 
+def _quiet_stream_races(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """While serving: a stream its opener closed before p2pd passed it on (hivemind's connection callback
+    then reads nothing) is a peer going away, not this server's error; anything else goes to asyncio."""
+    if (isinstance(context.get("exception"), asyncio.IncompleteReadError)
+            and "client_connected_cb" in str(context.get("message", ""))):
+        logger.debug("a stream was closed before it was handed over: %s", context.get("exception"))
+        return
+    loop.default_exception_handler(context)
+
+
 def _quiet_shutdown_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """Installed when shutdown begins (never before: while serving, a lost connection is news): background
     tasks of hivemind lose their daemon connection on shutdown; that is not an error."""
@@ -400,6 +410,7 @@ def serve(config: ServerConfig) -> int:
     async def main() -> None:
         server = Server(config)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_quiet_stream_races)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.request_stop)
         await server.run()
