@@ -197,7 +197,8 @@ class ServerConfig(NetworkFlags):
         default=300.0, metadata=_help("an inference session idle this many seconds is closed and its cache freed"))
     idle_timeout: float = dataclasses.field(
         default=60.0, metadata=_help("a stream that brings no request, or whose client reads no answer, for this "
-                                     "many seconds is closed (server-to-server push streams too)"))
+                                     "many seconds is closed (server-to-server push streams too: keep it above the "
+                                     "20 s for which senders reuse an idle push stream)"))
     forward_chunk_tokens: int = dataclasses.field(
         default=2048, metadata=_help("a forward request of more tokens runs in chunks of this many, block by block, "
                                      "so inference steps wait at most for one chunk"))
