@@ -87,7 +87,7 @@ async def _session(peer: Peer, server_id: str, tokens: int, **fields) -> Stream:
     """An open session (its id in ``stream.session_id``) holding ``tokens`` tokens."""
     stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
     session_id = uuid.uuid4().hex
-    await stream.send(OpenSession(session_id=session_id, start=0, end=2, max_length=1024, **fields))
+    await stream.send(OpenSession(session_id=session_id, start=0, end=2, **{"max_length": 1024, **fields}))
     expect(await stream.receive(TIMEOUT), SessionOpened)
     if tokens:
         await stream.send(InferenceStep(session_id=session_id, hidden=torch.randn(1, tokens, 64), start_position=0))
@@ -98,6 +98,22 @@ async def _session(peer: Peer, server_id: str, tokens: int, **fields) -> Stream:
 
 def _open_fds(proc) -> int:
     return len(os.listdir(f"/proc/{proc.popen.pid}/fd"))
+
+
+def _cpu_seconds(proc) -> float:
+    with open(f"/proc/{proc.popen.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, every thread
+
+
+async def _cpu_after_close(proc, stream: Stream) -> float:
+    """Closes ``stream`` 0.3 s into its request; the server's CPU seconds over the 1.5 s after that."""
+    await asyncio.sleep(0.3)
+    stream.close()
+    await asyncio.sleep(0.2)
+    before = _cpu_seconds(proc)
+    await asyncio.sleep(1.5)
+    return _cpu_seconds(proc) - before
 
 
 def test_idle_and_flooding_streams_cannot_starve_honest_clients(tiny_llama, small_server, expected):
@@ -207,9 +223,9 @@ def test_deep_prompts_and_lora_weights_sent_at_open_count_against_the_budget(sma
 
 def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_server):
     """A forward of 16,384 tokens while a session decodes: no step waits for more than a few chunks
-    (1,024 tokens of one block); a third concurrent forward of the same peer is refused; the same
-    forward abandoned by its client stops at once: a short forward queued after it is not held up."""
-    swarm, _ = small_server
+    (1,024 tokens of one block); a third concurrent forward of the same peer is refused. The same
+    forward, and a long prefill, abandoned by their client: the server stops computing them."""
+    swarm, proc = small_server
 
     async def scenario():
         peer, server_id = await _attacker(swarm)
@@ -240,18 +256,15 @@ def test_a_long_forward_runs_in_chunks_and_stops_when_its_client_leaves(small_se
             total = time.perf_counter() - began
             assert len(waits) > 3 and max(waits) < total / 3, (max(waits), total)
 
-            # the same forward, abandoned after 0.2 s; a short one sent next is answered well before the
-            # long one could have ended
+            # the same forward, then a prefill of 8,192 tokens (run in chunks of 512), each abandoned by its
+            # client after 0.3 s: the server stops computing (it would take seconds more)
             forward = await Stream.open(peer.p2p, server_id, "forward", TIMEOUT)
-            await forward.send(long)
-            await asyncio.sleep(0.2)
-            forward.close()
-            await asyncio.sleep(0.2)
-            short = await Stream.open(honest.p2p, server_id, "forward", TIMEOUT)
-            start = time.perf_counter()
-            await short.send(ForwardRequest(hidden=torch.randn(1, 4, 64), start=0, end=2))
-            expect(await short.receive(TIMEOUT), ForwardResponse)
-            assert time.perf_counter() - start < total / 3
+            await forward.send(ForwardRequest(hidden=torch.randn(1, 32768, 64), start=0, end=2))  # ~4 s of work
+            assert await _cpu_after_close(proc, forward) < 0.15  # measured 0.0 (0.4-1.5 s if not cancelled)
+            prefill = await _session(peer, server_id, 0, max_length=8192)
+            await prefill.send(InferenceStep(session_id=prefill.session_id, hidden=torch.randn(1, 8192, 64),
+                                             start_position=0))
+            assert await _cpu_after_close(proc, prefill) < 0.15
             session.close()
         finally:
             await peer.shutdown()
