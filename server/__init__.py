@@ -9,6 +9,7 @@
 - ``quotas``      what one peer may hold: streams, sessions, KV cache pages, forward/backward passes (pure)
 - ``streams``     deadlines on a handler's reads and writes, cancelling work whose client went away
 - ``chunked_forward``  long forward passes block by block in chunks, so inference steps never wait long
+- ``room``        room in a full KV cache: sessions idle for a while give their pages to busy ones
 - ``adapters``    LoRA adapters preloaded with --adapters, selected per request by name
 - ``push``        sending a step's output straight to the next server of a chain
 - ``pings``       round trips to the servers that may come next in a chain, published in the record

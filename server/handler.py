@@ -11,7 +11,7 @@ quotas (:mod:`server.quotas`: streams, sessions, KV cache pages, forward/backwar
 read and write has a deadline (``--idle-timeout``; a session's ``--session-timeout``); a pass or
 step whose client goes away is cancelled (:mod:`server.streams`); long forwards run in chunks
 (:mod:`server.chunked_forward`); deep prompts and LoRA weights a session holds are charged to the
-cache budget; sessions idle while the cache is full make room for busy ones. A session takes steps
+cache budget; sessions idle while the cache is full make room for busy ones (:mod:`server.room`). A session takes steps
 from the stream that opened it, and pushed steps only from the hop its client named, with that
 hop's token (:mod:`swarm.push_tokens`).
 """
@@ -30,7 +30,7 @@ import torch
 from swarm import __version__, aio
 from swarm.blocks import Span
 from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError,
-                          UnknownSession, to_wire)
+                          UnknownSession)
 from swarm.lora import AppliedLora, applied
 from swarm.push_tokens import KEY_BYTES, check_push_token
 from swarm.wire import (
@@ -38,7 +38,6 @@ from swarm.wire import (
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
-    ErrorReply,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -48,7 +47,6 @@ from swarm.wire import (
     SessionOpened,
     StepOutput,
     WireLimits,
-    encode,
     read_message,
     write_error,
 )
@@ -62,6 +60,7 @@ from server.compute import PRIORITY_BACKWARD, PRIORITY_FORWARD, ComputeExecutor
 from server.kv_cache import PagedKV, PagePool, SessionCache
 from server.push import MAX_NEXT_SERVERS, PushSender
 from server.quotas import QuotaLimits, Quotas, StreamSlot
+from server.room import make_room, room
 from server.streams import read, send, until_gone
 
 logger = logging.getLogger(__name__)
@@ -381,34 +380,12 @@ class SpanHandler(RequestChecks):
             read_next.cancel()
             await asyncio.gather(read_next, return_exceptions=True)
 
-    def _idle_sessions(self, busy: Session | None = None) -> list[Session]:
-        """Sessions that may be evicted to make room, the idlest first."""
-        now = time.monotonic()
-        return sorted((s for s in self.sessions.values() if s is not busy and not s.lock.locked()
-                       and now - s.last_used > self.limits.evict_idle), key=lambda s: s.last_used)
-
     def room(self) -> int:
-        """Tokens (of one row) a new session can get: the free pages and those of idle sessions."""
-        return self.pool.tokens_left + self.pool.page_tokens * sum(
-            s.cache.table.numel() + len(s.cache.charged) for s in self._idle_sessions())
+        """Tokens (of one row) a new session can get (:func:`server.room.room`)."""
+        return room(self.pool, self.sessions.values(), self.limits.evict_idle)
 
     def _make_room(self, pages: int, busy: Session | None = None) -> None:
-        """The cache lacks ``pages``: sessions idle longer than ``evict_idle`` seconds are closed, the idlest
-        first, until they fit (a session that trickles steps does not keep its pages from busy ones)."""
-        free, now = self.pool.tokens_left // self.pool.page_tokens, time.monotonic()
-        for victim in self._idle_sessions(busy):
-            if free >= pages:
-                return
-            free += victim.cache.table.numel() + len(victim.cache.charged)
-            logger.info("session %s of %s idle for %.0fs: evicted to make room in a full cache",
-                        victim.session_id[:8], victim.peer[-8:], now - victim.last_used)
-            victim.cache.close()
-            with contextlib.suppress(Exception):  # without waiting: the stream closes next anyway
-                victim.writer.write(encode(ErrorReply(*to_wire(ServerBusy(
-                    f"this session was idle for {now - victim.last_used:.0f}s while the server's KV cache was full; "
-                    "it was closed to make room (replay it here or elsewhere)"))))[0])
-            if victim.task is not None:
-                victim.task.cancel()
+        make_room(self.pool, list(self.sessions.values()), pages, self.limits.evict_idle, busy)
 
     async def _handle_push(self, slot: StreamSlot, reader, writer) -> None:
         """Steps pushed by the previous server of a chain, for any session open here.
