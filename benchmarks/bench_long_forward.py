@@ -90,8 +90,8 @@ def main() -> None:
     common = ("--num-threads", "1", "--max-forward-tokens", str(max(65536, args.tokens)))
     with LocalSwarm(log_dir=os.path.join(workdir, "logs")) as swarm:
         swarm.start_dht()
-        swarm.start_server(model, span, *common, "--prefix", "chunked")
-        swarm.start_server(model, span, *common, "--prefix", "whole", "--forward-chunk-tokens", str(args.tokens))
+        swarm.start_server(model, span, *common, "--dht-prefix", "chunked")
+        swarm.start_server(model, span, *common, "--dht-prefix", "whole", "--forward-chunk-tokens", str(args.tokens))
 
         async def run() -> dict:
             start = dict(initial_peers=tuple(swarm.initial_peers), host_maddrs=("/ip4/127.0.0.1/tcp/0",),
