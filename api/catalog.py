@@ -23,6 +23,7 @@ from typing import Any
 from swarm.config import ApiConfig
 from swarm.dht import Peer, fetch_models, fetch_servers
 from swarm.errors import ConfigError, MissingBlocksError, SwarmError
+from swarm.gguf import gguf_location
 from swarm.records import ModelRecord, ServerState
 from swarm.routing import format_blocks, missing_blocks
 
@@ -176,10 +177,14 @@ class Catalog:
         if entry.base not in self._bases:
             logger.info("Loading the embeddings and head of %s", entry.base)
             model = AutoDistributedModelForCausalLM.from_pretrained(entry.base, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(entry.base)
+            gguf = gguf_location(entry.base, None)  # as the client found it: a GGUF is a directory or repo + file
+            if gguf is not None:
+                tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(entry.base)
             eos = _ids(model.config.eos_token_id) | _ids(tokenizer.eos_token_id)
-            try:
-                eos |= _ids(GenerationConfig.from_pretrained(entry.base).eos_token_id)
+            try:  # a GGUF keeps its generation settings in its metadata, read into the config above
+                eos |= _ids(GenerationConfig.from_pretrained(entry.base).eos_token_id) if gguf is None else set()
             except OSError:  # no generation_config.json
                 pass
             self._bases[entry.base] = (LocalModel(model), tokenizer, eos, model.remote)

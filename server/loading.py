@@ -19,7 +19,7 @@ from swarm.blocks import Span
 from swarm.devices import available_ram
 from swarm.errors import ConfigError, ModelError
 from swarm.models import causal_lm_class, family_of, kv_bytes_per_token
-from swarm.quant import quant_scratch_bytes, quantize_block, quantized_block_bytes
+from swarm.quant import LinearStorage, quant_scratch_bytes, quantize_block, quantized_block_bytes
 from swarm.translate import to_native
 from swarm.weights import TensorSource
 
@@ -126,9 +126,9 @@ def device_memory(device: torch.device) -> tuple[int, str]:
     return available_ram(), "available RAM"
 
 
-def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str = "none") -> int:
-    """Bytes one block's parameters and buffers take in ``dtype``, quantized with ``quant`` (counted on the
-    meta device, no memory used)."""
+def block_bytes(config: PretrainedConfig, dtype: torch.dtype, quant: str | LinearStorage = "none") -> int:
+    """Bytes one block's parameters and buffers take in ``dtype``, quantized with ``quant`` (a ``--quant``
+    scheme, or a pre-quantized checkpoint's format; counted on the meta device, no memory used)."""
     return quantized_block_bytes(config, dtype, quant)
 
 
@@ -141,11 +141,12 @@ def blocks_that_fit(free_bytes: int, fraction: float, bytes_per_block: int, mode
 
 
 def default_num_blocks(config: PretrainedConfig, device: torch.device, dtype: torch.dtype, cache_tokens: int,
-                       quant: str = "none") -> int:
+                       quant: str | LinearStorage = "none") -> int:
     """As many blocks as fit this device's free memory after each block's KV cache budget; prints the budget.
 
-    With ``quant``, a block's weights count as :mod:`swarm.quant` stores them, and the scratch buffer a
-    quantized matmul dequantizes into is reserved once. Raises ConfigError if not even one block fits.
+    With ``quant`` (a ``--quant`` scheme, or a GPTQ/AWQ checkpoint's :class:`~swarm.prequantized.Int4Format`),
+    a block's weights count as they are stored, and the scratch buffers a quantized matmul dequantizes into
+    are reserved once. Raises ConfigError if not even one block fits.
     """
     free, where = device_memory(device)
     fraction = USABLE_FRACTION.get(device.type, ACCELERATOR_FRACTION)
@@ -153,8 +154,9 @@ def default_num_blocks(config: PretrainedConfig, device: torch.device, dtype: to
     cache = cache_tokens * kv_bytes_per_token(config, dtype)
     scratch = quant_scratch_bytes(config, dtype, quant)
     fit = blocks_that_fit(free, fraction, weights + cache, config.num_hidden_layers, reserved=scratch)
-    stored = "" if quant == "none" else f", quantized to {quant}"
-    reserved = f" and {human_bytes(scratch)} of {quant} dequantization scratch" if scratch else ""
+    name = quant if isinstance(quant, str) else getattr(quant, "label", type(quant).__name__)
+    stored = "" if name == "none" else f", quantized to {name}"
+    reserved = f" and {human_bytes(scratch)} of {name} dequantization scratch" if scratch else ""
     print(f"Memory budget: {human_bytes(max(0, free * fraction - HEADROOM_BYTES - scratch))} for blocks "
           f"({fraction:.0%} of {human_bytes(free)} {where}, less {human_bytes(HEADROOM_BYTES)} headroom{reserved}); "
           f"a block takes {human_bytes(weights)} of weights ({weights} bytes{stored}) + {human_bytes(cache)} of KV "

@@ -32,7 +32,7 @@ from swarm.devices import adapt_to_device, device_name, pick_device
 from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
 from swarm.models import DIGEST_ATTR, kv_bytes_per_token, load_config, resolve_dtype
-from swarm.prequantized import int4_format
+from swarm.prequantized import Int4Format, int4_format
 from swarm.quant import check_scheme
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.slurm import SlurmJob
@@ -61,6 +61,7 @@ class Server:
     model_record: ModelRecord
     device: torch.device
     dtype: torch.dtype
+    prequantized: Int4Format | None  # a GPTQ/AWQ checkpoint's format: its blocks stay 4-bit
     start: int
     end: int
     pool: PagePool
@@ -103,6 +104,7 @@ class Server:
             raise ConfigError(f"--quant {cfg.quant}: {cfg.model_name} is already quantized ({prequantized.label}) and "
                               "is served as its own 4-bit layers; drop --quant")
         self.model_config, self.device, self.dtype = model_config, device, dtype
+        self.prequantized = prequantized
         self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type,
                                         config_digest=getattr(model_config, DIGEST_ATTR, ""))
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
@@ -197,7 +199,8 @@ class Server:
     def _span_length(self, num_blocks: int) -> int:
         cfg = self.config
         if cfg.num_blocks is None:
-            return default_num_blocks(self.model_config, self.device, self.dtype, cfg.cache_tokens, cfg.quant)
+            return default_num_blocks(self.model_config, self.device, self.dtype, cfg.cache_tokens,
+                                      self.prequantized or cfg.quant)
         if cfg.num_blocks > num_blocks:
             raise ConfigError(f"--num-blocks {cfg.num_blocks} is more than the {num_blocks} blocks of {cfg.model}; "
                               f"pass --num-blocks {num_blocks} or less")

