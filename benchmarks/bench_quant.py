@@ -15,6 +15,10 @@ each setup (compute dtype x quant), in fresh processes:
 - a real ``swarm serve --quant ... --blocks 0:N`` process (its own swarm, no throughput probe): its
   RSS once ONLINE and its peak RSS.
 
+``bfloat16:none:mapped`` is ``bfloat16:none`` with the weights swapped back, after loading, for views of
+the memory-mapped checkpoint file (what a server of the checkpoint's own dtype served before the loader
+copied weights into memory of their own): the worker only, no server.
+
 Ratios are taken against bfloat16 without quantization, measured in the same run.
 """
 
@@ -33,7 +37,8 @@ import torch
 
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
              vocab_size=1024, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-SETUPS = ("float32:none", "bfloat16:none", "bfloat16:int8", "bfloat16:nf4", "float32:int8", "float32:nf4")
+SETUPS = ("float32:none", "bfloat16:none", "bfloat16:none:mapped", "bfloat16:int8", "bfloat16:nf4", "float32:int8",
+          "float32:nf4")
 
 
 def build_checkpoint(path: str, blocks: int, shape: dict) -> str:
@@ -100,6 +105,25 @@ def _median_ms(run, device: torch.device, repeats: int) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
+def map_weights(span, model: str) -> None:
+    """Replaces every weight of ``span`` by the same tensor as a view of the memory-mapped checkpoint."""
+    from safetensors import safe_open
+
+    with open(os.path.join(model, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    files: dict = {}
+    for i, block in zip(range(span.start, span.end), span.blocks):
+        for name, param in list(block.named_parameters()):
+            key = f"model.layers.{i}.{name}"
+            if weight_map[key] not in files:
+                files[weight_map[key]] = safe_open(os.path.join(model, weight_map[key]), framework="pt")
+            mapped = files[weight_map[key]].get_tensor(key)
+            if mapped.dtype != param.dtype or not torch.equal(mapped, param):
+                raise RuntimeError(f"{key} is not stored in the checkpoint as it is served")
+            path, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(path), attr, torch.nn.Parameter(mapped, requires_grad=False))
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One setup in this process: load the span as the server does, then measure it."""
     from server.loading import load_span
@@ -114,6 +138,8 @@ def worker(args: argparse.Namespace) -> dict:
     config = load_config(args.model)
     t0 = time.perf_counter()
     span = load_span(Checkpoint(args.model), config, 0, config.num_hidden_layers, dtype, device, quant=args.quant)
+    if args.mapped:
+        map_weights(span, args.model)
     _sync(device)
     result: dict = {"load_s": round(time.perf_counter() - t0, 1), "bytes_per_block": module_bytes(span.blocks[0]),
                     "peak_rss_mib": round(_status_kib("self", "VmHWM") / 1024)}
@@ -162,7 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--blocks", type=int, default=4, help="blocks in the checkpoint (all are loaded)")
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS), help="DTYPE:QUANT pairs")
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS),
+                        help="DTYPE:QUANT pairs (DTYPE:none:mapped: weights as views of the memory-mapped file)")
     parser.add_argument("--steps", type=int, default=10, help="1-token steps timed per setup")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-server", action="store_true", help="skip the swarm serve RSS measurement")
@@ -172,6 +199,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--quant", help=argparse.SUPPRESS)
+    parser.add_argument("--mapped", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
@@ -183,15 +211,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         model = build_checkpoint(os.path.join(tmp, "llama"), args.blocks, shape)
         for setup in args.setups:
-            dtype, quant = setup.split(":")
+            dtype, quant, *how = setup.split(":")
+            mapped = how == ["mapped"]
             cmd = [sys.executable, __file__, "--worker", "--model", model, "--device", args.device, "--dtype", dtype,
                    "--quant", quant, "--steps", str(args.steps)] + (["--threads", str(args.threads)] if args.threads else [])
+            cmd += ["--mapped"] if mapped else []
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             if out.returncode != 0:
                 results["setups"][setup] = {"error": out.stderr[-2000:]}
                 continue
             entry = json.loads(out.stdout.strip().splitlines()[-1])
-            if not args.no_server:
+            if not args.no_server and not mapped:
                 entry.update(server_rss(model, args.device, dtype, quant, args.blocks, args.threads))
             results["setups"][setup] = entry
             print(f"{setup}: {entry}", file=sys.stderr, flush=True)

@@ -127,7 +127,12 @@ class Checkpoint:
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
              on_tensor: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
-        """Reads ``names`` (converting floating tensors to ``dtype``), fetching only their shards."""
+        """Reads ``names`` (converting floating tensors to ``dtype``), fetching only their shards.
+
+        The tensors are in memory of their own, never views of the memory-mapped shard file: served
+        weights then count in RSS as the process's own memory (not as file pages that come and go), are
+        64-byte aligned, and take no page faults when first used (docs/benchmarks.md, "Quantized blocks").
+        """
         names = list(names)
         missing = [n for n in names if n not in self.weight_map]
         if missing:
@@ -142,11 +147,10 @@ class Checkpoint:
                 raise ModelError(f"shard {shard} of {self.name_or_path!r} is missing")
             with safe_open(path, framework="pt") as f:
                 for name in shard_names:
-                    tensor = f.get_tensor(name)
-                    self.bytes_read += tensor.numel() * tensor.element_size()
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    out[name] = tensor
+                    mapped = f.get_tensor(name)  # a view of the memory-mapped file
+                    self.bytes_read += mapped.numel() * mapped.element_size()
+                    tensor = mapped.to(dtype) if dtype is not None and mapped.is_floating_point() else mapped
+                    out[name] = tensor.clone() if tensor is mapped else tensor  # .to() copied it, or copy it now
                     if on_tensor is not None:
                         on_tensor(name)
         return out

@@ -325,3 +325,23 @@ def test_spans_compose_to_the_full_model(tmp_path, sharded, offline):
     # the mask is causal: a later token does not change earlier outputs
     prefix = second(first(hidden[:, :4]))
     torch.testing.assert_close(prefix, composed[:, :4], rtol=1e-5, atol=1e-5)
+
+
+def _file_mappings(folder: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of files in ``folder`` (Linux /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        lines = [line.split() for line in f]
+    return [tuple(int(x, 16) for x in line[0].split("-")) for line in lines
+            if len(line) >= 6 and line[5].startswith(os.path.realpath(folder))]
+
+
+def test_served_weights_are_owned_memory_not_views_of_the_mapped_file(sharded):
+    """In the checkpoint's own dtype (float32 here, so no conversion copies them) a span's weights are
+    copied out of safetensors' memory map: 64-byte aligned, and counted in RSS as the server's own."""
+    path, model, _ = sharded
+    span = load_span(Checkpoint(path), load_config(path), 0, 2, torch.float32, CPU)
+    tensors = [*span.parameters(), *span.buffers()]
+    mappings = _file_mappings(path)
+    assert not [t for t in tensors if any(start <= t.data_ptr() < end for start, end in mappings)]
+    assert {t.data_ptr() % 64 for t in tensors if t.numel()} == {0}
+    _assert_span_equals_model(span, model, 0, 2)
