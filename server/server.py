@@ -31,6 +31,7 @@ from swarm.config import ServerConfig, parse_span
 from swarm.devices import adapt_to_device, device_name, pick_device
 from swarm.dht import NetworkConfig, Peer, all_relayed, declare_server, fetch_servers
 from swarm.errors import ConfigError
+from swarm.gguf import requantizing_warning
 from swarm.models import DIGEST_ATTR, kv_bytes_per_token, load_config, resolve_dtype
 from swarm.prequantized import Int4Format, int4_format
 from swarm.quant import check_scheme
@@ -126,6 +127,8 @@ class Server:
         self.next_pings = NextPings(peer.p2p)
         self.checkpoint = open_checkpoint(cfg.model, model_config, gguf_file=cfg.gguf_file, revision=cfg.revision,
                                           cache_dir=cfg.cache_dir, token=cfg.token)
+        if (warning := requantizing_warning(cfg.quant, self.checkpoint.quant)) is not None:
+            logger.warning(warning)
         key = probe.speed_key(model_config, device, dtype, torch.get_num_threads(), self.quant)
         remeasure = cfg.throughput is not None or cfg.remeasure_throughput
         cached = None if remeasure else probe.load_cached(key)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -141,6 +142,18 @@ def quant_label(metadata: dict[str, Any], ggml_types: Iterable[int]) -> str:
     if not counts:
         return "none"
     return "gguf-" + GGML_NAME.get(counts.most_common(1)[0][0], str(counts.most_common(1)[0][0])).lower()
+
+
+def requantizing_warning(scheme: str, held: str) -> str | None:
+    """A warning when ``--quant scheme`` rounds a file that is already 4-bit or less (``held``:
+    :func:`quant_label`) a second time, onto another 4-bit grid (measured on SmolLM2-135M Q4_1: perplexity
+    10.4 -> 35.0 with nf4, 10.5 with int8; docs/benchmarks.md)."""
+    bits = re.match(r"gguf-i?q([1-4])_", held + "_")
+    if scheme != "nf4" or bits is None:
+        return None
+    return (f"--quant nf4 re-quantizes {held.removeprefix('gguf-').upper()} weights that are already {bits[1]}-bit: "
+            "their rounding errors add up (SmolLM2-135M Q4_1: perplexity 10.4 -> 35.0). Serving the file without "
+            "--quant, or with --quant int8, keeps its quality")
 
 
 class GGUFCheckpoint:

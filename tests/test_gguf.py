@@ -126,6 +126,18 @@ def test_gguf_span_requantized_equals_transformers_quantized_the_same_way(tiny_g
     assert server.quant == "gguf-q4_0"
 
 
+def test_nf4_on_a_4bit_file_warns():
+    """nf4 on weights a file already holds in 4 bits or less rounds them twice (docs/benchmarks.md)."""
+    from swarm.gguf import requantizing_warning
+
+    for held in ("gguf-q4_1", "gguf-q4_k_m", "gguf-iq4_xs", "gguf-q3_k_s", "gguf-q2_k"):
+        warning = requantizing_warning("nf4", held)
+        assert warning is not None and held.removeprefix("gguf-").upper() in warning and "--quant int8" in warning
+    for scheme, held in [("int8", "gguf-q4_1"), ("none", "gguf-q4_1"), ("nf4", "gguf-q8_0"), ("nf4", "gguf-q5_k_m"),
+                         ("nf4", "none"), ("nf4", "gptq-int4")]:
+        assert requantizing_warning(scheme, held) is None, (scheme, held)
+
+
 def test_qwen2_gguf_span_equals_transformers(tmp_path):
     """Qwen2: no q/k permutation in llama.cpp's layout, biases on q/k/v."""
     path = make_tiny_model(str(tmp_path / "tiny-qwen2"), "qwen2")
