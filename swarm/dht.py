@@ -405,10 +405,32 @@ def peer_sockets() -> set[str]:
     return {p for d in {"/tmp", tempfile.gettempdir()} for p in glob.glob(os.path.join(d, "hivemind-*.sock"))}
 
 
-def stale_peer_sockets() -> set[str]:
-    """``hivemind-*.sock`` files that no live p2pd daemon or client listens on (left by dead peers)."""
+def _listening_unix_paths() -> set[str]:
+    """Paths of the unix sockets that listen in this network namespace (Linux /proc/net/unix; empty elsewhere)."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return set()
+    paths = set()
+    for fields in (line.split() for line in lines):  # Num RefCount Protocol Flags Type St Inode [Path]
+        if len(fields) >= 8 and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: a listening socket
+            paths.add(fields[7])
+    return paths
+
+
+def stale_peer_sockets(candidates: set[str] | None = None) -> set[str]:
+    """``hivemind-*.sock`` files (of ``candidates``, default all) that no live p2pd daemon or client listens on.
+
+    A socket listed as listening in /proc/net/unix is live and left alone: connecting to a live peer's socket
+    to test it would make that peer log an error (its handler reads a stream that ends at once). Only the
+    others (stale, or a peer in another network namespace) are probed with a connect.
+    """
+    listening = _listening_unix_paths()
     stale = set()
-    for path in sorted(peer_sockets()):
+    for path in sorted(peer_sockets() if candidates is None else candidates):
+        if path in listening or os.path.realpath(path) in listening:
+            continue
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(0.2)
@@ -427,7 +449,7 @@ def clean_peer_sockets(keep: set[str] = frozenset()) -> int:
     hivemind names its unix sockets by random id, not pid; a socket is stale when nobody listens on it.
     """
     removed = 0
-    for path in sorted(stale_peer_sockets() - set(keep)):
+    for path in sorted(stale_peer_sockets(peer_sockets() - set(keep))):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
             removed += 1

@@ -73,3 +73,35 @@ def test_idle_session_times_out_and_stopping_announces_offline(tiny_llama, llama
             await peer.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_socket_cleanup_never_connects_to_a_live_peer(tmp_path):
+    """Removing stale ``hivemind-*.sock`` files must not connect to live ones: a live peer's handler would log
+    a stream that ends at once (other test runs on the machine clean up while this one's servers run)."""
+    import os
+    import socket
+
+    from swarm.dht import clean_peer_sockets, stale_peer_sockets
+
+    live_path, dead_path = (f"/tmp/hivemind-test-{kind}-{uuid.uuid4().hex[:12]}.sock" for kind in ("live", "dead"))
+    live, dead = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    try:
+        live.bind(live_path)
+        live.listen(1)
+        live.setblocking(False)
+        dead.bind(dead_path)  # bound, never listening, then closed: a file nobody listens on
+        dead.close()
+        assert stale_peer_sockets({live_path, dead_path}) == {dead_path}
+        with pytest.raises(BlockingIOError):
+            live.accept()  # nobody connected to the live socket
+        clean_peer_sockets(keep={dead_path})
+        assert os.path.exists(dead_path) and os.path.exists(live_path)
+        clean_peer_sockets()
+        assert not os.path.exists(dead_path) and os.path.exists(live_path)
+        with pytest.raises(BlockingIOError):
+            live.accept()
+    finally:
+        live.close()
+        for path in (live_path, dead_path):
+            if os.path.exists(path):
+                os.remove(path)
