@@ -91,8 +91,11 @@ def check_model_source(model: str, flag: str = "--model", gguf_file: str | None 
         raise ModelError(f"{flag} {model!r} is a file: pass the directory that holds it (with config.json and "
                          "*.safetensors), a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
     if model.endswith(GGUF_SUFFIX):
+        parts = model.split("/")
+        if len(parts) >= 3 and not model.startswith(("/", ".", "~")) and not os.path.isdir(parts[0]):
+            return  # ORG/REPO/NAME.gguf: a file in a hub repository, the name such a server announces
         raise ModelError(f"GGUF file {model!r} does not exist; for a file in a hub repository pass "
-                         "--model ORG/REPO --gguf-file NAME.gguf")
+                         "--model ORG/REPO --gguf-file NAME.gguf (or name it ORG/REPO/NAME.gguf)")
     if _looks_like_path(model):
         raise ModelError(f"{flag} {model!r}: no such directory. Pass a local directory with config.json and "
                          "*.safetensors, a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
