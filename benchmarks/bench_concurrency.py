@@ -18,6 +18,10 @@ Also, on the batching server: how many sessions holding ``--fit-length`` real to
 at open: ``cache_tokens // max_length`` fit), and how long decode steps stall while another session
 prefills ``--stall-prefill`` tokens (chunks of ``--max-batch-tokens``).
 
+The client sends concurrent steps to a server in one frame (``client.step_frames``; each result
+says how many steps a frame carried on average), unless ``--no-step-frames``: then every step is a
+message of its own on its session's stream.
+
 ``--lora-rank R`` also runs every session with its own LoRA adapter (rank R on every block's q_proj
 and v_proj, sent when the session opens): rows of different adapters share the base layers' matmuls
 and each adapter adds its own product (batching on), or run one session at a time (off).
@@ -82,17 +86,26 @@ async def _drive(sessions, hidden: torch.Tensor, prefill: int, warmup: int, step
     return max(marks) - min(marks), latencies
 
 
+def _frames_sent(sequence) -> tuple[int, int]:
+    """Frames and steps this client sent in frames so far (client.step_frames)."""
+    frames = list(sequence._frames.values())
+    return sum(f.frames_sent for f in frames), sum(f.steps_sent for f in frames)
+
+
 async def measure(sequence, n: int, hidden: torch.Tensor, args) -> dict:
     sessions = [await _open(sequence, args.prefill + args.warmup + args.steps + 1) for _ in range(n)]
+    frames_before, steps_before = _frames_sent(sequence)
     try:
         wall, latencies = await _drive(sessions, hidden, args.prefill, args.warmup, args.steps)
     finally:
         for s in sessions:
             await s.aclose()
+    frames, steps = (after - before for after, before in zip(_frames_sent(sequence), (frames_before, steps_before)))
     latencies.sort()
     return {"tokens_per_s": round(n * args.steps / wall, 1),
             "step_ms_median": round(statistics.median(latencies) * 1e3, 2),
-            "step_ms_p90": round(latencies[max(0, -(-9 * len(latencies) // 10) - 1)] * 1e3, 2)}
+            "step_ms_p90": round(latencies[max(0, -(-9 * len(latencies) // 10) - 1)] * 1e3, 2),
+            "steps_per_frame": round(steps / frames, 2) if frames else None}
 
 
 def measure_both(sequences: dict, n: int, hidden: torch.Tensor, args, label: str) -> dict:
@@ -208,7 +221,8 @@ def run_shape(shape: str, args, workdir: str) -> dict:
             swarm.start_server(model_dir, f"0:{args.blocks}", "--dht-prefix", f"bench-{name}", flag, *common,
                                timeout=1800)
         config = {name: ClientConfig(initial_peers=tuple(swarm.initial_peers), dht_prefix=f"bench-{name}",
-                                     request_timeout=600, retry_deadline=1e-3, verify_rate=0.0)
+                                     request_timeout=600, retry_deadline=1e-3, verify_rate=0.0,
+                                     step_frames=args.step_frames)
                   for name in ("on", "off")}
         sequences = {name: RemoteSequence(config[name], f"bench-{name}", args.blocks, model_dir) for name in config}
         try:
@@ -269,6 +283,8 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--fit-length", type=int, default=200, help="0 skips the sessions-that-fit count")
     parser.add_argument("--fit-max-length", type=int, default=2048)
+    parser.add_argument("--step-frames", action=argparse.BooleanOptionalAction, default=True,
+                        help="concurrent steps to a server in one frame (client.step_frames); off: one message each")
     parser.add_argument("--lora-rank", type=int, default=0, help="also run with a LoRA adapter per session")
     parser.add_argument("--stall-prefill", type=int, default=2048, help="0 skips the prefill stall measurement")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "swarm-bench-concurrency"))

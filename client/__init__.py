@@ -3,6 +3,7 @@
 - ``model``              ``AutoDistributedModelForCausalLM``: the model's own HF class around the remote blocks
 - ``remote_sequence``    finding servers, chains; forward and backward passes through them (retried by swarm.retry)
 - ``inference_session``  server-side KV caches kept across steps, push, failover with history replay
+- ``step_frames``        concurrent steps of many sessions to one server sent (and answered) as one frame
 - ``hedging``            slow or hung servers: how long a request may take, racing it on another server
 - ``verifier``           re-running a sample of servers' work on other servers; acting on who is wrong
 - ``checker``            ``swarm verify``: a volunteer checker of every server of a model

@@ -29,6 +29,8 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
+from typing import Any
 
 import torch
 
@@ -42,6 +44,7 @@ from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput
 from client import hedging
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
+from client.step_frames import plain
 
 logger = logging.getLogger(__name__)
 
@@ -294,15 +297,21 @@ class InferenceSession:
                                                               hidden.shape[1], hypo_ids))
                     for before, s in zip(self._spans[i:], self._spans[i + 1:])] if push else []
             span.remember(hidden, position)
+            step = InferenceStep(session_id=span.session_id, hidden=hidden, start_position=position,
+                                 hypo_ids=hypo_ids, step_id=step_id, next_servers=tuple(rest), **padding)
+            framed = None  # with other sessions' concurrent steps to this server, in one frame (client.step_frames)
             try:
-                await span.stream.send(InferenceStep(
-                    session_id=span.session_id, hidden=hidden, start_position=position, hypo_ids=hypo_ids,
-                    step_id=step_id, next_servers=tuple(rest), **padding))
+                frames = await self.sequence.step_frames(span.link.peer_id) if plain(step) else None
+                if frames is not None:
+                    framed = frames.answer(frames.submit(step), timeout)
+                else:
+                    await span.stream.send(step)
             except SwarmError as e:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
                 try:
-                    out = await self._answer(i, step_id, position, timeout)
+                    out = await self._answer(i, step_id, position, timeout, framed)
+                    framed = None
                     check_output(out.hidden, hidden, self._spans[i].link.peer_id)
                 except SwarmError as e:
                     raise _SpanFailed(i, e) from None
@@ -314,14 +323,17 @@ class InferenceSession:
                 self._spans[i].remember(hidden, position)
         return hidden
 
-    async def _answer(self, i: int, step_id: int, position: int, timeout: float) -> StepOutput:
-        """Span ``i``'s answer to the step; if its server takes longer than it advertised, the span is rebuilt
-        on other servers meanwhile, and if they answer first they replace it (raises :class:`_Hedged`)."""
+    async def _answer(self, i: int, step_id: int, position: int, timeout: float,
+                      framed: Coroutine[Any, Any, StepOutput] | None = None) -> StepOutput:
+        """Span ``i``'s answer to the step (``framed``: the step went in a frame, this awaits its answer); if its
+        server takes longer than it advertised, the span is rebuilt on other servers meanwhile, and if they
+        answer first they replace it (raises :class:`_Hedged`)."""
         span = self._spans[i]
         new = span.history[:, position:]  # [batch, new_tokens, hidden]: this step's input to the span
         after = self.sequence.hedge_after(span.link, new.shape[0] * new.shape[1]) * span.patience
         t0 = time.monotonic()
-        raced = await hedging.race(self._receive(span, step_id, timeout), after, lambda: self._rebuild_elsewhere(span))
+        answer = framed if framed is not None else self._receive(span, step_id, timeout)
+        raced = await hedging.race(answer, after, lambda: self._rebuild_elsewhere(span))
         elapsed = time.monotonic() - t0
         if not raced.backup_won:
             if elapsed > after:

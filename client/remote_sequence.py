@@ -52,6 +52,7 @@ from swarm.wire import BackwardRequest, BackwardResponse, ForwardRequest, Forwar
 from swarm import transport
 
 from client import hedging
+from client.step_frames import StepFrames
 from client.tuning import Extras
 from client.verifier import Verifier
 
@@ -93,6 +94,7 @@ class RemoteSequence:
         self.verifier = Verifier(self, config.verify_rate)
         self.reports: dict[str, str] = {}  # peer id -> what this client found it computing wrong
         self._probes: set[asyncio.Task] = set()  # pings of servers that went silent: dead or alive?
+        self._frames: dict[str, StepFrames] = {}  # peer id -> steps of concurrent sessions sent together
 
     def extras(self, training: bool = False) -> Extras:
         """What every request of a pass carries now: the current prompts and adapter, if any."""
@@ -114,7 +116,19 @@ class RemoteSequence:
                         client_mode=True))
         return self._peer
 
+    async def step_frames(self, peer_id: str) -> StepFrames | None:
+        """Where steps of this client's sessions to ``peer_id`` go together (None: ``config.step_frames`` off)."""
+        if not self.config.step_frames:
+            return None
+        frames = self._frames.get(peer_id)
+        if frames is None:
+            frames = self._frames[peer_id] = StepFrames((await self.peer()).p2p, peer_id, self.config.connect_timeout)
+        return frames
+
     async def shutdown(self) -> None:
+        for frames in list(self._frames.values()):
+            await frames.close()
+        self._frames.clear()
         for task in list(self._probes):
             task.cancel()
         if self._probes:

@@ -5,6 +5,7 @@
 - ``throughput``  measuring compute speed on the loaded blocks, and its cache
 - ``loading``     how many blocks fit the device (chosen by ``swarm.devices``), loading (and re-spanning) blocks
 - ``handler``     the RPC handlers: info, forward, backward, inference sessions, push
+- ``step_frames`` the steps stream: one client's concurrent steps of many sessions in one frame
 - ``checks``      the checks every request gets before it touches the model
 - ``quotas``      what one peer may hold: streams, sessions, KV cache pages, forward/backward passes (pure)
 - ``streams``     deadlines on a handler's reads and writes, cancelling work whose client went away

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ import torch
 from swarm import __version__, aio
 from swarm.blocks import Span
 from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError,
-                          UnknownSession)
+                          UnknownSession, to_wire)
 from swarm.lora import AppliedLora, applied
 from swarm.push_tokens import KEY_BYTES, check_push_token
 from swarm.wire import (
@@ -38,6 +39,7 @@ from swarm.wire import (
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
+    ErrorReply,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -61,6 +63,7 @@ from server.kv_cache import PagedKV, PagePool, SessionCache
 from server.push import MAX_NEXT_SERVERS, PushSender
 from server.quotas import QuotaLimits, Quotas, StreamSlot
 from server.room import make_room, room
+from server.step_frames import serve_step_frames
 from server.streams import read, send, until_gone
 
 logger = logging.getLogger(__name__)
@@ -137,6 +140,7 @@ class SpanHandler(RequestChecks):
         await p2p.add_binary_stream_handler(HANDLERS["forward"], self._guard(self._handle_forward))
         await p2p.add_binary_stream_handler(HANDLERS["backward"], self._guard(self._handle_backward))
         await p2p.add_binary_stream_handler(HANDLERS["inference"], self._guard(self._handle_inference))
+        await p2p.add_binary_stream_handler(HANDLERS["steps"], self._guard(self._handle_steps))
 
     async def remove_from(self, p2p) -> None:
         for name in HANDLERS.values():
@@ -420,6 +424,9 @@ class SpanHandler(RequestChecks):
             self._streams.add(task)  # cancelled by close_all like a stream
             task.add_done_callback(self._streams.discard)
 
+    async def _handle_steps(self, slot: StreamSlot, reader, writer) -> None:
+        await serve_step_frames(self, slot, reader, writer)
+
     async def _process_pushed(self, session: Session, msg: InferenceStep) -> None:
         try:
             await self._process_step(session, msg)
@@ -428,11 +435,14 @@ class SpanHandler(RequestChecks):
         except Exception:
             logger.exception("pushed step of session %s failed", session.session_id[:8])
 
-    async def _process_step(self, session: Session, msg) -> None:
-        """Runs one step and answers on the session's stream; a bad step gets an error, the session lives on."""
+    async def _process_step(self, session: Session, msg, answer: Callable[[Any], Awaitable[None]] | None = None
+                            ) -> None:
+        """Runs one step and answers on the session's stream (or with ``answer``: a step of InferenceSteps); a bad
+        step gets an error, the session lives on."""
+        answer = answer or (lambda reply: self._send(session.writer, reply))
         async with session.lock:
             step_id = getattr(msg, "step_id", 0)
-            if step_id and step_id <= session.last_step_id:
+            if 0 < step_id <= session.last_step_id:
                 return  # already answered: it was pushed and then sent by the client too
             try:
                 step = self._check_step(session, msg)
@@ -443,7 +453,7 @@ class SpanHandler(RequestChecks):
             except (BadRequest, ServerBusy) as e:
                 # the session stays usable: the client may correct the request, retry, or go elsewhere
                 session.position = session.cache.length
-                await aio.wait_for(write_error(session.writer, e), self.limits.idle_timeout)
+                await answer(ErrorReply(*to_wire(e)))
                 return
             except Exception as e:
                 # its cache may be half-updated: the session ends, the client replays it elsewhere
@@ -451,7 +461,7 @@ class SpanHandler(RequestChecks):
                     logger.exception("inference step of session %s failed", session.session_id[:8])
                     e = ServerError(f"the server failed: {type(e).__name__}: {e}")
                 with contextlib.suppress(Exception):
-                    await aio.wait_for(write_error(session.writer, e), self.limits.idle_timeout)
+                    await answer(ErrorReply(*to_wire(e)))
                 session.writer.close()
                 return
             session.position = session.cache.length
@@ -465,8 +475,7 @@ class SpanHandler(RequestChecks):
                     hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest, push_token=token,
                     attention_mask=None if step.attention_mask is None else step.attention_mask.long(),
                     position_ids=step.position_ids))
-            await self._send(session.writer, StepOutput(hidden=out, position=session.position, step_id=step_id,
-                                                        pushed=pushed))
+            await answer(StepOutput(hidden=out, position=session.position, step_id=step_id, pushed=pushed))
 
     def _check_step(self, session: Session, msg) -> InferenceStep:
         if not isinstance(msg, InferenceStep):
@@ -476,6 +485,8 @@ class SpanHandler(RequestChecks):
             raise UnknownSession(f"session {msg.session_id[:40]!r} is not the one open on this stream "
                                  f"({session.session_id[:40]!r}); it belongs to {known}")
         hidden = self._check_hidden(msg.hidden, "InferenceStep.hidden")
+        if msg.step_id < 0:
+            raise BadRequest(f"step_id must be 0 (none) or positive, got {msg.step_id}")
         if len(msg.next_servers) > MAX_NEXT_SERVERS or any(
                 len(peer) > 128 or len(sid) > 128 or len(token) > 64 for peer, sid, token in msg.next_servers):
             raise BadRequest(f"next_servers must list at most {MAX_NEXT_SERVERS} (peer id, session id, push token) "

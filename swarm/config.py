@@ -309,6 +309,8 @@ class ClientConfig:
     retry_deadline: float = 300.0
     routing_refresh: float = 5.0  # seconds a DHT lookup of the model's servers is reused
     use_push: bool = True  # servers pass step outputs straight to the next server of the chain
+    # concurrent plain steps of this client's sessions to one server go in one frame (client.step_frames)
+    step_frames: bool = True
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     # the quant schemes (ServerRecord.quant) the client's requests may run on, e.g. ("none",) for full
     # precision only or ("int8", "none"); None: any server

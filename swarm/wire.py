@@ -9,6 +9,8 @@ One servicer, its stream handlers (names in :data:`HANDLERS`):
   :class:`InferenceStep` -> :class:`StepOutput`. Closing the stream frees the session's cache.
 - ``push``: server to server. :class:`InferenceStep` messages for sessions open on the receiving
   server, sent by the server before it in the chain; answers go to the session's own stream.
+- ``steps``: a client's concurrent steps to one server in one frame. :class:`InferenceSteps` (steps
+  of sessions the same peer opened there) -> :class:`StepOutputs` (each step's output or its own error).
 
 Any request may be answered with :class:`ErrorReply` (code + message, see :mod:`swarm.errors`).
 
@@ -38,6 +40,7 @@ HANDLERS = {
     "inference": f"swarm.v{PROTOCOL_VERSION}.inference",
     "push": f"swarm.v{PROTOCOL_VERSION}.push",
     "backward": f"swarm.v{PROTOCOL_VERSION}.backward",
+    "steps": f"swarm.v{PROTOCOL_VERSION}.steps",
 }
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 31  # 2 GiB of tensor data per message unless the server says less
@@ -185,6 +188,30 @@ class StepOutput:
     position: int  # tokens the session holds after this step
     step_id: int = 0
     pushed: bool = False  # the output also went to the next server, which will answer the step itself
+
+
+@message
+class InferenceSteps:
+    """One step each of several sessions the sending peer opened on this server (on their inference streams),
+    sent in one frame: plain steps only (no hypo_ids, padding or push); they run as if sent one by one."""
+
+    session_ids: tuple[str, ...]
+    hidden: tuple[torch.Tensor, ...]  # each step's [batch, new_tokens, hidden]
+    start_positions: tuple[int, ...]
+    step_ids: tuple[int, ...]
+
+
+@message
+class StepOutputs:
+    """The answers to one :class:`InferenceSteps` (frames may be answered out of order; these name their steps):
+    each step's output, or its own error."""
+
+    session_ids: tuple[str, ...]
+    step_ids: tuple[int, ...]
+    hidden: tuple[torch.Tensor, ...]  # [batch, new_tokens, hidden]; empty (shape [0]) where the step failed
+    positions: tuple[int, ...]  # tokens the session holds after the step
+    error_codes: tuple[str, ...]  # "" where the step ran, else an ErrorReply code (swarm.errors)
+    error_messages: tuple[str, ...]
 
 
 @message

@@ -74,6 +74,8 @@ def test_kill_minus_9_mid_generation_gives_identical_tokens(tiny_llama, redundan
             assert session.failovers >= 1
             assert [(link.start, link.end) for link in session.chain] == [(0, 2), (2, 4)]
         assert torch.equal(out, expected)
+        # its steps to the full server went in frames (client.step_frames): the broken frames failed over too
+        assert any(frames.steps_sent for frames in model.remote._frames.values())
 
         # 2. now the chain is left -> right_x; kill the second hop (it receives pushed states) in a padded
         # batch: the replacement replays the mask and positions too

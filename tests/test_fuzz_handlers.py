@@ -1,7 +1,7 @@
 """Malformed frames on every handler of a real server: each gets a clear error or a closed stream.
 
 A fixed seed draws 240 frames per handler (info, forward, backward, inference: at open and as
-steps of an open session, push): random bytes, broken headers, unknown types, fields of the wrong
+steps of an open session, push, steps: frames of steps for an open session): random bytes, broken headers, unknown types, fields of the wrong
 type or out of range, dropped fields, bad tensor metadata and sizes, messages for another handler,
 and valid frames cut short. Every complete frame must be answered within 10 s by an ``ErrorReply``
 with a code a client can act on (never ``server_error``, which would mean an exception nobody
@@ -29,17 +29,20 @@ from swarm.wire import (
     ErrorReply,
     ForwardRequest,
     InferenceStep,
+    InferenceSteps,
     InfoRequest,
     InfoResponse,
     OpenSession,
     SessionOpened,
     StepOutput,
+    StepOutputs,
     encode,
     expect,
 )
 
 pytestmark = pytest.mark.integration
 PER_HANDLER = 240
+HANDLERS = ("info", "forward", "backward", "open", "step", "push", "steps")
 ANSWER_WITHIN = 10.0
 CLEAR_CODES = {"bad_request", "unknown_session", "session_length_exceeded", "server_busy", "protocol_version"}
 WEIRD = [None, -1, 0, 2**63 - 1, -(2**63), 1.5, float("nan"), float("inf"), "", "x" * 300, b"\xff" * 9, [], {},
@@ -56,6 +59,8 @@ def _valid(handler: str, session_id: str) -> object:
         return BackwardRequest(hidden=hidden, grad_output=torch.randn(1, 3, 64), start=1, end=3)
     if handler == "open":
         return OpenSession(session_id=uuid.uuid4().hex, start=1, end=3, max_length=16)
+    if handler == "steps":
+        return InferenceSteps(session_ids=(session_id,), hidden=(hidden[:, :1],), start_positions=(0,), step_ids=(1,))
     return InferenceStep(session_id=session_id, hidden=hidden[:, :1], start_position=0, step_id=0)
 
 
@@ -122,6 +127,8 @@ async def _answer(stream: Stream, case: str) -> object | None:
 def _check(answer: object, case: str) -> None:
     if isinstance(answer, ErrorReply):
         assert answer.code in CLEAR_CODES and answer.message, (case, answer)
+    if isinstance(answer, StepOutputs):  # each step's own error must be as clear
+        assert all(code in CLEAR_CODES | {""} for code in answer.error_codes), (case, answer)
 
 
 def test_malformed_frames_on_every_handler_get_clear_errors(llama_swarm):
@@ -132,19 +139,22 @@ def test_malformed_frames_on_every_handler_get_clear_errors(llama_swarm):
 
     cases = []  # drawn up front, in a fixed order: the same frames on every run
     for i in range(PER_HANDLER):
-        for handler in ("info", "forward", "backward", "open", "step", "push"):
-            session_id = f"fuzz-{i}"
+        for handler in HANDLERS:
+            session_id = f"fuzz-{handler}-{i}"
             cases.append((handler, session_id, *_mutate(_valid(handler, session_id), rng)))
 
     async def case(peer: Peer, server_id: str, handler: str, session_id: str, frame: bytes, complete: bool,
                    lock: asyncio.Semaphore) -> None:
         async with lock:
-            stream = await Stream.open(peer.p2p, server_id, "inference" if handler in ("open", "step") else handler,
-                                       10)
+            stream = await Stream.open(peer.p2p, server_id, "inference" if handler in ("open", "step", "steps")
+                                       else handler, 10)
+            session = None
             try:
-                if handler == "step":  # a malformed step on an open session
+                if handler in ("step", "steps"):  # a malformed step (or frame of steps) for an open session
                     await stream.send(OpenSession(session_id=session_id, start=1, end=3, max_length=16))
                     expect(await stream.receive(10), SessionOpened)
+                if handler == "steps":
+                    session, stream = stream, await Stream.open(peer.p2p, server_id, "steps", 10)
                 stream.writer.write(frame)
                 await stream.writer.drain()
                 if not complete:
@@ -157,6 +167,8 @@ def test_malformed_frames_on_every_handler_get_clear_errors(llama_swarm):
                 counts["closed" if answer is None else "error" if isinstance(answer, ErrorReply) else "answered"] += 1
             finally:
                 stream.close()
+                if session is not None:
+                    session.close()
 
     async def scenario():
         peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
@@ -181,6 +193,6 @@ def test_malformed_frames_on_every_handler_get_clear_errors(llama_swarm):
             await peer.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 600))
-    assert sum(counts.values()) == PER_HANDLER * 6 and counts["error"] > PER_HANDLER, counts
+    assert sum(counts.values()) == PER_HANDLER * len(HANDLERS) and counts["error"] > PER_HANDLER, counts
     log = server_log.log()[log_start:]
     assert "[ERROR]" not in log and "Traceback" not in log, log[-5000:]
