@@ -26,6 +26,7 @@ from swarm.errors import ConfigError, MissingBlocksError, SwarmError
 from swarm.gguf import gguf_location
 from swarm.records import ModelRecord, ServerState
 from swarm.routing import format_blocks, missing_blocks
+from swarm.swarm_state import likeliest_model
 
 from client.remote_sequence import RemoteSequence
 
@@ -36,7 +37,6 @@ from api.tools import ToolFormat, detect_format
 logger = logging.getLogger(__name__)
 
 LIST_TTL = 5.0  # seconds a listing of the swarm's models is reused
-MAX_BLOCKS = 4096  # a model index entry claiming more blocks is ignored (a buggy or hostile peer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +105,9 @@ class Catalog:
             logger.warning("Listing the swarm's models failed: %s", e)
 
     async def _list(self) -> dict[str, Entry]:
-        models = {prefix: record for prefix, record in (await fetch_models(self.peer)).items()
-                  if record.num_blocks <= MAX_BLOCKS}
+        # the claim most of a prefix's servers signed (swarm_state.likeliest_model; not confirmed over info)
+        models = {prefix: record for prefix, claims in (await fetch_models(self.peer)).items()
+                  if (record := likeliest_model(claims)) is not None}
         found = await asyncio.gather(*(fetch_servers(self.peer, prefix, list(range(record.num_blocks)))
                                        for prefix, record in models.items()))
         entries: dict[str, Entry] = {}
@@ -173,7 +174,8 @@ class Catalog:
         from client.model import AutoDistributedModelForCausalLM
 
         kwargs = dict(initial_peers=self.config.initial_peers, dtype=self.config.dtype, dht_prefix=entry.prefix,
-                      host_maddrs=self.config.host_maddrs, request_timeout=self.config.request_timeout)
+                      host_maddrs=self.config.host_maddrs, request_timeout=self.config.request_timeout,
+                      swarm_key=self.config.swarm_key)
         if entry.base not in self._bases:
             logger.info("Loading the embeddings and head of %s", entry.base)
             model = AutoDistributedModelForCausalLM.from_pretrained(entry.base, **kwargs)

@@ -97,7 +97,8 @@ class ApiService:
 
     async def __aenter__(self) -> "ApiService":
         self.peer = await Peer.start(NetworkConfig(initial_peers=self.config.initial_peers,
-                                                   host_maddrs=self.config.host_maddrs, client_mode=True))
+                                                   host_maddrs=self.config.host_maddrs, client_mode=True,
+                                                   swarm_key=self.config.swarm_key))
         self.catalog = Catalog(self.config, self.peer, self.executor)
         return self
 

@@ -429,7 +429,7 @@ def run_finetune(config: FinetuneConfig) -> int:
                            target_modules=list(targets))
     model = AutoDistributedModelForCausalLM.from_pretrained(config.model, initial_peers=config.initial_peers,
                                                             dht_prefix=config.dht_prefix, dtype=config.dtype,
-                                                            lora=lora)
+                                                            lora=lora, swarm_key=config.swarm_key)
     try:
         run_sync(model.remote.peer())  # join before --output is created: a wrong address leaves nothing behind
         with _sigterm_as_interrupt() as terminated:

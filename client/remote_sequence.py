@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from swarm.config import ClientConfig
-from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers, publish_report
+from swarm.dht import NetworkConfig, Peer, fetch_index, fetch_servers, publish_report
 from swarm.errors import (
     MissingBlocksError,
     ModelError,
@@ -113,7 +113,7 @@ class RemoteSequence:
                 if self._peer is None:
                     self._peer = await Peer.start(NetworkConfig(
                         initial_peers=self.config.initial_peers, host_maddrs=self.config.host_maddrs,
-                        client_mode=True))
+                        client_mode=True, swarm_key=self.config.swarm_key))
         return self._peer
 
     async def step_frames(self, peer_id: str) -> StepFrames | None:
@@ -151,7 +151,7 @@ class RemoteSequence:
         """Without ``dht_prefix``, the model is looked for under the default prefix of its name; if the swarm
         has nothing there but serves exactly one model with the same config.json (the same model in a folder
         of another name), that one is used, with a warning (a fine-tune may share its base model's config)."""
-        index = await fetch_models(peer)
+        index = await fetch_index(peer)
         self._prefix_found = True
         found = find_prefix(index, self.prefix, self.config_digest, self.num_blocks)
         if found is not None and found != self.prefix:
@@ -169,7 +169,7 @@ class RemoteSequence:
         """``error``, and if no server announced the prefix it looked under, that prefix and what the swarm
         serves instead (read from the model index)."""
         try:
-            index = await fetch_models(await self.peer())
+            index = await fetch_index(await self.peer())
         except Exception as e:  # the error is news enough without the index
             logger.debug("Reading the model index failed: %s", e)
             return error

@@ -17,14 +17,17 @@ from types import TracebackType
 
 from swarm.config import HealthConfig
 from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_reports, fetch_servers
+from swarm.errors import SwarmError
 from swarm.records import ModelRecord, ServerRecord, ServerState
+from swarm.swarm_state import claims_to_check, pick_model
 
 from health.probe import ProbeCache, ProbeResult, probe_server
 
 logger = logging.getLogger(__name__)
 
-DHT_TIMEOUT = 30.0  # seconds one crawl may spend reading the DHT
-MAX_BLOCKS = 4096  # a model index entry claiming more blocks is not crawled (a buggy or hostile peer)
+DHT_TIMEOUT = 30.0  # seconds one crawl may spend reading the model index
+MODEL_TIMEOUT = 30.0  # seconds one crawl may spend on one model (models are crawled at once)
+MAX_MODELS = 64  # prefixes crawled, the most claimed first: peers making up models cannot make a crawl endless
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +85,7 @@ class Crawler:
 
     async def __aenter__(self) -> "Crawler":
         network = NetworkConfig(initial_peers=self.config.initial_peers, host_maddrs=self.config.host_maddrs,
-                                client_mode=True)
+                                client_mode=True, swarm_key=self.config.swarm_key)
         self._peer = await Peer.start(network)  # unreachable initial peers: the one join-failure message
         self._task = asyncio.create_task(self._loop(), name="health crawler")
         return self
@@ -114,14 +117,16 @@ class Crawler:
             await asyncio.sleep(max(0.0, self.config.refresh_period - (time.monotonic() - started)))
 
     async def crawl_once(self) -> Snapshot:
-        """Crawls the model index, every block key and every online server; publishes and returns the snapshot.
+        """Crawls the model index, every block key of every confirmed model and every online server;
+        publishes and returns the snapshot.
 
-        A failed crawl does not raise: it keeps the previous models and sets ``error``.
+        A failed crawl does not raise: it keeps the previous models and sets ``error``. A model whose crawl
+        takes over :data:`MODEL_TIMEOUT` keeps its previous state and is named in ``error``; the others update.
         """
         started = time.perf_counter()
         previous = self.snapshot
         try:
-            models = await self._crawl()
+            models, errors = await self._crawl(previous)
         except Exception as e:
             logger.warning("Crawl failed (the page keeps the previous state): %s", e or type(e).__name__)
             self.snapshot = dataclasses.replace(
@@ -129,45 +134,59 @@ class Crawler:
                 crawls=previous.crawls + 1, crawl_errors=previous.crawl_errors + 1)
         else:
             self.snapshot = Snapshot(models=models, updated_at=time.time(),
-                                     crawl_duration=time.perf_counter() - started, error=None,
-                                     crawls=previous.crawls + 1, crawl_errors=previous.crawl_errors)
+                                     crawl_duration=time.perf_counter() - started, error="; ".join(errors) or None,
+                                     crawls=previous.crawls + 1, crawl_errors=previous.crawl_errors + bool(errors))
         return self.snapshot
 
-    async def _crawl(self) -> tuple[ModelSnapshot, ...]:
-        peer = self.peer
-        index = await asyncio.wait_for(fetch_models(peer), DHT_TIMEOUT)
-        crawlable: dict[str, ModelRecord] = {}
-        for prefix, record in sorted(index.items()):
-            if record.num_blocks > MAX_BLOCKS:
-                logger.warning("Model %r claims %d blocks (more than %d); not crawled", prefix, record.num_blocks,
-                               MAX_BLOCKS)
-                continue
-            crawlable[prefix] = record
-        found = await asyncio.wait_for(asyncio.gather(
-            *(fetch_servers(peer, prefix, list(range(r.num_blocks))) for prefix, r in crawlable.items())),
-            DHT_TIMEOUT)
-        by_model = dict(zip(crawlable, found))
-        reports = dict(zip(crawlable, await asyncio.wait_for(asyncio.gather(
-            *(self._reports(prefix) for prefix in crawlable)), DHT_TIMEOUT)))
-
-        online = sorted({p for servers in by_model.values() for records in servers.values()
-                         for p, r in records.items() if r.state == ServerState.ONLINE})
-        # every crawl asks each server again (an answer from the last crawl is too old): a server that dies
-        # shows as unreachable after one crawl, within refresh_period + probe_timeout
-        fresh = self.config.refresh_period / 2
-        probes = dict(zip(online, await asyncio.gather(*(self.probe(p, max_age=fresh) for p in online))))
-        self.cache.prune(time.monotonic())
+    async def _crawl(self, previous: Snapshot) -> tuple[tuple[ModelSnapshot, ...], list[str]]:
+        index = await asyncio.wait_for(fetch_models(self.peer), DHT_TIMEOUT)
+        prefixes = sorted(sorted(index), key=lambda p: -len(index[p]))[:MAX_MODELS]  # the most claimed first
         addrs = await self._connected_addrs() if self.config.show_ips else {}
+        kept = {m.prefix: m for m in previous.models}
+        results = await asyncio.gather(*(asyncio.wait_for(
+            self._crawl_model(p, index[p], addrs, kept[p].record if p in kept else None), MODEL_TIMEOUT)
+            for p in prefixes), return_exceptions=True)
+        self.cache.prune(time.monotonic())
+        snapshots, errors = [], []
+        for prefix, result in zip(prefixes, results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, (asyncio.TimeoutError, SwarmError, ConnectionError, OSError)):
+                    raise result  # a bug: the crawl fails and says so
+                what = f"took over {MODEL_TIMEOUT:g}s" if isinstance(result, asyncio.TimeoutError) else str(result)
+                logger.warning("Crawling model %r failed (its previous state is kept): %s", prefix, what)
+                errors.append(f"model {prefix}: {what}")
+                result = kept.get(prefix)
+            if result is not None:
+                snapshots.append(result)
+        return tuple(sorted(snapshots, key=lambda m: m.prefix)), errors
 
-        snapshots = []
-        for prefix, record in crawlable.items():
-            servers = by_model[prefix]
-            peers = {p for records in servers.values() for p in records}
-            snapshots.append(ModelSnapshot(
-                prefix=prefix, record=record, servers=servers,
-                probes={p: probes[p] for p in peers if p in probes},
-                addrs={p: addrs[p] for p in peers if p in addrs}, reports=reports[prefix]))
-        return tuple(snapshots)
+    async def _crawl_model(self, prefix: str, claims: Mapping[str, ModelRecord], addrs: Mapping[str, tuple[str, ...]],
+                           believed: ModelRecord | None = None) -> ModelSnapshot | None:
+        """One model: believe the claim its servers confirm over ``info`` (or ``believed``, the claim an earlier
+        crawl confirmed, while a server still makes it: a model whose servers all died shows as broken; None if
+        none is), then read its block keys and probe its online servers. A server whose ``info`` names another
+        model is unreachable for this one: it cannot hold this model's blocks up."""
+        answers: dict[str, tuple[str, int] | None] = {}
+        while batch := claims_to_check(claims, answers):  # rounds: at most max_per_claim / per_claim of them
+            for p, r in (await self._probe_all(batch)).items():
+                answers[p] = (r.info.model, r.info.num_blocks) if r.ok and r.info is not None else None
+        record = pick_model(claims, {p: a for p, a in answers.items() if a is not None})
+        if record is None and believed is not None and believed in claims.values():
+            record = believed
+        if record is None:
+            logger.info("Model %r: no server confirms any of its %d index entries; not shown", prefix, len(claims))
+            return None
+        servers, reports = await asyncio.gather(fetch_servers(self.peer, prefix, list(range(record.num_blocks))),
+                                                self._reports(prefix))
+        peers = {p for records in servers.values() for p in records}
+        online = sorted({p for records in servers.values() for p, r in records.items()
+                         if r.state == ServerState.ONLINE})
+        # every crawl asks each online server again (an answer from the last crawl is too old): a server that
+        # dies shows as unreachable after one crawl, within refresh_period + probe_timeout
+        fresh = await self._probe_all(online, max_age=self.config.refresh_period / 2)
+        probes = {p: _for_model(result, record) for p, result in fresh.items()}
+        return ModelSnapshot(prefix=prefix, record=record, servers=servers, probes=probes,
+                             addrs={p: addrs[p] for p in peers if p in addrs}, reports=reports)
 
     async def _reports(self, prefix: str) -> dict[str, dict[str, str]]:
         """The model's reports of wrong servers; a failed lookup shows none rather than failing the crawl."""
@@ -176,6 +195,9 @@ class Crawler:
         except Exception as e:
             logger.warning("Reading the reports of %r failed: %s", prefix, e or type(e).__name__)
             return {}
+
+    async def _probe_all(self, peer_ids: list[str], max_age: float | None = None) -> dict[str, ProbeResult]:
+        return dict(zip(peer_ids, await asyncio.gather(*(self.probe(p, max_age) for p in peer_ids))))
 
     async def probe(self, peer_id: str, max_age: float | None = None) -> ProbeResult:
         """The info probe of ``peer_id``, from the cache if it is younger than ``probe_cache_ttl`` (and
@@ -202,4 +224,13 @@ class Crawler:
             logger.warning("Could not list connected peers: %s", e or type(e).__name__)
             return {}
         return {info.peer_id.to_base58(): tuple(str(a) for a in info.addrs) for info in peers}
+
+
+def _for_model(result: ProbeResult, record: ModelRecord) -> ProbeResult:
+    """A probe as it counts for ``record``'s model: an answer naming another model is a failed probe."""
+    info = result.info
+    if not result.ok or info is None or (info.model, info.num_blocks) == (record.name, record.num_blocks):
+        return result
+    return dataclasses.replace(result, ok=False, error=f"it serves {info.model!r} with {info.num_blocks} blocks, "
+                                                       f"not {record.name!r} with {record.num_blocks}")
 

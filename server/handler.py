@@ -34,6 +34,7 @@ from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable
                           UnknownSession, to_wire)
 from swarm.lora import AppliedLora, applied
 from swarm.push_tokens import KEY_BYTES, check_push_token
+from swarm.transport import check_opener
 from swarm.wire import (
     HANDLERS,
     PROTOCOL_VERSION,
@@ -124,6 +125,7 @@ class SpanHandler(RequestChecks):
         self.sessions: dict[str, Session] = {}
         self.leaving: str | None = None  # why this server takes no new sessions (it is leaving the swarm)
         self.pusher: PushSender | None = None
+        self.p2p: Any = None  # set by add_to
         self._streams: set[asyncio.Task] = set()
         self._wire_limits = WireLimits(max_message_bytes=self._max_message_bytes())
 
@@ -134,6 +136,7 @@ class SpanHandler(RequestChecks):
         return tokens * per_token + self.limits.max_adapter_bytes + (1 << 20)
 
     async def add_to(self, p2p) -> None:
+        self.p2p = p2p
         self.pusher = PushSender(p2p)
         await p2p.add_binary_stream_handler(HANDLERS["push"], self._guard(self._handle_push))
         await p2p.add_binary_stream_handler(HANDLERS["info"], self._guard(self._handle_info))
@@ -166,6 +169,8 @@ class SpanHandler(RequestChecks):
                 slot, evicted = self.quotas.open_stream(stream_info.peer_id.to_base58(), task)
                 if evicted is not None:  # the stream idle longest makes room (all streams together are capped)
                     evicted.key.cancel()
+                # private swarms: a stranger's stream holds a slot (streams stay capped) until it fails the check
+                await check_opener(self.p2p, stream_info, reader, self.limits.idle_timeout)
                 await handler(slot, reader, writer)
             except (EOFError, ConnectionError, asyncio.IncompleteReadError):
                 pass  # the peer went away; its sessions are freed by the handler's finally blocks
@@ -198,7 +203,7 @@ class SpanHandler(RequestChecks):
             start=self.span.start, end=self.span.end, hidden_size=self.hidden_size,
             dtype=str(self.dtype).removeprefix("torch."), max_session_length=self.limits.max_session_length,
             max_batch_size=self.limits.max_batch_size, cache_tokens_left=self.room(),
-            public_name=self.public_name,
+            public_name=self.public_name, num_blocks=self.span.config.num_hidden_layers,
         )
 
     async def _read(self, slot: StreamSlot, reader, timeout: float | None = None) -> Any:

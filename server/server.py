@@ -106,7 +106,8 @@ class Server:
                               "is served as its own 4-bit layers; drop --quant")
         self.model_config, self.device, self.dtype = model_config, device, dtype
         self.prequantized = prequantized
-        self.model_record = ModelRecord(name=cfg.model_name, num_blocks=num_blocks, family=model_config.model_type,
+        self.model_record = ModelRecord(prefix=cfg.dht_prefix, name=cfg.model_name, num_blocks=num_blocks,
+                                        family=model_config.model_type,
                                         config_digest=getattr(model_config, DIGEST_ATTR, ""))
         fixed = parse_span(cfg.blocks, num_blocks) if cfg.blocks is not None else None
         length = fixed[1] - fixed[0] if fixed else self._span_length(num_blocks)
@@ -122,7 +123,7 @@ class Server:
         self.peer = peer = await Peer.start(NetworkConfig(
             initial_peers=cfg.initial_peers, host_maddrs=cfg.listen_maddrs(), announce_maddrs=cfg.announce_maddrs,
             identity_path=cfg.identity_path, use_relay=cfg.use_relay,
-            use_auto_relay=cfg.use_auto_relay or job is not None))
+            use_auto_relay=cfg.use_auto_relay or job is not None, swarm_key=cfg.swarm_key))
         self.executor = executor = ComputeExecutor(num_threads=cfg.num_threads)
         self.next_pings = NextPings(peer.p2p)
         self.checkpoint = open_checkpoint(cfg.model, model_config, gguf_file=cfg.gguf_file, revision=cfg.revision,

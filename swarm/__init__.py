@@ -10,13 +10,17 @@ other way; the CLI imports them lazily):
 - ``codec``    typed dataclasses <-> msgpack maps, tensors <-> raw buffers
 - ``wire``     RPC messages and stream framing
 - ``dht``      starting a peer, announcing and fetching records
-- ``transport`` one stream to a server: send/receive messages with timeouts
+- ``identity`` the libp2p key a peer id is derived from: made, read and handed to p2pd by Swarm
+- ``signed_records`` the DHT validator: only entries signed by the peer their subkey names
+- ``swarm_key`` private swarms: the key file, DHT request authentication, stream proofs
+- ``transport`` one stream to a server: send/receive messages with timeouts (and the key proof)
 - ``push_tokens`` which pushes a session accepts: the hop its client named, with that hop's token
 - ``routing``  pure span/chain computation over records
 - ``placement`` pure block placement: where a server is most useful, and whether to move
 - ``swarm_state`` pure server/block/model state: replicas, healthy or broken (health, servers, clients)
 - ``served``   what a swarm serves, in words: ``swarm models --initial-peers``, finding a model by config.json, fix commands
 - ``config``   one frozen config dataclass per component
+- ``first_contact`` checks of what a user gives first (model sources, multiaddrs, key files): one line naming the fix
 - ``models``   family adapters (the only family-specific code)
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)
 - ``quant``    quantized blocks (int8, nf4): a transform on a loaded block, its size, where it runs

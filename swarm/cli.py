@@ -1,7 +1,7 @@
 """The ``swarm`` command: ``dht``, ``serve``, ``health``, ``api``, ``finetune``, ``verify``, ``doctor``, ``download``,
-``slurm``, ``demo``, ``models``.
+``slurm``, ``demo``, ``models``, ``keygen``.
 
-The flags of every command but ``demo`` and ``models`` are derived from its config dataclass in
+The flags of every command but ``demo``, ``models`` and ``keygen`` are derived from its config dataclass in
 :mod:`swarm.config` (``ServerConfig`` for ``serve``...); the roles are imported only when their command runs.
 Parsing and checking the flags imports neither torch nor hivemind, so a mistyped flag is refused at
 once, and every :class:`~swarm.errors.SwarmError` (or Ctrl-C) ends the command with a line, not a traceback.
@@ -25,8 +25,9 @@ from typing import Any
 
 from swarm import __version__, aio
 from swarm.config import (ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig,
-                          ServerConfig, SlurmConfig, VerifyConfig, check_maddrs)
+                          ServerConfig, SlurmConfig, VerifyConfig)
 from swarm.errors import SwarmError
+from swarm.first_contact import check_maddrs
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
@@ -169,6 +170,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--initial-peers", nargs="+", default=(),
                    help="multiaddrs of peers of a swarm: list the models it serves (their DHT prefix, name, "
                         "health) instead of the supported families")
+
+    p = sub.add_parser("keygen", help="write a new swarm key file: a private swarm's peers all pass it with "
+                                      "--swarm-key (docs/security.md)")
+    p.add_argument("file", help="where to write the key (never overwritten; readable by its owner only)")
     return parser
 
 
@@ -180,7 +185,7 @@ def run_dht(config: DHTConfig) -> int:
                                               announce_maddrs=config.announce_maddrs,
                                               identity_path=config.identity_path,
                                               initial_peers=config.initial_peers, use_relay=config.use_relay,
-                                              use_auto_relay=config.use_auto_relay))
+                                              use_auto_relay=config.use_auto_relay, swarm_key=config.swarm_key))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -241,6 +246,13 @@ def _main(argv: list[str] | None) -> int:
 
             return run_demo(model=args.model, num_servers=args.servers, prompt=args.prompt,
                             max_new_tokens=args.max_new_tokens)
+        if args.command == "keygen":
+            from swarm.swarm_key import write_key_file
+
+            key = write_key_file(args.file)
+            print(f"Wrote a new swarm key to {args.file} (fingerprint {key.fingerprint}). Copy it to every peer of "
+                  f"the private swarm and start each with --swarm-key {args.file} (clients: swarm_key=...).")
+            return 0
         if args.command == "models":
             return run_models(tuple(args.initial_peers))
         configs = {"dht": DHTConfig, "serve": ServerConfig, "health": HealthConfig, "api": ApiConfig,

@@ -7,18 +7,19 @@ and help string exists once. Validation lives in ``__post_init__`` and names the
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 from typing import TYPE_CHECKING, Any
 
-from swarm.errors import ConfigError, ModelError
+from swarm.errors import ConfigError
+from swarm.first_contact import GGUF_SUFFIX, check_maddrs, check_model_source, check_swarm_key
 
 if TYPE_CHECKING:
     from swarm.retry import RetryPolicy
 
 INITIAL_PEERS_ENV = "SWARM_INITIAL_PEERS"
 QUANT_SCHEMES = ("none", "int8", "nf4")  # how a server stores its blocks' Linear weights (swarm.quant)
+MAX_UPDATE_PERIOD = 300.0  # records live 2.5x this; peers refuse records living over 900 s (swarm.signed_records)
 
 
 def _help(text: str, **extra) -> dict:
@@ -42,8 +43,13 @@ def parse_span(text: str, num_blocks: int | None = None) -> tuple[int, int]:
     return start, end
 
 
-GGUF_SUFFIX = ".gguf"  # a model file in llama.cpp's format (swarm.gguf reads it)
 _HUB_SNAPSHOT = re.compile(r"models--(?:[^/\\]+--)?([^/\\]+)[/\\]snapshots[/\\][^/\\]+[/\\]?$")
+
+
+def _swarm_key_flag() -> Any:
+    return dataclasses.field(default=None, metadata=_help(
+        "key file of a private swarm (make one with `swarm keygen FILE`); peers without it can neither read nor "
+        "write the swarm's DHT nor open streams to its servers (docs/security.md)"))
 
 
 def default_prefix(model: str) -> str:
@@ -53,52 +59,6 @@ def default_prefix(model: str) -> str:
     snapshot = _HUB_SNAPSHOT.search(model)
     name = snapshot[1] if snapshot else os.path.basename(os.path.normpath(model)) or model
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
-def _looks_like_path(model: str) -> bool:
-    """A hub id is ``name`` or ``org/name``; anything else with a separator, or that starts like a path, is a path."""
-    if model.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in model or model.count("/") > 1:
-        return True
-    return "/" in model and os.path.isdir(model.split("/")[0])  # "models/tiny-llam": a typo under a local dir
-
-
-def check_model_source(model: str, flag: str = "--model", gguf_file: str | None = None) -> None:
-    """Refuses, in one line and before anything heavy loads, a model that cannot be one; passes every form
-    that loads: a directory with ``config.json``, a ``.gguf`` file, a directory or hub repository holding
-    ``gguf_file`` (``--gguf-file``), a hub id (the hub judges it when it downloads). Paths are taken as
-    given (like transformers, no ``~`` expansion: the shell does that)."""
-    if os.path.isdir(model):
-        ggufs = sorted(d for d in os.listdir(model) if d.endswith(GGUF_SUFFIX))
-        if gguf_file is not None:
-            if not os.path.isfile(os.path.join(model, gguf_file)):
-                hint = f" (it holds {', '.join(map(repr, ggufs[:3]))})" if ggufs else ""
-                raise ModelError(f"{flag} {model!r} has no GGUF file {gguf_file!r} (--gguf-file){hint}")
-            return
-        if os.path.isfile(os.path.join(model, "config.json")):
-            return
-        inside = sorted(d for d in os.listdir(model) if os.path.isfile(os.path.join(model, d, "config.json")))
-        hint = (f" (it holds {ggufs[0]!r}: pass that file, or --gguf-file {ggufs[0]})" if ggufs
-                else f" (its subdirectory {inside[0]!r} has one)" if inside else "")
-        raise ModelError(f"{flag} {model!r} has no config.json{hint}: pass the directory that holds the model's "
-                         "config.json and *.safetensors files")
-    if os.path.isfile(model):
-        if gguf_file is not None:
-            raise ModelError(f"{flag} {model!r} is a file, and --gguf-file names a file inside a directory or hub "
-                             f"repository: pass --model {os.path.dirname(model) or '.'} --gguf-file {gguf_file}, or "
-                             "the .gguf file alone as --model")
-        if model.endswith(GGUF_SUFFIX):
-            return
-        raise ModelError(f"{flag} {model!r} is a file: pass the directory that holds it (with config.json and "
-                         "*.safetensors), a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
-    if model.endswith(GGUF_SUFFIX):
-        parts = model.split("/")
-        if len(parts) >= 3 and not model.startswith(("/", ".", "~")) and not os.path.isdir(parts[0]):
-            return  # ORG/REPO/NAME.gguf: a file in a hub repository, the name such a server announces
-        raise ModelError(f"GGUF file {model!r} does not exist; for a file in a hub repository pass "
-                         "--model ORG/REPO --gguf-file NAME.gguf (or name it ORG/REPO/NAME.gguf)")
-    if _looks_like_path(model):
-        raise ModelError(f"{flag} {model!r}: no such directory. Pass a local directory with config.json and "
-                         "*.safetensors, a .gguf file, or a hub id such as Qwen/Qwen2.5-7B-Instruct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +80,7 @@ class NetworkFlags:
         default=True, metadata=_help("reach peers behind NATs/firewalls through libp2p circuit relays"))
     use_auto_relay: bool = dataclasses.field(
         default=False, metadata=_help("behind a NAT/firewall yourself: find relays and become reachable through them"))
+    swarm_key: str | None = _swarm_key_flag()
 
     def listen_maddrs(self) -> tuple[str, ...]:
         if self.host_maddrs:
@@ -129,6 +90,7 @@ class NetworkFlags:
     def check_network(self) -> None:
         check_maddrs("--initial-peers", self.initial_peers)
         check_maddrs("--announce-maddrs", self.announce_maddrs, full=False)
+        check_swarm_key(self.swarm_key)
         if self.port is not None and not 0 < self.port < 65536:
             raise ConfigError(f"--port {self.port} is not a TCP port (1..65535)")
         if self.port is not None and self.host_maddrs:
@@ -267,6 +229,9 @@ class ServerConfig(NetworkFlags):
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not (self.update_period > 0 and self.session_timeout > 0 and self.idle_timeout > 0):
             raise ConfigError("--update-period, --session-timeout and --idle-timeout must be positive")
+        if self.update_period > MAX_UPDATE_PERIOD:
+            raise ConfigError(f"--update-period {self.update_period} is over {MAX_UPDATE_PERIOD:.0f}s: records would "
+                              "live longer than other peers accept")
         if not 0 < self.peer_cache_share <= 1:
             raise ConfigError(f"--peer-cache-share must be in (0, 1], got {self.peer_cache_share}")
         if self.num_threads is not None and self.num_threads <= 0:
@@ -318,6 +283,7 @@ class ClientConfig:
     # the share of span steps and forward passes re-run on another server and compared (client.verifier);
     # a server found computing wrong is never used again and is reported (docs/faults.md)
     verify_rate: float = 0.05
+    swarm_key: str | None = None  # key file of a private swarm (docs/security.md)
 
     def __post_init__(self) -> None:
         if not self.initial_peers:
@@ -337,55 +303,13 @@ class ClientConfig:
                 isinstance(q, str) and q for q in self.allowed_quant)):
             raise ConfigError(f"allowed_quant must be None (any server) or quant names such as ('none',) or "
                               f"('int8', 'nf4') (servers run {', '.join(QUANT_SCHEMES)}), got {self.allowed_quant!r}")
+        check_swarm_key(self.swarm_key)
 
     @property
     def retry_policy(self) -> RetryPolicy:
         from swarm.retry import RetryPolicy
 
         return RetryPolicy(deadline=self.retry_deadline)
-
-
-_MADDR_EXAMPLE = "/ip4/10.0.0.5/tcp/31337/p2p/12D3Koo... as printed by `swarm dht` or `swarm serve`"
-_NO_VALUE = {"p2p-circuit", "quic", "quic-v1", "ws", "wss", "tls", "noise", "http", "https", "webtransport",
-             "webrtc", "webrtc-direct", "tcp-tls"}
-
-
-def _maddr_problem(addr: str) -> str | None:
-    """What is wrong with the parts of a multiaddr that are easy to get wrong (IP, port), or None.
-    Protocols this check does not know end it: p2pd judges the rest."""
-    parts = addr.split("/")[1:]
-    i = 0
-    while i < len(parts):
-        name = parts[i]
-        if name in _NO_VALUE:
-            i += 1
-            continue
-        if name not in ("ip4", "ip6", "dns", "dns4", "dns6", "dnsaddr", "tcp", "udp", "p2p", "ipfs"):
-            return None
-        if i + 1 >= len(parts) or not parts[i + 1]:
-            return f"/{name} needs a value"
-        value = parts[i + 1]
-        try:
-            if name == "ip4":
-                ipaddress.IPv4Address(value)
-            elif name == "ip6":
-                ipaddress.IPv6Address(value)
-        except ValueError:
-            return f"{value!r} is not an {'IPv4' if name == 'ip4' else 'IPv6'} address"
-        if name in ("tcp", "udp") and not (value.isdigit() and int(value) < 65536):
-            return f"{value!r} is not a {name.upper()} port (0..65535)"
-        i += 2
-    return None
-
-
-def check_maddrs(flag: str, maddrs: tuple[str, ...], *, full: bool = True) -> None:
-    """Refuses a malformed multiaddr in one line naming ``flag``; ``full``: it must name a peer (``/p2p/...``)."""
-    for addr in maddrs:
-        if not addr.startswith("/") or (full and "/p2p/" not in addr):
-            raise ConfigError(f"{flag} {addr!r} is not a full multiaddr; expected e.g. {_MADDR_EXAMPLE}")
-        problem = _maddr_problem(addr)
-        if problem:
-            raise ConfigError(f"{flag} {addr!r}: {problem}; expected e.g. {_MADDR_EXAMPLE}")
 
 
 def _swarm_peers(which: str) -> Any:
@@ -421,9 +345,11 @@ class HealthConfig:
     max_probes: int = dataclasses.field(default=32, metadata=_help("probes in flight at once"))
     show_ips: bool = dataclasses.field(
         default=False, metadata=_help("show the network addresses of servers on the page and in the JSON"))
+    swarm_key: str | None = _swarm_key_flag()
 
     def __post_init__(self) -> None:
         _check_swarm_peers("swarm health", self.initial_peers)
+        check_swarm_key(self.swarm_key)
         if not self.host:
             raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
         if not 0 <= self.port < 65536:
@@ -516,9 +442,11 @@ class FinetuneConfig:
     dtype: str = dataclasses.field(
         default="float32", metadata=_help("dtype of the local embeddings/head and of the activations sent "
                                           "(float32, bfloat16 or float16)"))
+    swarm_key: str | None = _swarm_key_flag()
 
     def __post_init__(self) -> None:
         _check_swarm_peers("swarm finetune", self.initial_peers)
+        check_swarm_key(self.swarm_key)
         for name, example in (("model", "Qwen/Qwen2.5-7B-Instruct"), ("data", "train.json"), ("output", "my-adapter")):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required, e.g. --{name} {example}")
@@ -573,9 +501,11 @@ class ApiConfig:
     request_timeout: float = dataclasses.field(
         default=60.0, metadata=_help("seconds one inference step through the swarm may take before it is retried "
                                      "elsewhere"))
+    swarm_key: str | None = _swarm_key_flag()
 
     def __post_init__(self) -> None:
         _check_swarm_peers("swarm api", self.initial_peers)
+        check_swarm_key(self.swarm_key)
         if not self.host:
             raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
         if not 0 <= self.port < 65536:

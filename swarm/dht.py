@@ -1,8 +1,10 @@
 """DHT access shared by servers, clients and the health service.
 
 A peer is one hivemind :class:`P2P` (one ``p2pd`` child) with a :class:`DHTNode` on top, both in the
-caller's event loop. Server records are signed: the subkey carries the server's public key, so
-hivemind's :class:`RSASignatureValidator` rejects anyone else's writes to it.
+caller's event loop. Swarm holds the peer's libp2p key (:mod:`swarm.identity`) and signs every entry
+it stores with it; every entry's subkey is its signer's peer id, and :mod:`swarm.signed_records`
+refuses anything else, so no peer can write (or erase) another peer's records. With a swarm key
+(:mod:`swarm.swarm_key`) every DHT request is authenticated too, and peers without it get no answer.
 
 Joining is where first mistakes show, so :meth:`Peer.start` answers each in one line, the same for
 every role (serve, finetune, health, the Python client): unreachable initial peers
@@ -27,21 +29,22 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
-from hivemind.utils.crypto import RSAPrivateKey
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
-from swarm.config import INITIAL_PEERS_ENV, check_maddrs
+from swarm.config import INITIAL_PEERS_ENV
 from swarm.errors import BadRequest, ConfigError, ServerUnavailable
+from swarm.first_contact import check_maddrs
+from swarm.identity import Identity, identity_file, load_identity, new_identity
 from swarm.records import (
     MODEL_INDEX_KEY,
     ModelRecord,
+    R,
     ReportRecord,
     ServerRecord,
     block_key,
@@ -49,10 +52,10 @@ from swarm.records import (
     encode_record,
     reports_key,
 )
+from swarm.signed_records import MAX_RECORD_TTL, SignedRecordValidator
+from swarm.swarm_key import SwarmKey, SwarmKeyAuthorizer, use_swarm_key
 
 logger = logging.getLogger(__name__)
-
-_OWNER_MARK = b"[owner:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ class NetworkConfig:
     use_relay: bool = True
     use_auto_relay: bool = False
     startup_timeout: float = 30.0
+    swarm_key: str | None = None  # key file of a private swarm (swarm.swarm_key)
 
     def __post_init__(self) -> None:
         check_maddrs("initial peer", self.initial_peers)
@@ -86,40 +90,52 @@ class Peer:
 
     p2p: P2P
     node: DHTNode
-    validator: RSASignatureValidator
+    identity: Identity
+    swarm_key: SwarmKey | None = None
     identity_lock: IO[bytes] | None = None  # held while this peer runs: no second peer here with its identity
 
     @classmethod
     async def start(cls, config: NetworkConfig) -> "Peer":
         """Starts ``p2pd`` and the DHT node; a mistake in ``config`` or an unreachable swarm raises a
         :class:`ConfigError` or :class:`ServerUnavailable` whose one-line message names the fix."""
+        swarm_key = SwarmKey.from_file(config.swarm_key) if config.swarm_key else None
+        if swarm_key is not None:
+            logger.info("Private swarm: swarm key %s (fingerprint %s)", config.swarm_key, swarm_key.fingerprint)
         _spawn_p2pd_in_own_session()
         _ignore_dropped_daemon_streams(asyncio.get_running_loop())
         for maddr in config.host_maddrs:
             _check_port_free(maddr)
         lock = _lock_identity(config.identity_path)
-        validator = RSASignatureValidator(RSAPrivateKey())
         try:
-            try:
-                p2p = await P2P.create(
-                    initial_peers=list(config.initial_peers) or None,
-                    host_maddrs=list(config.host_maddrs),
-                    announce_maddrs=list(config.announce_maddrs) or None,
-                    identity_path=config.identity_path,
-                    dht_mode="client" if config.client_mode else "server",
-                    use_relay=config.use_relay,
-                    use_auto_relay=config.use_auto_relay,
-                    startup_timeout=config.startup_timeout,
-                )
-            except P2PDaemonError as e:
-                raise _daemon_failure(config, e) from None
+            identity, check_if_free = _identity(config.identity_path)
             lock = lock or _lock_identity(config.identity_path)  # a new identity file exists only now
             try:
+                with contextlib.ExitStack() as files:
+                    path = config.identity_path or files.enter_context(identity_file(identity))
+                    p2p = await P2P.create(
+                        initial_peers=list(config.initial_peers) or None,
+                        host_maddrs=list(config.host_maddrs),
+                        announce_maddrs=list(config.announce_maddrs) or None,
+                        identity_path=path,
+                        check_if_identity_free=check_if_free,
+                        dht_mode="client" if config.client_mode else "server",
+                        use_relay=config.use_relay,
+                        use_auto_relay=config.use_auto_relay,
+                        startup_timeout=config.startup_timeout,
+                    )
+            except P2PDaemonError as e:
+                raise _daemon_failure(config, e) from None
+            try:
+                if p2p.peer_id.to_base58() != identity.peer_id:
+                    raise ConfigError(f"p2pd runs as {p2p.peer_id}, not as the identity Swarm signs for "
+                                      f"({identity.peer_id}); is --identity-path a libp2p key file?")
+                use_swarm_key(p2p, swarm_key)
                 node = await DHTNode.create(
                     p2p=p2p,
                     initial_peers=list(config.initial_peers) or None,
                     client_mode=config.client_mode,
-                    record_validator=validator,
+                    record_validator=SignedRecordValidator(identity),
+                    authorizer=SwarmKeyAuthorizer(swarm_key) if swarm_key is not None else None,
                     num_workers=8,
                     wait_timeout=3,
                     cache_locally=False,
@@ -127,6 +143,12 @@ class Peer:
                 )
             except BaseException as e:
                 await p2p.shutdown()
+                if isinstance(e, RuntimeError) and "bootstrap failed" in str(e) and config.initial_peers:
+                    hint = (f"check that swarm key {swarm_key.fingerprint} (--swarm-key) is the swarm's" if swarm_key
+                            else "a private swarm answers only peers with its key: --swarm-key FILE (swarm_key=FILE "
+                                 "in Python)")
+                    raise ServerUnavailable(join_failure(config.initial_peers,
+                                                         f"no peer answered a DHT ping; {hint}")) from None
                 if isinstance(e, (P2PDaemonError, OSError, asyncio.TimeoutError)) and config.initial_peers:
                     raise ServerUnavailable(join_failure(config.initial_peers, _reason(e))) from None
                 raise
@@ -134,7 +156,7 @@ class Peer:
             if lock is not None:
                 lock.close()
             raise
-        return cls(p2p=p2p, node=node, validator=validator, identity_lock=lock)
+        return cls(p2p=p2p, node=node, identity=identity, swarm_key=swarm_key, identity_lock=lock)
 
     @property
     def peer_id(self) -> PeerID:
@@ -144,9 +166,6 @@ class Peer:
         """Full multiaddrs another machine joins with: ``/ip4/.../tcp/.../p2p/<peer id>``."""
         maddrs = await self.p2p.get_visible_maddrs()
         return [str(m) for m in maddrs]
-
-    def server_subkey(self) -> bytes:
-        return self.peer_id.to_base58().encode() + self.validator.local_public_key
 
     def daemon_alive(self) -> bool:
         child = getattr(self.p2p, "_child", None)  # hivemind keeps the p2pd process here
@@ -285,26 +304,41 @@ def _ignore_dropped_daemon_streams(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
+def _identity(identity_path: str | None) -> tuple[Identity, bool]:
+    """The identity to run as, and whether hivemind should check that no running peer uses it already."""
+    if identity_path is None:
+        return new_identity(), False  # fresh: nobody else has it
+    if not os.path.isfile(identity_path):
+        P2P.generate_identity(identity_path)  # hivemind's RSA key file, as p2pd would get without Swarm
+        return load_identity(identity_path), False
+    identity = load_identity(identity_path)
+    return identity, bool(identity.carried_public_key)  # hivemind's check reads RSA key files only
+
+
 async def declare_server(
     peer: Peer, prefix: str, record: ServerRecord, expiration: float, model: ModelRecord | None = None,
     blocks: Sequence[int] | None = None,
 ) -> bool:
     """Stores ``record`` under every block key of its span (or of ``blocks``, e.g. an OFFLINE record for the
-    blocks a moving server leaves) and the model index entry; True if all stored.
+    blocks a moving server leaves) and the model index entry; True if all stored. Every entry's subkey is
+    this peer's id and is signed by it.
 
     A later call supersedes an earlier one for the same (block, server): its expiration is later. Each call
     stamps the record with its time (``announced_at``), so every announcement differs from the last.
     """
+    if not 0 < expiration <= MAX_RECORD_TTL:
+        raise ConfigError(f"records live 0 to {MAX_RECORD_TTL:.0f}s (other peers refuse longer), got {expiration}s")
+    if model is not None and model.prefix != prefix:
+        raise ConfigError(f"the model index entry is for prefix {model.prefix!r}, the records for {prefix!r}")
     now = get_dht_time()
     expiration_time = now + expiration
     value = encode_record(dataclasses.replace(record, announced_at=now))
     keys: list[str] = [block_key(prefix, b) for b in (range(record.start, record.end) if blocks is None else blocks)]
     values: list[bytes] = [value] * len(keys)
-    subkeys: list[bytes | str] = [peer.server_subkey()] * len(keys)
     if model is not None:
         keys.append(MODEL_INDEX_KEY)
         values.append(encode_record(model))
-        subkeys.append(prefix)
+    subkeys = [peer.peer_id.to_base58()] * len(keys)
     stored = await peer.node.store_many(keys, values, expiration_time, subkeys=subkeys)
     return all(stored.values())
 
@@ -331,73 +365,64 @@ def all_relayed(maddrs: Sequence[str]) -> bool:
     return bool(maddrs) and all("/p2p-circuit" in str(m) for m in maddrs)
 
 
-def parse_server_subkey(subkey: bytes | str) -> str:
-    """The peer id (base58) from a block key subkey; raises BadRequest if it is not a signed server subkey."""
-    if isinstance(subkey, str):
-        subkey = subkey.encode()
-    end = subkey.find(_OWNER_MARK)
-    if end <= 0:
-        raise BadRequest(f"block record subkey {subkey[:60]!r} does not carry an owner key")
-    return subkey[:end].decode()
+def _entries(entry: ValueWithExpiration | None, cls: type[R]) -> Iterator[tuple[str, R]]:
+    """``(peer id, record)`` for each entry of a key's dictionary that decodes as ``cls``. The DHT's validator
+    let only entries signed by the peer their subkey names through; malformed records (from buggy or hostile
+    peers) are skipped: they never stop a lookup."""
+    if entry is None or not isinstance(entry.value, dict):
+        return
+    for peer_id, item in entry.value.items():
+        try:
+            record = decode_record(cls, item.value)
+        except BadRequest:
+            continue
+        if isinstance(peer_id, str):
+            yield peer_id, record
 
 
 async def fetch_servers(peer: Peer, prefix: str, blocks: Sequence[int]) -> dict[int, dict[str, ServerRecord]]:
-    """For each block, the records of servers that announced it: ``{block: {peer_id: record}}``.
-
-    Malformed records (from buggy or hostile peers) are skipped; they never stop a lookup.
-    """
+    """For each block, the records of servers that announced it: ``{block: {peer_id: record}}``."""
     keys = [block_key(prefix, b) for b in blocks]
     found = await peer.node.get_many(keys, sufficient_expiration_time=float("inf"))
-    out: dict[int, dict[str, ServerRecord]] = {}
-    for b, key in zip(blocks, keys):
-        servers: dict[str, ServerRecord] = {}
-        entry = found.get(key)
-        if entry is not None and isinstance(entry.value, dict):
-            for subkey, item in entry.value.items():
-                try:
-                    peer_id = parse_server_subkey(subkey)
-                    record = decode_record(ServerRecord, item.value)
-                except BadRequest:
-                    continue
-                if record.start <= b < record.end:
-                    servers[peer_id] = record
-        out[b] = servers
-    return out
+    return {b: {peer_id: record for peer_id, record in _entries(found.get(key), ServerRecord)
+                if record.start <= b < record.end}
+            for b, key in zip(blocks, keys)}
 
 
 async def publish_report(peer: Peer, prefix: str, record: ReportRecord, expiration: float) -> bool:
-    """Stores this peer's report (it replaces its earlier one) under the model's reports key; True if stored."""
+    """Stores this peer's report (it replaces its earlier one) under the model's reports key, signed with its
+    peer id as subkey; True if stored."""
+    if not 0 < expiration <= MAX_RECORD_TTL:
+        raise ConfigError(f"records live 0 to {MAX_RECORD_TTL:.0f}s (other peers refuse longer), got {expiration}s")
     return bool(await peer.node.store(reports_key(prefix), encode_record(record), get_dht_time() + expiration,
-                                      subkey=peer.server_subkey()))
+                                      subkey=peer.peer_id.to_base58()))
 
 
 async def fetch_reports(peer: Peer, prefix: str) -> dict[str, dict[str, str]]:
     """The model's reports: ``{peer id of a server: {reporter's peer id: why}}`` (malformed ones skipped)."""
-    entry = await peer.node.get(reports_key(prefix), latest=True)
     reports: dict[str, dict[str, str]] = {}
-    if entry is not None and isinstance(entry.value, dict):
-        for subkey, item in entry.value.items():
-            try:
-                reporter = parse_server_subkey(subkey)
-                record = decode_record(ReportRecord, item.value)
-            except BadRequest:
-                continue
-            for accused, why in record.wrong.items():
-                reports.setdefault(accused, {})[reporter] = why
+    for reporter, record in _entries(await peer.node.get(reports_key(prefix), latest=True), ReportRecord):
+        for accused, why in record.wrong.items():
+            reports.setdefault(accused, {})[reporter] = why
     return reports
 
 
-async def fetch_models(peer: Peer) -> dict[str, ModelRecord]:
-    """The model index: ``{prefix: ModelRecord}`` (malformed entries skipped)."""
-    entry = await peer.node.get(MODEL_INDEX_KEY, latest=True)
-    models: dict[str, ModelRecord] = {}
-    if entry is not None and isinstance(entry.value, dict):
-        for prefix, item in entry.value.items():
-            try:
-                models[str(prefix)] = decode_record(ModelRecord, item.value)
-            except BadRequest:
-                continue
+async def fetch_models(peer: Peer) -> dict[str, dict[str, ModelRecord]]:
+    """The model index as its servers claim it: ``{prefix: {peer_id: ModelRecord}}``, one signed claim per
+    server (malformed ones skipped). Claims may disagree: :func:`swarm.swarm_state.pick_model` decides."""
+    models: dict[str, dict[str, ModelRecord]] = {}
+    for peer_id, record in _entries(await peer.node.get(MODEL_INDEX_KEY, latest=True), ModelRecord):
+        models.setdefault(record.prefix, {})[peer_id] = record
     return models
+
+
+async def fetch_index(peer: Peer) -> dict[str, ModelRecord]:
+    """``{prefix: ModelRecord}``: per prefix, the claim most of its servers signed (unconfirmed:
+    :func:`swarm.swarm_state.likeliest_model`; the health service confirms claims over ``info``)."""
+    from swarm.swarm_state import likeliest_model
+
+    claims = await fetch_models(peer)
+    return {prefix: record for prefix, c in claims.items() if (record := likeliest_model(c)) is not None}
 
 
 def peer_sockets() -> set[str]:

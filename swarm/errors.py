@@ -15,6 +15,7 @@
         │   ├── UnknownSession    a step names a session the server does not hold
         │   └── SessionLengthExceeded
         ├── MissingBlocksError    no online server holds some blocks of the model
+        ├── AccessDenied          a private swarm's server refused a stream without proof of its key
         ├── ProtocolVersionError  the peer speaks an incompatible protocol version
         ├── ModelError            a model cannot be loaded or is not supported
         ├── ConfigError           a flag or argument has a bad value
@@ -116,6 +117,10 @@ class MissingBlocksError(FatalError):
     code = "missing_blocks"
 
 
+class AccessDenied(FatalError):
+    code = "access_denied"
+
+
 class ProtocolVersionError(FatalError):
     code = "protocol_version"
 
@@ -155,6 +160,7 @@ _BY_CODE: dict[str, type[SwarmError]] = {
         UnknownSession,
         SessionLengthExceeded,
         MissingBlocksError,
+        AccessDenied,
         ProtocolVersionError,
         ModelError,
         ConfigError,

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from swarm.config import GGUF_SUFFIX
 from swarm.errors import ModelError
+from swarm.first_contact import GGUF_SUFFIX
 
 INSTALL_HINT = "pip install 'swarm-llm[gguf]'  (or: pip install gguf)"
 _FLOAT_TYPES = {0: "f32", 1: "f16", 30: "bf16"}  # ggml type ids of plain float tensors

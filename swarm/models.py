@@ -24,9 +24,9 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from swarm import gguf, position_bias, translate
-from swarm.config import check_model_source
 from swarm.devices import bf16_supported
 from swarm.errors import ConfigError, ModelError
+from swarm.first_contact import check_model_source
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,16 @@ Every record is a frozen dataclass encoded with msgpack in one place (:func:`enc
 record that lacks a required field or has a field of the wrong type, and rejects a newer major
 ``schema_version``.
 
-DHT layout (see DESIGN.md):
+DHT layout (see DESIGN.md). Every entry's subkey is the peer id of the server that wrote it and its
+value is signed with that peer's libp2p key (:mod:`swarm.signed_records`); peers refuse anything else.
 
-- block key ``"{prefix}.{block}"``, subkey = the server's peer id (+ its signing key), value = ServerRecord
-- model index key :data:`MODEL_INDEX_KEY`, subkey = prefix, value = ModelRecord
-- reports key ``"{prefix}.reports"``, subkey = the reporting client's peer id (+ its signing key),
-  value = ReportRecord
+- block key ``"{prefix}.{block}"``, subkey = the server's peer id, value = ServerRecord
+- model index key :data:`MODEL_INDEX_KEY`, subkey = the server's peer id, value = ModelRecord (one claim per
+  server about the model it serves; readers decide which claims to believe: :func:`swarm.swarm_state.pick_model`)
+- reports key ``"{prefix}.reports"``, subkey = the reporting client's peer id, value = ReportRecord
+
+Schema 2 (signed entries, ``ModelRecord.prefix``) is not readable by schema-1 peers and the other way
+round: a swarm upgrades all its peers together.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import msgpack
 from swarm.codec import build_dataclass, dataclass_to_map
 from swarm.errors import BadRequest
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MODEL_INDEX_KEY = "_swarm.models"
 
 
@@ -70,8 +74,9 @@ class ServerRecord:
 
 @dataclasses.dataclass(frozen=True)
 class ModelRecord:
-    """One entry of the model index: enough for a crawler to find every block key of a model."""
+    """One server's entry in the model index: enough for a crawler to find every block key of a model."""
 
+    prefix: str  # the model's DHT namespace: its block keys are "{prefix}.{block}"
     name: str  # repository id or local name the servers were started with
     num_blocks: int
     family: str  # transformers model_type, e.g. "llama"
@@ -81,12 +86,14 @@ class ModelRecord:
     def __post_init__(self) -> None:
         if self.num_blocks <= 0:
             raise BadRequest(f"a model record needs num_blocks > 0, got {self.num_blocks}")
+        if not self.prefix:
+            raise BadRequest("a model record needs a non-empty prefix")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReportRecord:
     """What one client (or ``swarm verify`` checker) caught servers computing wrong, stored under
-    :func:`reports_key` with the reporter's own signed subkey: ``{peer id of the server: why}``."""
+    :func:`reports_key` with the reporter's peer id as subkey (signed by it): ``{peer id of the server: why}``."""
 
     wrong: dict[str, str]
     schema_version: int = SCHEMA_VERSION

@@ -15,12 +15,12 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
-from swarm.config import GGUF_SUFFIX, default_prefix
+from swarm.config import default_prefix
+from swarm.first_contact import GGUF_SUFFIX
 from swarm.records import ModelRecord, ServerRecord
 from swarm.routing import format_blocks
 from swarm.swarm_state import merge_servers, model_health
 
-MAX_BLOCKS = 4096  # a model index entry claiming more blocks is not looked at (a buggy or hostile peer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +55,12 @@ def summarize(index: Mapping[str, ModelRecord],
 
 async def list_served(initial_peers: Sequence[str]) -> list[ServedModel]:
     """Joins the swarm of ``initial_peers`` as a DHT client and reads what it serves."""
-    from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_servers
+    from swarm.dht import NetworkConfig, Peer, fetch_index, fetch_servers
 
     peer = await Peer.start(NetworkConfig(initial_peers=tuple(initial_peers), host_maddrs=("/ip4/0.0.0.0/tcp/0",),
                                           client_mode=True))
     try:
-        index = {p: r for p, r in (await fetch_models(peer)).items() if r.num_blocks <= MAX_BLOCKS}
+        index = await fetch_index(peer)  # claims over swarm_state.MAX_MODEL_BLOCKS blocks are dropped
         servers = {p: await fetch_servers(peer, p, list(range(r.num_blocks))) for p, r in index.items()}
     finally:
         await peer.shutdown()

@@ -8,6 +8,11 @@ model is healthy. No I/O and no clock; servers, clients and the health service s
 - :class:`BlockState` / :func:`block_states` — served, joining (only loading servers) or missing
 - :class:`ModelHealth` / :func:`model_health` — all of the above for one model; ``healthy`` means
   every block has at least one online server, i.e. :func:`swarm.routing.make_chain` can cover it
+- :func:`claims_to_check` / :func:`pick_model` — which of the model index's claims about one prefix
+  to believe: each server signs its own claim, and a claim counts only when a server that made it
+  confirms it over ``info`` (a peer that only writes to the DHT cannot make a model appear);
+  :func:`likeliest_model` is the unconfirmed guess (the claim most peers made) for readers that ask
+  no server
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import enum
 from collections import Counter
 from collections.abc import Mapping, Set
 
-from swarm.records import ServerRecord, ServerState
+from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.routing import ServersByBlock
+
+MAX_MODEL_BLOCKS = 1024  # a claim of more blocks is ignored (the largest models have a few hundred)
 
 
 class PeerState(str, enum.Enum):
@@ -134,3 +141,73 @@ def model_health(servers: ServersByBlock, num_blocks: int,
     states = {p: peer_state(r, reachable.get(p)) for p, r in merge_servers(servers).items()}
     return ModelHealth(num_blocks=num_blocks, replicas=tuple(replica_counts(servers, num_blocks, unreachable)),
                        blocks=tuple(block_states(servers, num_blocks, unreachable)), states=states)
+
+
+def _claim(record: ModelRecord) -> tuple[str, int, str]:
+    return record.name, record.num_blocks, record.family
+
+
+def claims_to_check(claims: Mapping[str, ModelRecord], served: Mapping[str, tuple[str, int] | None] | None = None,
+                    per_claim: int = 3, max_claims: int = 4, max_per_claim: int = 12) -> list[str]:
+    """The next peers whose ``info`` decides between the claims about one prefix (``{peer id: claim}``).
+
+    ``served``: what the peers probed so far answered (``(model, num_blocks)``, None for no answer). For
+    each of the ``max_claims`` claims most peers made that no probed peer confirms yet: up to ``per_claim``
+    claimants not probed yet, at most ``max_per_claim`` probed per claim in all. Call again with the answers
+    until it returns nothing: claimants that left (their entries outlive them) cannot hide a claim that a
+    live server makes, and many peers making up claims cannot make a crawl probe them all.
+    """
+    served = served or {}
+    by_claim: dict[tuple[str, int, str], list[str]] = {}
+    for peer_id, record in sorted(claims.items()):
+        if record.num_blocks <= MAX_MODEL_BLOCKS:
+            by_claim.setdefault(_claim(record), []).append(peer_id)
+    ranked = sorted(by_claim.items(), key=lambda item: (-len(item[1]), item[0][1], item[0]))[:max_claims]
+    out = []
+    for (name, num_blocks, _), peers in ranked:
+        probed = [p for p in peers if p in served]
+        if any(served[p] == (name, num_blocks) for p in probed):
+            continue  # confirmed
+        left = max(0, min(per_claim, max_per_claim - len(probed)))
+        out += [p for p in peers if p not in served][:left]
+    return out
+
+
+def pick_model(claims: Mapping[str, ModelRecord], served: Mapping[str, tuple[str, int]]) -> ModelRecord | None:
+    """The claim to believe about one prefix, or None if no claim is confirmed.
+
+    ``claims``: ``{peer id: the ModelRecord it signed}``; ``served``: ``{peer id: (model name, num_blocks)}``
+    as peers answered ``info``. A claim is confirmed by each peer that made it and serves that model with
+    that many blocks. The claim with the most confirmations wins; ties go to the one more peers made, then
+    to fewer blocks. Claims over :data:`MAX_MODEL_BLOCKS` blocks are ignored.
+    """
+    confirmations: Counter[tuple[str, int, str]] = Counter()
+    made: Counter[tuple[str, int, str]] = Counter()
+    records: dict[tuple[str, int, str], ModelRecord] = {}
+    for peer_id, record in claims.items():
+        if record.num_blocks > MAX_MODEL_BLOCKS:
+            continue
+        claim = _claim(record)
+        records.setdefault(claim, record)
+        made[claim] += 1
+        if served.get(peer_id) == (record.name, record.num_blocks):
+            confirmations[claim] += 1
+    if not confirmations:
+        return None
+    best = max(confirmations, key=lambda c: (confirmations[c], made[c], -c[1], c))
+    return records[best]
+
+
+def likeliest_model(claims: Mapping[str, ModelRecord]) -> ModelRecord | None:
+    """The claim about one prefix that the most peers made (ties: fewer blocks), claims over
+    :data:`MAX_MODEL_BLOCKS` ignored; None if none is left. Unconfirmed: identities cost nothing, so a
+    reader that can ask servers uses :func:`pick_model`."""
+    made: Counter[tuple[str, int, str]] = Counter()
+    records: dict[tuple[str, int, str], ModelRecord] = {}
+    for record in claims.values():
+        if record.num_blocks <= MAX_MODEL_BLOCKS:
+            made[_claim(record)] += 1
+            records.setdefault(_claim(record), record)
+    if not made:
+        return None
+    return records[max(made, key=lambda c: (made[c], -c[1], c))]

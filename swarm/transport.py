@@ -6,6 +6,11 @@ no answer in time or a closed stream (:class:`ServerUnavailable`), a malformed m
 wrong type (:class:`ServerError`). An error reply is the server's fault too: a retryable code is raised
 as the class the server sent, a fatal one as :class:`ServerRefused` (the client checked its request
 before sending it). Anything else (a bug on this side) propagates as it is.
+
+In a private swarm every stream opens with a :class:`~swarm.wire.KeyProof`. The key belongs to the
+peer, so :class:`swarm.dht.Peer` registers it for its P2P (:func:`swarm.swarm_key.use_swarm_key`) and
+every stream that P2P opens carries the proof, whoever opens it (clients, push between servers,
+pings, probes); :func:`check_opener` is the server's side.
 """
 
 from __future__ import annotations
@@ -19,12 +24,43 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from swarm import aio
-from swarm.errors import BadRequest, ServerError, ServerUnavailable, ServerUnreachable, server_reply_error
-from swarm.wire import HANDLERS, ErrorReply, InfoRequest, InfoResponse, read_message, write_message
+from swarm.errors import AccessDenied, BadRequest, ServerError, ServerUnavailable, ServerUnreachable, server_reply_error
+from swarm.swarm_key import check_stream_proof, stream_proof, swarm_key_of
+from swarm.wire import (
+    HANDLERS,
+    ErrorReply,
+    InfoRequest,
+    InfoResponse,
+    KeyProof,
+    WireLimits,
+    read_message,
+    write_message,
+)
 
 # what opening a stream raises when the peer cannot be reached: the daemon's refusals (no route, dial
 # failed, protocol not served) and a lost connection to our own daemon
 _UNREACHABLE = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, EOFError)
+
+
+async def check_opener(p2p: P2P, stream_info: Any, reader: asyncio.StreamReader, timeout: float) -> None:
+    """Server side: if ``p2p`` has a swarm key, reads the stream's :class:`KeyProof` and raises
+    :class:`AccessDenied` unless it proves the key for this opener, this server and this handler."""
+    key = swarm_key_of(p2p)
+    if key is None:
+        return
+    opener = stream_info.peer_id.to_base58()
+    try:  # nothing but a small KeyProof is read from a stranger: a first frame with tensors is refused unread
+        msg = await aio.wait_for(read_message(reader, WireLimits(max_message_bytes=0)), timeout)
+    except BadRequest:
+        msg = None
+    if not isinstance(msg, KeyProof):
+        raise AccessDenied(f"this server serves a private swarm only; {opener} opened a {stream_info.proto} stream "
+                           f"without proof of the swarm key (give the swarm's key file: --swarm-key FILE, or "
+                           f"swarm_key=FILE in ClientConfig)")
+    if not check_stream_proof(key, msg.proof, opener, p2p.peer_id.to_base58(), stream_info.proto):
+        raise AccessDenied(f"this server serves a private swarm only; {opener} opened a {stream_info.proto} stream "
+                           f"with proof of another swarm key than this swarm's (check the file given to "
+                           f"--swarm-key / swarm_key=)")
 
 
 class Stream:
@@ -46,7 +82,16 @@ class Stream:
             raise ServerUnavailable(f"server {peer_id} did not accept a {handler} stream in {timeout:.0f}s") from None
         except _UNREACHABLE as e:
             raise ServerUnreachable(f"cannot reach server {peer_id}: {e or type(e).__name__}") from None
-        return cls(peer_id, reader, writer)
+        stream = cls(peer_id, reader, writer)
+        key = swarm_key_of(p2p)
+        if key is not None:
+            try:  # the server proves against its id as p2pd writes it
+                await stream.send(KeyProof(stream_proof(key, p2p.peer_id.to_base58(), peer.to_base58(),
+                                                        HANDLERS[handler])))
+            except BaseException:
+                stream.close()
+                raise
+        return stream
 
     async def send(self, msg: Any) -> None:
         try:

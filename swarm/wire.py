@@ -13,6 +13,8 @@ One servicer, its stream handlers (names in :data:`HANDLERS`):
   of sessions the same peer opened there) -> :class:`StepOutputs` (each step's output or its own error).
 
 Any request may be answered with :class:`ErrorReply` (code + message, see :mod:`swarm.errors`).
+In a private swarm every stream opens with a :class:`KeyProof` (:mod:`swarm.swarm_key`) before its
+first request; a server without a valid one answers :class:`~swarm.errors.AccessDenied`.
 
 A frame is ``u32 header length | msgpack header | raw tensor buffers``. The header names the
 message type, carries its fields, and describes each tensor (dtype, shape); tensor bytes follow
@@ -75,6 +77,14 @@ class InfoResponse:
     max_batch_size: int
     cache_tokens_left: int
     public_name: str = ""
+    num_blocks: int = 0  # blocks of the whole model: health checks the model index against it (0: not said)
+
+
+@message
+class KeyProof:
+    """First frame of a stream in a private swarm: proof that the opener holds the swarm key."""
+
+    proof: bytes  # swarm.swarm_key.stream_proof(key, opener peer id, server peer id, handler name)
 
 
 # Fine-tuning fields, shared by ForwardRequest, BackwardRequest and OpenSession (see swarm.lora):

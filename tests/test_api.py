@@ -85,7 +85,7 @@ async def _announce_broken(peers: list[str], name: str) -> None:
     try:
         record = ServerRecord(state=ServerState.ONLINE, start=0, end=1, throughput=1.0, max_session_length=8192,
                               cache_tokens_left=8192)
-        assert await declare_server(peer, "broken", record, 600, model=ModelRecord(name, 2, "qwen2"))
+        assert await declare_server(peer, "broken", record, 600, model=ModelRecord("broken", name, 2, "qwen2"))
     finally:
         await peer.shutdown()
 

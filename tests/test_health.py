@@ -83,7 +83,7 @@ def announce_joining(initial_peers: list[str], model_path: str) -> str:
         try:
             record = ServerRecord(state=ServerState.JOINING, start=JOINING_SPAN[0], end=JOINING_SPAN[1],
                                   version="0.1.0")
-            model = ModelRecord(name=model_path, num_blocks=4, family="llama")
+            model = ModelRecord(prefix=PREFIX, name=model_path, num_blocks=4, family="llama")
             assert await declare_server(peer, PREFIX, record, expiration=600, model=model)
             return peer.peer_id.to_base58()
         finally:

@@ -41,8 +41,8 @@ def model(prefix: str, num_blocks: int, servers: dict[str, ServerRecord], probes
     for p, r in servers.items():
         for b in range(r.start, r.end):
             by_block[b][p] = r
-    return ModelSnapshot(prefix=prefix, record=ModelRecord(name=f"org/{prefix}", num_blocks=num_blocks,
-                                                           family="llama"),
+    record = ModelRecord(prefix=prefix, name=f"org/{prefix}", num_blocks=num_blocks, family="llama")
+    return ModelSnapshot(prefix=prefix, record=record,
                          servers=by_block, probes=probes, addrs=addrs or {}, reports=reports or {})
 
 
@@ -291,7 +291,8 @@ def test_the_fix_command_joins_this_swarm_and_names_no_foreign_path(app, app_wit
     broken = app_with_ips.state()["models"][0]
     assert broken["fix_command"] == f"swarm serve --model org/Broken-7B --blocks 3:8 --initial-peers {PEER}"
     local = dataclasses.replace(sample_snapshot().models[0],
-                                record=ModelRecord(name="/home/alice/models/Broken-7B", num_blocks=8, family="llama"))
+                                record=ModelRecord(prefix="Broken-7B", name="/home/alice/models/Broken-7B", num_blocks=8,
+                                                                  family="llama"))
     doc = build_state(Snapshot(models=(local,)), show_ips=True, refresh_period=15.0, initial_peers=(PEER,))
     assert doc["models"][0]["fix_command"] == ("swarm serve --model /path/to/Broken-7B --blocks 3:8 --dht-prefix "
                                                f"Broken-7B --initial-peers {PEER}")
@@ -312,7 +313,7 @@ def test_a_server_that_dies_shows_as_unreachable_after_one_crawl(monkeypatch):
     probes: list[str] = []
 
     async def fetch_models(peer):
-        return {"m": ModelRecord(name="org/m", num_blocks=2, family="llama")}
+        return {"m": {"A": ModelRecord(prefix="m", name="org/m", num_blocks=2, family="llama")}}
 
     async def fetch_servers(peer, prefix, blocks):
         return {b: {"A": ServerRecord(ONLINE, 0, 2)} for b in blocks}
@@ -321,7 +322,10 @@ def test_a_server_that_dies_shows_as_unreachable_after_one_crawl(monkeypatch):
         probes.append(peer_id)
         import time
 
-        return ProbeResult(ok=alive[peer_id], checked_at=time.monotonic(), rtt=0.001,
+        info = InfoResponse(protocol_version=1, version="0.1.0", model="org/m", start=0, end=2, hidden_size=8,
+                            dtype="float32", max_session_length=8, max_batch_size=1, cache_tokens_left=8,
+                            num_blocks=2) if alive[peer_id] else None
+        return ProbeResult(ok=alive[peer_id], checked_at=time.monotonic(), rtt=0.001, info=info,
                            error=None if alive[peer_id] else "cannot reach server")
 
     for name, fake in (("fetch_models", fetch_models), ("fetch_servers", fetch_servers),

@@ -97,7 +97,7 @@ def test_encoded_record_is_a_plain_msgpack_map():
 
 
 def test_model_record_round_trip():
-    record = ModelRecord(name="Qwen/Qwen2.5-7B-Instruct", num_blocks=28, family="qwen2")
+    record = ModelRecord(prefix="Qwen2.5-7B-Instruct", name="Qwen/Qwen2.5-7B-Instruct", num_blocks=28, family="qwen2")
     assert decode_record(ModelRecord, encode_record(record)) == record
 
 
@@ -129,9 +129,9 @@ def test_missing_required_server_field_is_rejected_by_name(field):
         decode_record(ServerRecord, pack(raw))
 
 
-@pytest.mark.parametrize("field", ["name", "num_blocks", "family"])
+@pytest.mark.parametrize("field", ["prefix", "name", "num_blocks", "family"])
 def test_missing_required_model_field_is_rejected_by_name(field):
-    raw = dataclass_to_map(ModelRecord(name="m", num_blocks=2, family="llama"))
+    raw = dataclass_to_map(ModelRecord(prefix="m", name="m", num_blocks=2, family="llama"))
     del raw[field]
     with pytest.raises(BadRequest, match=f"ModelRecord lacks the required field '{field}'"):
         decode_record(ModelRecord, pack(raw))
@@ -167,7 +167,7 @@ def test_unknown_state_is_rejected(state):
 
 
 def test_model_record_wrong_types_rejected():
-    raw = dataclass_to_map(ModelRecord(name="m", num_blocks=2, family="llama"))
+    raw = dataclass_to_map(ModelRecord(prefix="m", name="m", num_blocks=2, family="llama"))
     with pytest.raises(BadRequest, match=r"ModelRecord\.num_blocks must be int"):
         decode_record(ModelRecord, pack({**raw, "num_blocks": "2"}))
     with pytest.raises(BadRequest, match=r"ModelRecord\.name must be str"):
@@ -175,11 +175,11 @@ def test_model_record_wrong_types_rejected():
 
 
 def test_model_record_needs_positive_num_blocks():
-    raw = dataclass_to_map(ModelRecord(name="m", num_blocks=2, family="llama"))
+    raw = dataclass_to_map(ModelRecord(prefix="m", name="m", num_blocks=2, family="llama"))
     with pytest.raises(BadRequest, match="num_blocks > 0"):
         decode_record(ModelRecord, pack({**raw, "num_blocks": 0}))
     with pytest.raises(BadRequest, match="num_blocks > 0"):
-        ModelRecord(name="m", num_blocks=-1, family="llama")
+        ModelRecord(prefix="m", name="m", num_blocks=-1, family="llama")
 
 
 @pytest.mark.parametrize("cls", [ServerRecord, ModelRecord])

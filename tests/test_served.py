@@ -11,8 +11,8 @@ from swarm.served import describe_served, find_prefix, same_config, serve_comman
 
 PEERS = ("/ip4/10.0.0.5/tcp/31337/p2p/12D3KooWExample",)
 INDEX = {
-    "Qwen2.5-7B-Instruct": ModelRecord("Qwen/Qwen2.5-7B-Instruct", 28, "qwen2", config_digest="q" * 16),
-    "tiny-llama": ModelRecord("/home/alice/models/tiny-llama", 4, "llama", config_digest="t" * 16),
+    "Qwen2.5-7B-Instruct": ModelRecord("Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", 28, "qwen2", config_digest="q" * 16),
+    "tiny-llama": ModelRecord("tiny-llama", "/home/alice/models/tiny-llama", 4, "llama", config_digest="t" * 16),
 }
 
 
@@ -22,7 +22,7 @@ def test_find_prefix_by_name_then_by_config():
     assert find_prefix(INDEX, "my-copy", "t" * 16, 8) is None  # same config digest, other block count: not it
     assert find_prefix(INDEX, "my-copy", "x" * 16, 4) is None
     assert find_prefix(INDEX, "my-copy", "", 4) is None  # a record without a digest never matches
-    twins = {**INDEX, "tiny-llama-chat": ModelRecord("org/tiny-llama-chat", 4, "llama", config_digest="t" * 16)}
+    twins = {**INDEX, "tiny-llama-chat": ModelRecord("tiny-llama-chat", "org/tiny-llama-chat", 4, "llama", config_digest="t" * 16)}
     assert find_prefix(twins, "my-copy", "t" * 16, 4) is None  # two candidates: the client asks to choose
     assert same_config(twins, "t" * 16, 4) == ["tiny-llama", "tiny-llama-chat"]
 
@@ -78,5 +78,5 @@ def test_summarize_and_describe():
                                                      "tiny-llama"),
 ])
 def test_serve_command_for_gguf_and_local_names(name, prefix, expected):
-    command = serve_command(ModelRecord(name, 4, "llama"), prefix, [3], PEERS)
+    command = serve_command(ModelRecord(prefix, name, 4, "llama"), prefix, [3], PEERS)
     assert command.startswith(f"swarm serve {expected}") and "alice" not in command
