@@ -31,9 +31,11 @@ from swarm.swarm_key import SwarmKey, use_swarm_key, write_key_file
 from swarm.tiny import make_tiny_model, make_tiny_tokenizer
 from swarm.transport import Stream
 from swarm.wire import (
+    HANDLERS,
     BackwardRequest,
     ForwardRequest,
     InferenceStep,
+    InferenceSteps,
     InfoRequest,
     InfoResponse,
     OpenSession,
@@ -235,7 +237,10 @@ def test_outsiders_are_not_served_by_any_handler(private_swarm, key):
                 "backward": BackwardRequest(start=0, end=2, hidden=hidden, grad_output=hidden),
                 "inference": OpenSession(session_id=uuid.uuid4().hex, start=0, end=2, max_length=8),
                 "push": InferenceStep(session_id=uuid.uuid4().hex, hidden=hidden, start_position=0),
+                "steps": InferenceSteps(session_ids=(uuid.uuid4().hex,), hidden=(hidden,), start_positions=(0,),
+                                        step_ids=(0,)),
             }
+            assert set(requests) == set(HANDLERS)  # every handler
             for handler, request in requests.items():
                 stream = await _open(p2p, server, handler)
                 try:
