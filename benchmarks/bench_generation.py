@@ -26,9 +26,10 @@ import time
 import torch
 
 
-def run_petals(workdir: str, model_dir: str | None) -> tuple[dict, str]:
+def run_petals(workdir: str, model_dir: str | None, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """Runs ../shared/bench/petals_baseline.sh (``env``: its settings, e.g. SPANS, SERVER_ARGS_FOR)."""
     script = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "petals_baseline.sh")
-    env = {**os.environ}
+    env = {**os.environ, **(env or {})}
     if model_dir:
         env["MODEL"] = model_dir
     from swarm.dht import clean_peer_sockets, peer_sockets

@@ -7,6 +7,7 @@
 - ``hedging``            slow or hung servers: how long a request may take, racing it on another server
 - ``verifier``           re-running a sample of servers' work on other servers; acting on who is wrong
 - ``checker``            ``swarm verify``: a volunteer checker of every server of a model
+- ``speculative``        speculative decoding: a local draft model, the swarm verifies; draft length from costs
 - ``autograd``           gradients through the remote blocks (to inputs, soft prompts and LoRA weights)
 - ``tuning``             what a client trains: LoRA for remote blocks, soft prompts; PEFT save/load
 - ``finetune_data``      instruction data (alpaca, sharegpt, messages) -> chat-template tokens and labels

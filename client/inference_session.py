@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from swarm.compression import choose, roundtrip
 from swarm.errors import BadRequest, ServerError, SessionLengthExceeded, SwarmError
 from swarm.push_tokens import new_push_key, push_token
 from swarm.retry import Attempts
@@ -45,6 +46,7 @@ from client import hedging
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
 from client.step_frames import plain
+from client.speculative import SpeculationStats
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.failovers = 0  # how many times a failed server was routed around
         self.hedges = 0  # how many times a slow server was replaced by others that answered first
+        self.speculation = SpeculationStats()  # draft tokens proposed and accepted (client/speculative.py)
+        self.compressed_links = 0  # links a step's states crossed compressed (slow links, swarm/compression.py)
         # a padded batch's mask and positions of every token the session holds ([batch, position] each),
         # None while they are the servers' defaults (no padding, positions 0..position-1); replayed on failover
         self._key_mask: torch.Tensor | None = None
@@ -109,29 +113,34 @@ class InferenceSession:
     def chain(self) -> list[ChainLink]:
         return [s.link for s in self._spans]
 
-    async def _open_spans(self, start: int, end: int, attempts: Attempts) -> list[_SpanSession]:
-        """Opens sessions on a chain covering ``start:end``, routing around servers that fail."""
-        spans: list[_SpanSession] = []
-        position = start
-        try:
-            while position < end:
-                link: ChainLink | None = None
-                try:
-                    link = (await self.sequence.chain(position, end, min_cache_tokens=self.max_length
-                                                      * self.batch_size, attempts=attempts))[0]
-                    span = await self._open(link)
-                except SwarmError as e:
-                    where = (f"opening a session on blocks {link.start}:{link.end} on server {link.peer_id}" if link
-                             else f"finding servers for blocks {position}:{end}")
-                    await attempts.failed(e, where=where, peer_id=link.peer_id if link else None)
-                    continue
-                spans.append(span)
-                position = link.end
-        except BaseException:
+    async def _open_spans(self, start: int, end: int, attempts: Attempts, after: str | None = None,
+                          then: str | None = None) -> list[_SpanSession]:
+        """Plans one chain over blocks ``start:end`` and opens a session on each of its links at once.
+
+        The whole plan is used: the chain is priced as a whole (:func:`~swarm.routing.make_latency_chain`),
+        so the hops it chose are the hops the session takes. A replacement chain is priced where it sits,
+        from the server ``after`` it to the server it hands over to (``then``). If a link fails to open,
+        its server is banned and the chain is planned again without it."""
+        while True:
+            try:
+                plan = await self.sequence.chain(start, end, min_cache_tokens=self.max_length * self.batch_size,
+                                                 attempts=attempts, after=after, then=then)
+            except SwarmError as e:
+                await attempts.failed(e, where=f"finding servers for blocks {start}:{end}")
+                continue
+            results = await asyncio.gather(*(self._open(link) for link in plan), return_exceptions=True)
+            spans = [r for r in results if isinstance(r, _SpanSession)]
+            failed = [(link, r) for link, r in zip(plan, results) if not isinstance(r, _SpanSession)]
+            if not failed:
+                return spans
             for span in spans:
                 span.stream.close()
-            raise
-        return spans
+            for link, error in failed:
+                if not isinstance(error, SwarmError):
+                    raise error
+            for link, error in failed:
+                await attempts.failed(error, where=f"opening a session on blocks {link.start}:{link.end} on server "
+                                                   f"{link.peer_id}", peer_id=link.peer_id)
 
     async def _open(self, link: ChainLink) -> _SpanSession:
         config = self.sequence.config
@@ -252,8 +261,9 @@ class InferenceSession:
         history = first.history[:, :position] if first.history is not None else None
         logger.warning("Server %s was caught computing wrong: rebuilding the session from blocks %d:%d on",
                        first.link.peer_id, first.link.start, first.link.end)
+        after = self._spans[wrong - 1].link.peer_id if wrong > 0 else None
         replacements, outputs = await self._open_and_replay(first.link.start, self.sequence.num_blocks, history,
-                                                            attempts)
+                                                            attempts, after)
         if history is not None:
             self._outputs = outputs
         for span in self._spans[wrong:]:
@@ -296,16 +306,19 @@ class InferenceSession:
             rest = [(s.link.peer_id, s.session_id, push_token(s.push_key, before.link.peer_id, step_id, position,
                                                               hidden.shape[1], hypo_ids))
                     for before, s in zip(self._spans[i:], self._spans[i + 1:])] if push else []
-            span.remember(hidden, position)
+            into, onwards = self._schemes(i, len(rest), hidden)
+            self.compressed_links += sum(scheme != "none" for scheme in (into, *onwards))
+            span.remember(roundtrip(hidden, into), position)  # what the server gets
             step = InferenceStep(session_id=span.session_id, hidden=hidden, start_position=position,
-                                 hypo_ids=hypo_ids, step_id=step_id, next_servers=tuple(rest), **padding)
+                                 hypo_ids=hypo_ids, step_id=step_id, next_servers=tuple(rest), compression=onwards,
+                                 **padding)
             framed = None  # with other sessions' concurrent steps to this server, in one frame (client.step_frames)
             try:
-                frames = await self.sequence.step_frames(span.link.peer_id) if plain(step) else None
+                frames = await self.sequence.step_frames(span.link.peer_id) if plain(step) and into == "none" else None
                 if frames is not None:
                     framed = frames.answer(frames.submit(step), timeout)
                 else:
-                    await span.stream.send(step)
+                    await span.stream.send(step, into)
             except SwarmError as e:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
@@ -375,6 +388,16 @@ class InferenceSession:
             raise
         return spans, states
 
+    def _schemes(self, first: int, pushes: int, hidden: torch.Tensor) -> tuple[str, tuple[str, ...]]:
+        """Compression (:mod:`swarm.compression`) of the client's link into span ``first``, and of the links out
+        of it and the ``pushes`` spans its output is pushed through (the last one's goes back to the client)."""
+        policy = self.sequence.config.compression
+        nbytes = hidden.numel() * 4
+        peers = [s.link.peer_id for s in self._spans[first:first + pushes + 1]]
+        links = zip(peers, [*peers[1:], None])
+        return (choose(policy, nbytes, self.sequence.link_bandwidth(None, peers[0])),
+                tuple(choose(policy, nbytes, self.sequence.link_bandwidth(a, b)) for a, b in links))
+
     async def _replace(self, index: int, position: int, attempts: Attempts) -> tuple[int, torch.Tensor]:
         """Routes around span ``index`` (its server is banned already) and rebuilds its caches on other
         servers; returns (the span to resume at, its input)."""
@@ -384,18 +407,22 @@ class InferenceSession:
         broken.stream.close()
         history = broken.history  # [batch, position + new, hidden]: inputs up to and including this step
         prefix, current = history[:, :position], history[:, position:]
+        after = self._spans[index - 1].link.peer_id if index > 0 else None
+        then = self._spans[index + 1].link.peer_id if index + 1 < len(self._spans) else None
         self._spans[index:index + 1], _ = await self._open_and_replay(broken.link.start, broken.link.end, prefix,
-                                                                      attempts)
+                                                                      attempts, after, then)
         self.failovers += 1
         logger.info("Session now goes through %s", self._describe())
         return index, current
 
-    async def _open_and_replay(self, start: int, end: int, history: torch.Tensor | None,
-                               attempts: Attempts) -> tuple[list[_SpanSession], torch.Tensor | None]:
+    async def _open_and_replay(self, start: int, end: int, history: torch.Tensor | None, attempts: Attempts,
+                               after: str | None = None, then: str | None = None,
+                               ) -> tuple[list[_SpanSession], torch.Tensor | None]:
         """New sessions over blocks ``start:end`` holding ``history`` (their inputs so far), routing around
-        servers that fail; returns them and their output for ``history``."""
+        servers that fail (priced between ``after`` and ``then``, see :meth:`_open_spans`); returns them and
+        their output for ``history``."""
         while True:
-            replacements = await self._open_spans(start, end, attempts)
+            replacements = await self._open_spans(start, end, attempts, after, then)
             if history is None:
                 return replacements, None
             try:
@@ -435,6 +462,13 @@ class InferenceSession:
             if out.step_id == step_id:
                 return out
         raise ServerError(f"server {span.link.peer_id} keeps sending answers to old steps")
+
+    def rollback(self, tokens: int) -> None:
+        """Forgets the last ``tokens`` tokens: the next step starts where they began (the servers roll their
+        caches back when it arrives). Soft prompt tokens cannot be dropped."""
+        if not 0 <= tokens <= self.position - self.prompt_tokens:
+            raise BadRequest(f"cannot drop {tokens} tokens of a session holding {self.position - self.prompt_tokens}")
+        self.position -= tokens
 
     def step(self, hidden: torch.Tensor, start_position: int | None = None, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 from swarm.config import ClientConfig, default_prefix
 from swarm.errors import BadRequest, ModelError
@@ -29,6 +30,7 @@ from client.autograd import RemoteBlocks
 from client.inference_session import InferenceSession
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence
+from client.speculative import SwarmDraft
 from client.tuning import RemoteLora, Tuning, adapter_spec
 
 _active_session: contextvars.ContextVar[InferenceSession | None] = contextvars.ContextVar(
@@ -44,6 +46,7 @@ class _SessionLayer(DynamicLayer):
     """A cache layer that holds nothing locally and reports the session's length."""
 
     is_compileable = False
+    is_croppable = True  # speculative decoding rolls the servers' caches back (client/speculative.py)
 
     def __init__(self, session: InferenceSession):
         super().__init__()
@@ -58,8 +61,12 @@ class _SessionLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.session.pending_hypo_ids = beam_idx.to(torch.int64).cpu()
 
-    def crop(self, max_length: int) -> None:
-        raise BadRequest("cropping a remote cache is not supported; start a new inference session")
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` tokens (transformers' convention): the session's next step
+        starts there, and the servers roll their caches back to it."""
+        if tokens_to_remove > 0:
+            raise BadRequest(f"crop takes a negative count of tokens to drop, got {tokens_to_remove}")
+        self.session.rollback(-tokens_to_remove)
 
 
 class RemoteCache(Cache):
@@ -68,6 +75,7 @@ class RemoteCache(Cache):
     def __init__(self, session: InferenceSession):
         super().__init__(layers=[_SessionLayer(session)])
         self.session = session
+        self.drafts: list[SwarmDraft] = []  # speculative decoding's candidate generators of this generate call
 
 
 class RemoteLayers(torch.nn.Module):
@@ -253,15 +261,32 @@ class DistributedModelMixin:
             session = InferenceSession(self.remote, self._max_length(inputs, kwargs) + self._prompt_tokens())
         if "attention_mask" not in kwargs:
             kwargs["attention_mask"] = torch.ones_like(inputs)
+        cache = kwargs[self._cache_kwarg] = RemoteCache(session)
         try:
-            kwargs[self._cache_kwarg] = RemoteCache(session)
             out = super().generate(inputs, *args, **kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             session.token_ids = sequences.detach().cpu()
             return out
         finally:
+            for draft in cache.drafts:
+                draft.close()
             if own:
                 session.close()
+
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 assistant_model=None, *args, **kwargs):
+        """A draft model of the same vocabulary (transformers' plain ``AssistedCandidateGenerator``) drafts
+        with a draft length chosen from measured costs (:class:`client.speculative.SwarmDraft`); every
+        other kind of candidate is transformers' own."""
+        generator = super()._get_candidate_generator(generation_config, input_ids, inputs_tensor, logits_processor,
+                                                     model_kwargs, assistant_model, *args, **kwargs)
+        cache = model_kwargs.get(self._cache_kwarg)
+        if type(generator) is not AssistedCandidateGenerator or not isinstance(cache, RemoteCache):
+            return generator
+        draft = SwarmDraft(input_ids, assistant_model, generation_config, model_kwargs, inputs_tensor, logits_processor,
+                           stats=cache.session.speculation)
+        cache.drafts.append(draft)
+        return draft
 
     def _max_length(self, inputs: torch.Tensor, kwargs: dict) -> int:
         config = kwargs.get("generation_config") or self.generation_config

@@ -84,6 +84,8 @@ class RemoteSequence:
         self.policy = config.retry_policy
         self.bans = self.policy.bans()
         self.pings: dict[str, tuple[float, float]] = {}  # peer id -> (round-trip seconds, when measured)
+        self.bandwidths: dict[str, float] = {}  # peer id -> bytes/s, where a probe could tell (slow links)
+        self._records: dict[str, Any] = {}  # peer id -> its ServerRecord in the last lookup
         self._rng = random.Random()
         self._servers: dict[int, dict] = {}  # the last DHT lookup: {block: {peer_id: ServerRecord}}
         self._servers_time = -float("inf")
@@ -145,6 +147,7 @@ class RemoteSequence:
                 await self._find_prefix(peer)
             self._servers = await fetch_servers(peer, self.prefix, list(range(self.num_blocks)))
             self._servers_time = time.monotonic()
+            self._records = {p: r for by_peer in self._servers.values() for p, r in by_peer.items()}
         return self._servers
 
     async def _find_prefix(self, peer: Peer) -> None:
@@ -178,8 +181,9 @@ class RemoteSequence:
 
     async def chain(self, start: int, end: int, min_cache_tokens: int = 0, purpose: str = "inference",
                     attempts: Attempts | None = None, exclude: Collection[str] = frozenset(),
-                    wait: bool = True) -> list[ChainLink]:
-        """A chain covering ``start:end``: least latency for inference, throughput-spread for forward, uniformly
+                    wait: bool = True, after: str | None = None, then: str | None = None) -> list[ChainLink]:
+        """A chain covering ``start:end``: least latency for inference (``after``/``then``: the servers before
+        and after it, see :func:`~swarm.routing.make_latency_chain`), throughput-spread for forward, uniformly
         drawn for a check (:mod:`client.verifier`).
 
         Never through banned servers, ``exclude``, nor servers that refused the request of the call whose
@@ -210,7 +214,8 @@ class RemoteSequence:
                 pings = {peer: rtt + self._slowness(peer) for peer, (rtt, _) in self.pings.items()}
                 return make_latency_chain(servers, start, end, pings=pings, min_cache_tokens=min_cache_tokens,
                                           banned=banned | self.bans.banned(time.monotonic()),
-                                          push=self.config.use_push, model=repr(self.model_name))
+                                          push=self.config.use_push, after=after, then=then,
+                                          model=repr(self.model_name))
             except MissingBlocksError as e:
                 missing = missing_blocks(servers, start, end, banned, min_cache_tokens)
                 if refused and not missing_blocks(servers, start, end, banned - set(refused), min_cache_tokens):
@@ -251,6 +256,16 @@ class RemoteSequence:
         previous = self.pings.get(peer_id)
         smoothed = rtt if previous is None else 0.7 * previous[0] + 0.3 * rtt
         self.pings[peer_id] = (smoothed, time.monotonic())
+        if self.config.compression != "none":  # only compression needs to know
+            try:
+                bandwidth = await transport.bandwidth(peer.p2p, peer_id, rtt, PING_TIMEOUT)
+            except SwarmError:
+                bandwidth = None
+            if bandwidth is None:
+                self.bandwidths.pop(peer_id, None)
+            else:
+                known = self.bandwidths.get(peer_id)
+                self.bandwidths[peer_id] = bandwidth if known is None else 0.7 * known + 0.3 * bandwidth
         return smoothed
 
     def slow(self, peer_id: str, seconds: float, error: BaseException) -> None:
@@ -292,6 +307,14 @@ class RemoteSequence:
             return
         if not stored:
             logger.warning("Could not report server %s in the DHT: no peer stored the report", peer_id)
+
+    def link_bandwidth(self, source: str | None, target: str | None) -> float | None:
+        """Bytes/s from ``source`` to ``target`` (peer ids; None: this client), as measured by this client or
+        published by ``source`` (``next_bandwidth``); None if unknown."""
+        if source is None or target is None:
+            return self.bandwidths.get(source or target or "")
+        record = self._records.get(source)
+        return None if record is None else record.next_bandwidth.get(target)
 
     def ban(self, peer_id: str, error: BaseException | None = None, cost: float = 0.0, probe: bool = True) -> None:
         """Stops using ``peer_id`` after ``error``, which cost ``cost`` seconds: for at least as long; if it

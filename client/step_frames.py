@@ -138,6 +138,8 @@ class StepFrames:
 
 
 def plain(step: InferenceStep) -> bool:
-    """A step that may travel in a frame: no beam reorder, padding or push, and an id to answer it by."""
+    """A step that may travel in a frame: no beam reorder, padding, push or compressed answer, and an id to answer
+    it by."""
     return (step.step_id > 0 and step.hypo_ids is None and step.attention_mask is None and step.position_ids is None
-            and not step.next_servers and isinstance(step.hidden, torch.Tensor))
+            and not step.next_servers and all(scheme == "none" for scheme in step.compression)
+            and isinstance(step.hidden, torch.Tensor))

@@ -30,6 +30,7 @@ import torch
 
 from swarm import __version__, aio
 from swarm.blocks import Span
+from swarm.compression import check_scheme
 from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError,
                           UnknownSession, to_wire)
 from swarm.lora import AppliedLora, applied
@@ -37,6 +38,7 @@ from swarm.push_tokens import KEY_BYTES, check_push_token
 from swarm.transport import check_opener
 from swarm.wire import (
     HANDLERS,
+    MAX_PROBE_BYTES,
     PROTOCOL_VERSION,
     BackwardRequest,
     BackwardResponse,
@@ -211,14 +213,19 @@ class SpanHandler(RequestChecks):
         slot.touch()
         return msg
 
-    async def _send(self, writer, msg: Any) -> None:
-        await send(writer, msg, self.limits.idle_timeout)
+    async def _send(self, writer, msg: Any, compression: str = "none") -> None:
+        await send(writer, msg, self.limits.idle_timeout, compression)
 
     async def _handle_info(self, slot: StreamSlot, reader, writer) -> None:
         msg = await self._read(slot, reader)
         if not isinstance(msg, InfoRequest):
             raise BadRequest(f"the info handler expects InfoRequest, got {type(msg).__name__}")
-        await self._send(writer, self.info())
+        if not 0 <= msg.probe_reply_bytes <= MAX_PROBE_BYTES:
+            raise BadRequest(f"probe_reply_bytes {msg.probe_reply_bytes} is outside 0..{MAX_PROBE_BYTES}")
+        info = self.info()
+        if msg.probe_reply_bytes:
+            info = dataclasses.replace(info, probe=bytes(msg.probe_reply_bytes))
+        await self._send(writer, info)
 
     # ---------------------------------------------------------------- forward
 
@@ -440,11 +447,11 @@ class SpanHandler(RequestChecks):
         except Exception:
             logger.exception("pushed step of session %s failed", session.session_id[:8])
 
-    async def _process_step(self, session: Session, msg, answer: Callable[[Any], Awaitable[None]] | None = None
+    async def _process_step(self, session: Session, msg, answer: Callable[..., Awaitable[None]] | None = None
                             ) -> None:
-        """Runs one step and answers on the session's stream (or with ``answer``: a step of InferenceSteps); a bad
-        step gets an error, the session lives on."""
-        answer = answer or (lambda reply: self._send(session.writer, reply))
+        """Runs one step and answers on the session's stream (or with ``answer(reply, compression="none")``: a
+        step of InferenceSteps); a bad step gets an error, the session lives on."""
+        answer = answer or (lambda reply, compression="none": self._send(session.writer, reply, compression))
         async with session.lock:
             step_id = getattr(msg, "step_id", 0)
             if 0 < step_id <= session.last_step_id:
@@ -473,14 +480,16 @@ class SpanHandler(RequestChecks):
             session.last_used = time.monotonic()
             session.last_step_id = max(session.last_step_id, step_id)
             pushed = False
+            scheme = step.compression[0] if step.compression else "none"  # the next link's, as the client chose
             if step.next_servers and self.pusher is not None:
                 (peer_id, next_session_id, token), rest = step.next_servers[0], step.next_servers[1:]
                 pushed = await self.pusher.push(peer_id, InferenceStep(
                     session_id=next_session_id, hidden=out, start_position=step.start_position,
                     hypo_ids=step.hypo_ids, step_id=step_id, next_servers=rest, push_token=token,
                     attention_mask=None if step.attention_mask is None else step.attention_mask.long(),
-                    position_ids=step.position_ids))
-            await answer(StepOutput(hidden=out, position=session.position, step_id=step_id, pushed=pushed))
+                    position_ids=step.position_ids, compression=step.compression[1:]), scheme)
+            # the same scheme as the push: what the client keeps for replays is what the next server got
+            await answer(StepOutput(hidden=out, position=session.position, step_id=step_id, pushed=pushed), scheme)
 
     def _check_step(self, session: Session, msg) -> InferenceStep:
         if not isinstance(msg, InferenceStep):
@@ -496,6 +505,10 @@ class SpanHandler(RequestChecks):
                 len(peer) > 128 or len(sid) > 128 or len(token) > 64 for peer, sid, token in msg.next_servers):
             raise BadRequest(f"next_servers must list at most {MAX_NEXT_SERVERS} (peer id, session id, push token) "
                              "of at most 128, 128 and 64 bytes each")
+        if len(msg.compression) > MAX_NEXT_SERVERS + 1:
+            raise BadRequest(f"compression lists at most {MAX_NEXT_SERVERS + 1} schemes, one per link")
+        for scheme in msg.compression:
+            check_scheme(scheme)
         batch, new_tokens = hidden.shape[0], hidden.shape[1]
         if batch != session.batch_size:
             raise BadRequest(f"step batch {batch} differs from the session's batch_size {session.batch_size}")

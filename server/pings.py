@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 
 from hivemind.p2p import P2P
@@ -37,11 +38,14 @@ def next_candidates(servers: Mapping[str, ServerRecord], own_peer_id: str, end: 
 
 
 class NextPings:
-    """Smoothed round trips (seconds) to the servers that may follow this one, by peer id."""
+    """Smoothed round trips (seconds) to the servers that may follow this one, by peer id, and the
+    bandwidth (bytes/s) to each, measured with a probe (:func:`swarm.transport.bandwidth`) when the
+    link is slow enough to tell (clients compress their states on slow links, :mod:`swarm.compression`)."""
 
     def __init__(self, p2p: P2P, timeout: float = PING_TIMEOUT):
         self.p2p, self.timeout = p2p, timeout
         self.rtts: dict[str, float] = {}
+        self.bandwidths: dict[str, float] = {}
 
     async def update(self, candidates: list[str]) -> dict[str, float]:
         """Pings ``candidates`` concurrently (at most ``timeout`` seconds in all) and returns what to publish.
@@ -51,20 +55,35 @@ class NextPings:
         """
         results = await asyncio.gather(*(self._ping(peer_id) for peer_id in candidates))
         rtts: dict[str, float] = {}
-        for peer_id, rtt in zip(candidates, results):
+        bandwidths: dict[str, float] = {}
+        for peer_id, (rtt, bandwidth) in zip(candidates, results):
             if rtt is None:
                 continue
-            previous = self.rtts.get(peer_id)
-            rtts[peer_id] = rtt if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * rtt
-        self.rtts = rtts
+            rtts[peer_id] = _smooth(self.rtts.get(peer_id), rtt)
+            if bandwidth is not None:
+                bandwidths[peer_id] = _smooth(self.bandwidths.get(peer_id), bandwidth)
+        self.rtts, self.bandwidths = rtts, bandwidths
         return dict(rtts)
 
     def clear(self) -> None:
-        self.rtts = {}
+        self.rtts, self.bandwidths = {}, {}
 
-    async def _ping(self, peer_id: str) -> float | None:
+    async def _ping(self, peer_id: str) -> tuple[float | None, float | None]:
+        """(round trip, bandwidth) to ``peer_id``, within ``timeout`` seconds in all; None where unknown."""
+        deadline = time.monotonic() + self.timeout
         try:
-            return await asyncio.wait_for(transport.ping(self.p2p, peer_id, self.timeout), self.timeout)
+            rtt = await asyncio.wait_for(transport.ping(self.p2p, peer_id, self.timeout), self.timeout)
         except (SwarmError, asyncio.TimeoutError) as e:
             logger.debug("Next server %s did not answer a ping: %s", peer_id, e)
-            return None
+            return None, None
+        left = deadline - time.monotonic()
+        try:
+            bandwidth = await asyncio.wait_for(transport.bandwidth(self.p2p, peer_id, rtt, left), left)
+        except (SwarmError, asyncio.TimeoutError, ValueError) as e:
+            logger.debug("Next server %s did not answer a bandwidth probe: %s", peer_id, e)
+            bandwidth = None
+        return rtt, bandwidth
+
+
+def _smooth(previous: float | None, value: float) -> float:
+    return value if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * value

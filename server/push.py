@@ -35,8 +35,9 @@ class PushSender:
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_used: dict[str, float] = {}
 
-    async def push(self, peer_id: str, step: InferenceStep) -> bool:
-        """Sends ``step`` to ``peer_id``'s push handler; True if it was written to the stream."""
+    async def push(self, peer_id: str, step: InferenceStep, compression: str = "none") -> bool:
+        """Sends ``step`` to ``peer_id``'s push handler (its hidden states under ``compression``); True if it
+        was written to the stream."""
         lock = self._locks.setdefault(peer_id, asyncio.Lock())
         async with lock:  # one message at a time per stream
             stream = self._streams.get(peer_id)
@@ -47,7 +48,7 @@ class PushSender:
                 if stream is None:
                     stream = await Stream.open(self.p2p, peer_id, "push", self.connect_timeout)
                     self._streams[peer_id] = stream
-                await stream.send(step)
+                await stream.send(step, compression)
                 self._last_used[peer_id] = time.monotonic()
                 return True
             except SwarmError as e:  # the next server is unreachable: "not pushed"; the client sends it instead

@@ -312,6 +312,7 @@ class Server:
             max_session_length=cfg.max_session_length, public_name=cfg.public_name, version=__version__,
             adapters=tuple(parse_adapter_arg(arg)[0] for arg in cfg.adapters),
             using_relay=self.using_relay, next_pings=dict(self.next_pings.rtts),
+            next_bandwidth=dict(self.next_pings.bandwidths),
         )
 
     async def _announce(self) -> None:

@@ -76,8 +76,8 @@ async def _run_step(handler: "SpanHandler", peer: str, msg: InferenceSteps, i: i
                                                   "this server")))
     replies: list[StepOutput | ErrorReply] = []
 
-    async def keep(reply: StepOutput | ErrorReply) -> None:
-        replies.append(reply)
+    async def keep(reply: StepOutput | ErrorReply, compression: str = "none") -> None:
+        replies.append(reply)  # (a frame's steps carry no compression: "none")
 
     step = InferenceStep(session_id=session.session_id, hidden=msg.hidden[i], start_position=msg.start_positions[i],
                          step_id=msg.step_ids[i])

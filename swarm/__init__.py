@@ -9,6 +9,7 @@ other way; the CLI imports them lazily):
 - ``records``  DHT records (ServerRecord, ModelRecord, ReportRecord) and key names
 - ``codec``    typed dataclasses <-> msgpack maps, tensors <-> raw buffers
 - ``wire``     RPC messages and stream framing
+- ``compression`` activation compression on slow links: schemes, their errors, the choice per link
 - ``dht``      starting a peer, announcing and fetching records
 - ``identity`` the libp2p key a peer id is derived from: made, read and handed to p2pd by Swarm
 - ``signed_records`` the DHT validator: only entries signed by the peer their subkey names
@@ -36,6 +37,8 @@ other way; the CLI imports them lazily):
 - ``sbatch``   ``swarm slurm``: the sbatch script for servers as batch jobs, and submitting it
 - ``download`` ``swarm download``: only a span's shards, for nodes without network
 - ``aio``      event loops (uvloop where available)
+- ``tiny``, ``local_swarm``, ``wan``  tiny models, a swarm of processes on 127.0.0.1 and emulated WAN
+  links (delaying proxies): for the demo, tests and benchmarks, never used by a server or client
 - ``cli``      the ``swarm`` command
 """
 

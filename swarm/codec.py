@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any, TypeVar
 
 import torch
 
+from swarm.compression import cast, dequantize, quantize, wire_bytes
 from swarm.errors import BadRequest
 
 T = TypeVar("T")
@@ -112,13 +114,22 @@ def _coerce(owner: str, name: str, hint: Any, value: Any) -> Any:
     raise BadRequest(f"{owner}.{name} must be {getattr(hint, '__name__', hint)}, got {shown}")
 
 
-def tensor_to_buffer(tensor: torch.Tensor) -> tuple[dict[str, Any], memoryview]:
-    """Returns ``(meta, raw bytes)`` for a CPU or accelerator tensor without any dtype conversion."""
+def tensor_to_buffer(tensor: torch.Tensor, compression: str = "none") -> tuple[dict[str, Any], memoryview]:
+    """Returns ``(meta, raw bytes)`` for a CPU or accelerator tensor, as it is or (a floating tensor) under
+    a :mod:`swarm.compression` scheme: 16-bit schemes send a 16-bit tensor, ``int8`` sends per-row
+    float32 scales then int8 values, and the meta says ``"codec": "int8"``."""
     if tensor.dtype not in DTYPE_NAMES:
         raise BadRequest(f"dtype {tensor.dtype} cannot cross the wire; use one of {sorted(WIRE_DTYPES)}")
     tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
+    if compression != "none" and tensor.is_floating_point():
+        if compression == "int8" and tensor.ndim > 0:
+            q, scales = quantize(tensor)
+            meta = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "codec": "int8"}
+            data = torch.cat([scales.reshape(-1).view(torch.uint8), q.reshape(-1).view(torch.uint8)])
+            return meta, memoryview(data.numpy()).cast("B")
+        tensor = cast(tensor, compression)
     tensor = tensor.contiguous()
     meta = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
     flat = tensor.reshape(-1).view(torch.uint8)
@@ -140,12 +151,24 @@ def tensor_nbytes(meta: dict[str, Any]) -> int:
     numel = 1
     for d in shape:
         numel *= d
-    return numel * dtype.itemsize
+    codec = meta.get("codec")
+    if codec is None:
+        return numel * dtype.itemsize
+    if codec != "int8" or not dtype.is_floating_point or not shape:
+        raise BadRequest(f"tensor codec {str(codec)[:20]!r} is not 'int8' of a floating tensor of >= 1 dimensions")
+    rows = numel // shape[-1] if shape[-1] else numel
+    return wire_bytes("int8", numel, shape[-1]) if shape[-1] else 4 * rows
 
 
 def buffer_to_tensor(meta: dict[str, Any], data: bytearray) -> torch.Tensor:
     """Inverse of :func:`tensor_to_buffer`; ``data`` must be writable and already size-checked."""
     dtype = WIRE_DTYPES[meta["dtype"]]
-    if len(data) == 0:
+    if len(data) == 0 or (meta.get("codec") == "int8" and 0 in meta["shape"]):
         return torch.empty(meta["shape"], dtype=dtype)
+    if meta.get("codec") == "int8":
+        shape = meta["shape"]
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+        rows = math.prod(shape[:-1])
+        scales = raw[:4 * rows].view(torch.float32).reshape(shape[:-1])
+        return dequantize(raw[4 * rows:].view(torch.int8).reshape(shape), scales, dtype)
     return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(meta["shape"])

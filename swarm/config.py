@@ -276,6 +276,9 @@ class ClientConfig:
     use_push: bool = True  # servers pass step outputs straight to the next server of the chain
     # concurrent plain steps of this client's sessions to one server go in one frame (client.step_frames)
     step_frames: bool = True
+    # hidden states on slow links (swarm.compression): "auto" (16-bit where a step's states would take
+    # >= 2 ms to cross, exact elsewhere), "none", "float16", "bfloat16", or "int8" (8-bit where 16-bit is still slow)
+    compression: str = "auto"
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     # the quant schemes (ServerRecord.quant) the client's requests may run on, e.g. ("none",) for full
     # precision only or ("int8", "none"); None: any server
@@ -304,6 +307,10 @@ class ClientConfig:
             raise ConfigError(f"allowed_quant must be None (any server) or quant names such as ('none',) or "
                               f"('int8', 'nf4') (servers run {', '.join(QUANT_SCHEMES)}), got {self.allowed_quant!r}")
         check_swarm_key(self.swarm_key)
+        from swarm.compression import POLICIES
+
+        if self.compression not in POLICIES:
+            raise ConfigError(f"compression must be one of {list(POLICIES)}, got {self.compression!r}")
 
     @property
     def retry_policy(self) -> RetryPolicy:

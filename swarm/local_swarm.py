@@ -4,6 +4,10 @@ Each peer is a real ``swarm dht`` / ``swarm serve`` process (with its own ``p2pd
 process group. Readiness is a line the process prints once it is ready (the DHT peer's address,
 ``Server ONLINE``); every wait is bounded, and :meth:`LocalSwarm.close` stops every process it
 started (SIGTERM, then SIGKILL to the group) and removes the sockets they left.
+
+With ``wan=LinkShape(delay, bandwidth)`` every server listens on a private port behind its own
+delaying proxy (:mod:`swarm.wan`, one process per server) and announces the proxy's address, so every
+connection to it, the client's and other servers', carries that shape.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 
 from swarm.dht import clean_peer_sockets, die_with_parent, peer_sockets
 from swarm.errors import SwarmError
+from swarm.wan import READY, LinkShape, free_port
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -63,10 +68,13 @@ def api_url(proc: Proc, timeout: float = 120) -> str:
 class LocalSwarm:
     """``with LocalSwarm() as swarm: peer = swarm.start_dht(); swarm.start_server(model, "0:2")``."""
 
-    def __init__(self, log_dir: str | None = None, env: dict[str, str] | None = None, threads: int | None = None):
+    def __init__(self, log_dir: str | None = None, env: dict[str, str] | None = None, threads: int | None = None,
+                 wan: LinkShape | None = None):
         """``threads``: torch threads of each server started without its own ``--num-threads`` (processes
-        on one machine that each take every core slow each other down; see :func:`threads_per_process`)."""
+        on one machine that each take every core slow each other down; see :func:`threads_per_process`).
+        ``wan``: the shape of every server's links, if any."""
         self.threads = threads
+        self.wan = wan
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="swarm-local-")
         os.makedirs(self.log_dir, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -75,10 +83,10 @@ class LocalSwarm:
         self._dhts: list[Proc] = []  # started by start_dht
         self._sockets_before = peer_sockets()
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, module: str = "swarm.cli") -> Proc:
         log_path = os.path.join(self.log_dir, f"{name}.log")
         with open(log_path, "w") as log:
-            popen = subprocess.Popen([sys.executable, "-m", "swarm.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env={**self.env, **(env or {})},
                                      # a test run killed by a timeout must not leave servers behind
                                      start_new_session=True, preexec_fn=die_with_parent)
@@ -95,19 +103,41 @@ class LocalSwarm:
         return maddr
 
     def start_server(self, model: str, blocks: str | None, *extra: str, wait: bool = True,
-                     timeout: float = 180, name: str | None = None, env: dict[str, str] | None = None) -> Proc:
-        """Starts ``swarm serve`` (``env``: extra environment variables for this process only)."""
-        args = ["serve", "--model", model, "--host-maddrs", LOOPBACK, *extra]
+                     timeout: float = 180, name: str | None = None, env: dict[str, str] | None = None,
+                     wan: LinkShape | None = None) -> Proc:
+        """Starts ``swarm serve`` (``env``: extra environment variables for this process only; ``wan``: this
+        server's link shape instead of the swarm's)."""
+        name = name or f"server{len(self.procs)}_{(blocks or 'all').replace(':', '_')}"
+        args = ["serve", "--model", model, *self.listen_args(name, wan or self.wan), *extra]
         if self.threads is not None and "--num-threads" not in extra:
             args += ["--num-threads", str(self.threads)]
         if blocks is not None:
             args += ["--blocks", blocks]
         if self.initial_peers:
             args += ["--initial-peers", *self.initial_peers]
-        proc = self._spawn(name or f"server{len(self.procs)}_{(blocks or 'all').replace(':', '_')}", args, env)
+        proc = self._spawn(name, args, env)
         if wait:
             proc.wait_for("Server ONLINE", timeout)
         return proc
+
+    def listen_args(self, name: str, shape: LinkShape | None, flag: str = "--{}-maddrs") -> list[str]:
+        """A server's listen flags: loopback, or with ``shape`` a private port behind a proxy it announces.
+        ``flag`` spells the flags (``"--{}_maddrs"`` for Petals' servers)."""
+        if shape is None:
+            return [flag.format("host"), LOOPBACK]
+        port, proxy_port = self.start_proxy(name, shape)
+        return [flag.format("host"), f"/ip4/127.0.0.1/tcp/{port}",
+                flag.format("announce"), f"/ip4/127.0.0.1/tcp/{proxy_port}"]
+
+    def start_proxy(self, name: str, shape: LinkShape, timeout: float = 30) -> tuple[int, int]:
+        """Starts a proxy for a server about to listen; returns (the server's port, the proxy's port)."""
+        port, proxy_port = free_port(), free_port()
+        while proxy_port == port:
+            proxy_port = free_port()
+        proc = self._spawn(f"{name}-wan", ["--listen", str(proxy_port), "--target", str(port), *shape.args()],
+                           module="swarm.wan")
+        proc.wait_for(READY, timeout)
+        return port, proxy_port
 
     def start_api(self, *extra: str, name: str | None = None) -> Proc:
         """Starts ``swarm api`` on 127.0.0.1 and a free port (plus ``extra`` flags); :func:`api_url` waits for it."""

@@ -65,6 +65,7 @@ class ServerRecord:
     # DHT time (seconds since the epoch) of this announcement: every announce differs, so a client that found
     # the server dead knows when it announced again (swarm.routing.Bans)
     announced_at: float = 0.0
+    next_bandwidth: dict[str, float] = dataclasses.field(default_factory=dict)  # bytes/s to those it measured
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

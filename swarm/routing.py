@@ -135,6 +135,7 @@ _Option = tuple[float, int, tuple[ChainLink, ...]]  # a chain so far: (expected 
 
 def make_latency_chain(servers: ServersByBlock, start: int, end: int, *, pings: Mapping[str, float],
                        banned: Set[str] = frozenset(), min_cache_tokens: int = 0, push: bool = True,
+                       after: str | None = None, then: str | None = None,
                        model: str = "the model") -> list[ChainLink]:
     """The chain with the least expected time per inference step.
 
@@ -149,6 +150,11 @@ def make_latency_chain(servers: ServersByBlock, start: int, end: int, *, pings: 
     - through each server: its blocks ``b..min(s.end, end)`` at its published ``inference_rps``
       (steps/s per block; :data:`DEFAULT_BLOCK_STEP` per block if unknown).
 
+    A chain that replaces part of another (failover) is priced where it sits: ``after`` is the server
+    before ``start`` (its published ping prices the first hop instead of the client's ping; its record
+    is looked up in ``servers[start - 1]``) and ``then`` the server after ``end`` (the last server pushes
+    to it instead of answering the client).
+
     Equal costs prefer fewer hops, then smaller peer ids. A hop's cost depends on the server before
     it, so the search runs over (boundary, server that ends there); boundaries only grow, so one pass
     in block order finds the best chain.
@@ -158,21 +164,22 @@ def make_latency_chain(servers: ServersByBlock, start: int, end: int, *, pings: 
     def client_ping(peer_id: str) -> float:
         return pings.get(peer_id, DEFAULT_PING)
 
-    def hop(previous: tuple[str, ServerRecord] | None, peer_id: str) -> float:
+    def hop(previous: tuple[str, ServerRecord | None] | None, peer_id: str) -> float:
         if previous is None:
             return client_ping(peer_id) / 2
-        published = _published_ping(previous[1], peer_id) if push else None
+        published = _published_ping(previous[1], peer_id) if push and previous[1] is not None else None
         if published is not None:
             return published / 2
         return (client_ping(previous[0]) + client_ping(peer_id)) / 2
 
+    first = (after, servers.get(start - 1, {}).get(after)) if after else None
     # arrivals[b][peer] = (cost, hops, path): the best chain covering start:b whose last server is peer
     # ("": the empty chain at start)
     arrivals: dict[int, dict[str, _Option]] = {start: {"": (0.0, 0, ())}}
     for position in range(start, end):
         for previous_id, (cost, hops, path) in sorted(arrivals.get(position, {}).items(),
                                                       key=lambda item: _order(item[1])):
-            previous = (previous_id, servers[position - 1][previous_id]) if previous_id else None
+            previous = (previous_id, servers[position - 1][previous_id]) if previous_id else first
             for peer_id in sorted(servers.get(position, {})):
                 record = servers[position][peer_id]
                 if not _usable(record, peer_id, position, banned, min_cache_tokens):
@@ -180,8 +187,8 @@ def make_latency_chain(servers: ServersByBlock, start: int, end: int, *, pings: 
                 reach = min(record.end, end)
                 per_block = 1.0 / record.inference_rps if record.inference_rps > 0 else DEFAULT_BLOCK_STEP
                 new_cost = cost + hop(previous, peer_id) + (reach - position) * per_block
-                if reach == end:
-                    new_cost += client_ping(peer_id) / 2  # the last server answers the client
+                if reach == end:  # the last server answers the client, or hands over to the server after the chain
+                    new_cost += hop((peer_id, record), then) if then else client_ping(peer_id) / 2
                 new = (new_cost, hops + 1, (*path, ChainLink(peer_id, position, reach)))
                 known = arrivals.setdefault(reach, {}).get(peer_id)
                 if known is None or _order(new) < _order(known):

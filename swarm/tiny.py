@@ -12,8 +12,15 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, nu
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def make_tiny_model(path: str, model_type: str = "llama", seed: int = 0, **overrides) -> str:
-    """Saves a random-weight ``model_type`` model (safetensors + config) under ``path``; returns ``path``."""
+def make_tiny_model(path: str, model_type: str = "llama", seed: int = 0, quiet_after: int | None = None,
+                    quiet: float = 0.15, **overrides) -> str:
+    """Saves a random-weight ``model_type`` model (safetensors + config) under ``path``; returns ``path``.
+
+    ``quiet_after=N`` scales the output projections (``o_proj``, ``down_proj``) of every layer from N on by
+    ``quiet``, so those layers add little to the residual stream: the model's first N layers (with its
+    embeddings, norm and head) then predict most of its tokens, as a real draft model predicts its big
+    sibling's (speculative decoding tests and benchmarks). Llama-layout models only.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -21,8 +28,28 @@ def make_tiny_model(path: str, model_type: str = "llama", seed: int = 0, **overr
     config = AutoConfig.for_model(model_type, **{**TINY_LLAMA, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
+    if quiet_after is not None:
+        with torch.no_grad():
+            for layer in model.model.layers[quiet_after:]:
+                layer.self_attn.o_proj.weight.mul_(quiet)
+                layer.mlp.down_proj.weight.mul_(quiet)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def load_draft(path: str, num_layers: int, dtype: torch.dtype = torch.float32):
+    """The first ``num_layers`` layers of the model at ``path``, with its embeddings, norm and head: a local draft
+    model of the same tokenizer for ``generate(..., assistant_model=draft)``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the unused layers' weights are expected to be left out
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, num_hidden_layers=num_layers, dtype=dtype).eval()
+    finally:
+        logging.set_verbosity(verbosity)
+    return model
 
 
 # A ChatML-like template: each turn is "<|role|>\n{content}<|end|>\n"; generation starts at "<|assistant|>\n".

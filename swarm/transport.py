@@ -93,9 +93,9 @@ class Stream:
                 raise
         return stream
 
-    async def send(self, msg: Any) -> None:
+    async def send(self, msg: Any, compression: str = "none") -> None:
         try:
-            await write_message(self.writer, msg)
+            await write_message(self.writer, msg, compression)
         except (ConnectionError, OSError) as e:
             raise ServerUnavailable(f"server {self.peer_id} closed the stream: {e}") from None
 
@@ -146,3 +146,19 @@ async def ping(p2p: P2P, peer_id: str, timeout: float) -> float:
     t0 = time.perf_counter()
     await call(p2p, peer_id, "info", InfoRequest(), InfoResponse, timeout, timeout)
     return time.perf_counter() - t0
+
+
+PROBE_BYTES = 64 << 10
+
+
+async def bandwidth(p2p: P2P, peer_id: str, rtt: float, timeout: float, nbytes: int = PROBE_BYTES) -> float | None:
+    """Bytes/s between here and ``peer_id``: an ``info`` call carrying ``nbytes`` each way, less ``rtt`` (the
+    same call without them, from :func:`ping`). None when the probe was no slower than the ping (a fast
+    link: the difference drowns in noise)."""
+    t0 = time.perf_counter()
+    reply = await call(p2p, peer_id, "info", InfoRequest(probe=bytes(nbytes), probe_reply_bytes=nbytes), InfoResponse,
+                       timeout, timeout)
+    extra = time.perf_counter() - t0 - rtt
+    if len(reply.probe) != nbytes:
+        raise ServerError(f"server {peer_id} answered a {nbytes}-byte probe with {len(reply.probe)} bytes")
+    return 2 * nbytes / extra if extra > 0 else None

@@ -45,6 +45,7 @@ HANDLERS = {
     "steps": f"swarm.v{PROTOCOL_VERSION}.steps",
 }
 MAX_HEADER_BYTES = 1 << 20
+MAX_PROBE_BYTES = 256 << 10  # a bandwidth probe's bytes each way (they ride in the header)
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 31  # 2 GiB of tensor data per message unless the server says less
 
 _HEADER_LEN = struct.Struct("<I")
@@ -62,6 +63,9 @@ def message(cls: type) -> type:
 @message
 class InfoRequest:
     protocol_version: int = PROTOCOL_VERSION
+    # a bandwidth probe: bytes sent along, and how many the reply should carry back (MAX_PROBE_BYTES at most)
+    probe: bytes = b""
+    probe_reply_bytes: int = 0
 
 
 @message
@@ -78,6 +82,7 @@ class InfoResponse:
     cache_tokens_left: int
     public_name: str = ""
     num_blocks: int = 0  # blocks of the whole model: health checks the model index against it (0: not said)
+    probe: bytes = b""  # InfoRequest.probe_reply_bytes zero bytes
 
 
 @message
@@ -190,6 +195,9 @@ class InferenceStep:
     attention_mask: torch.Tensor | None = None  # [batch, new_tokens]: see "Padded batches" above
     position_ids: torch.Tensor | None = None  # [batch, new_tokens]
     push_token: bytes = b""  # in a pushed step: the token the client gave for it
+    # how this server sends its output on (swarm.compression schemes): [0] for the link to the next server
+    # (or back to the client), [1] for the next server's output, ...; a push passes on compression[1:]
+    compression: tuple[str, ...] = ()
 
 
 @message
@@ -238,13 +246,15 @@ class WireLimits:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
-def encode(msg: Any) -> list[bytes | memoryview]:
-    """Returns the parts of one frame; write them in order."""
+def encode(msg: Any, compression: str = "none") -> list[bytes | memoryview]:
+    """Returns the parts of one frame; write them in order. ``compression`` (a :mod:`swarm.compression`
+    scheme) applies to the message's hidden states (its ``hidden`` field); the receiver decodes them
+    without being told."""
     fields = dataclass_to_map(msg)
     buffers: list[memoryview] = []
     sizes: list[int] = []
-    def add(tensor: torch.Tensor) -> dict[str, Any]:
-        meta, buf = tensor_to_buffer(tensor)
+    def add(tensor: torch.Tensor, scheme: str = "none") -> dict[str, Any]:
+        meta, buf = tensor_to_buffer(tensor, scheme)
         meta["__tensor__"] = len(buffers)
         buffers.append(buf)
         sizes.append(buf.nbytes)
@@ -252,17 +262,17 @@ def encode(msg: Any) -> list[bytes | memoryview]:
 
     for key, value in fields.items():
         if isinstance(value, torch.Tensor):
-            fields[key] = add(value)
+            fields[key] = add(value, compression if key == "hidden" else "none")
         elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):  # tuple[Tensor, ...]
             fields[key] = [add(item) for item in value]
     header = msgpack.packb({"type": type(msg).__name__, "fields": fields, "sizes": sizes}, use_bin_type=True)
     return [_HEADER_LEN.pack(len(header)) + header, *buffers]
 
 
-async def write_message(writer: asyncio.StreamWriter, msg: Any) -> None:
+async def write_message(writer: asyncio.StreamWriter, msg: Any, compression: str = "none") -> None:
     # a frame goes out in one call (one syscall): written part by part, it leaves in several, and the
     # p2pd daemons on the way wake up and forward each piece separately
-    parts = encode(msg)
+    parts = encode(msg, compression)
     if len(parts) == 1:
         writer.write(parts[0])
     elif sum(len(part) for part in parts) <= _JOIN_MAX_BYTES:

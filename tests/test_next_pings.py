@@ -41,16 +41,26 @@ def test_next_pings_smooth_and_drop_vanished_or_silent_servers(monkeypatch):
             raise ServerUnavailable(f"server {peer_id} did not answer in {timeout:.0f}s")
         return rtt
 
+    bandwidths: dict[str, float | None] = {"a": 1e6, "b": None}  # b: a fast link, the probe cannot tell
+
+    async def fake_bandwidth(p2p, peer_id: str, rtt: float, timeout: float) -> float | None:
+        return bandwidths[peer_id]
+
     monkeypatch.setattr(next_pings.transport, "ping", fake_ping)
+    monkeypatch.setattr(next_pings.transport, "bandwidth", fake_bandwidth)
     tracker = NextPings(p2p=None)
     assert aio.run(tracker.update(["a", "b"])) == {"a": 0.010, "b": 0.020}
+    assert tracker.bandwidths == {"a": 1e6}
     answers.update(a=0.020, c=0.005)
+    bandwidths.update(a=2e6, c=5e5)
     published = aio.run(tracker.update(["a", "c"]))  # b left the candidates
     assert published == pytest.approx({"a": 0.7 * 0.010 + 0.3 * 0.020, "c": 0.005})
+    assert tracker.bandwidths == pytest.approx({"a": 0.7 * 1e6 + 0.3 * 2e6, "c": 5e5})
     answers["a"] = None  # a stops answering: no route should count on pushing to it
     assert aio.run(tracker.update(["a", "c"])) == pytest.approx({"c": 0.005})
+    assert set(tracker.bandwidths) == {"c"}
     tracker.clear()
-    assert tracker.rtts == {}
+    assert tracker.rtts == {} and tracker.bandwidths == {}
 
 
 # ---------------------------------------------------------------- on real peers

@@ -43,6 +43,7 @@ def full_server_record() -> ServerRecord:
         using_relay=True,
         next_pings={"QmPeerA": 0.012, "QmPeerB": 1.5},
         announced_at=1_700_000_000.5,
+        next_bandwidth={"QmPeerA": 1.25e6},
         schema_version=SCHEMA_VERSION,
     )
 

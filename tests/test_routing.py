@@ -497,3 +497,21 @@ def test_a_wrong_server_is_distrusted_for_good():
     bans.distrust("A")
     bans.succeeded("A")
     assert bans.banned(now=1e9, servers=swarm_of({"A": rec(0, 4)})) == {"A"} and bans.distrusted() == {"A"}
+def test_latency_chain_after_a_server_prices_the_first_hop_from_its_published_pings():
+    # replacing blocks 2:4 behind a: a's published ping to b2 beats b1, which the client sees as equal
+    pings = dict.fromkeys(["a", "b1", "b2"], 0.01)
+    servers = swarm_of({"a": pinging(0, 2, {"b1": 0.2, "b2": 0.001}), "b1": pinging(2, 4, {}), "b2": pinging(2, 4, {})})
+    assert links(make_latency_chain(servers, 2, 4, pings=pings)) == [("b1", 2, 4)]  # priced from the client
+    assert links(make_latency_chain(servers, 2, 4, pings=pings, after="a")) == [("b2", 2, 4)]
+    # a predecessor without a record (it left) prices the hop through the client
+    assert links(make_latency_chain(servers, 2, 4, pings=pings, after="gone")) == [("b1", 2, 4)]
+
+
+def test_latency_chain_then_a_server_prices_the_last_hop_to_it():
+    # replacing blocks 0:2 before c: b2 pushes to c fast, b1 slowly; the client sees b1 as nearer
+    pings = {"b1": 0.01, "b2": 0.02, "c": 0.01}
+    servers = swarm_of({"b1": pinging(0, 2, {"c": 0.3}), "b2": pinging(0, 2, {"c": 0.001}), "c": pinging(2, 4, {})})
+    assert links(make_latency_chain(servers, 0, 2, pings=pings)) == [("b1", 0, 2)]
+    assert links(make_latency_chain(servers, 0, 2, pings=pings, then="c")) == [("b2", 0, 2)]
+    # without push the hand-over goes through the client: b1 is nearer again
+    assert links(make_latency_chain(servers, 0, 2, pings=pings, then="c", push=False)) == [("b1", 0, 2)]

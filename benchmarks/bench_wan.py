@@ -1,0 +1,178 @@
+"""Generation over emulated WAN links, with Petals 2.2 under the same emulation in the same run. Prints JSON.
+
+    python benchmarks/bench_wan.py                             # 2 and 4 servers at 0, 10, 25, 50 ms one way
+    python benchmarks/bench_wan.py --petals --workdir /tmp/pb  # and Petals 2.2 behind the same proxies
+    python benchmarks/bench_wan.py --delays 25 --servers 4 --petals
+
+Links: every server listens behind a delaying proxy (swarm/wan.py) that it announces, so every link to
+it, from the client and from other servers, costs ``delay`` one way (2 * delay a round trip). Petals'
+servers get the same proxies (``--announce_maddrs``, through petals_baseline.sh's SERVER_ARGS_FOR).
+
+Model: tiny Llama (hidden 64) with 8 layers whose last 6 add little (swarm.tiny ``quiet_after=2``), so
+that its first 2 layers (the draft: same embeddings, norm and head) predict most of its tokens. The
+servers split the 8 layers evenly (2 servers: 4 each; 4 servers: 2 each), one torch thread each.
+
+Per (delay, servers), each configuration generates ``--tokens`` new tokens greedily after an 8-token
+prompt, ``--repeats`` times interleaved (median): no push (every hop back through the client), push,
+and push with speculative decoding (``assistant_model=`` the 2-layer draft, draft length chosen by the
+client). A generate call opens its own session, as Petals' does. Every output is checked against
+local transformers' greedy output. Also reported: the draft's acceptance (accepted / drafted) and its
+agreement rate (accepted / (accepted + rejections): how often the model keeps a draft token it checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PROMPT = 8
+CONFIGS = {  # name: (client options, generate options)
+    "no_push": (dict(use_push=False), {}),
+    "push": (dict(use_push=True), {}),
+    "push_spec": (dict(use_push=True), dict(speculative=True)),
+}
+
+
+def spans_for(servers: int, layers: int) -> list[str]:
+    step = layers // servers
+    return [f"{i * step}:{(i + 1) * step}" for i in range(servers)]
+
+
+def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repeats: int, log_dir: str) -> dict:
+    from swarm import AutoDistributedModelForCausalLM
+    from swarm.local_swarm import LocalSwarm
+    from swarm.tiny import load_draft
+    from swarm.wan import LinkShape
+
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    local.generation_config.eos_token_id = None
+    draft = load_draft(model_dir, 2)
+    prompt = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    expected = local.generate(prompt, max_new_tokens=tokens, do_sample=False)
+    res: dict = {}
+    with LocalSwarm(log_dir=log_dir, wan=LinkShape(delay)) as swarm:
+        swarm.start_dht()
+        procs = [swarm.start_server(model_dir, span, "--num-threads", "1", "--throughput", "100", wait=False)
+                 for span in spans]
+        for proc in procs:
+            proc.wait_for("Server ONLINE", 180)
+        clients = {}
+        for name, (options, _) in CONFIGS.items():
+            clients[name] = AutoDistributedModelForCausalLM.from_pretrained(
+                model_dir, initial_peers=swarm.initial_peers, **options)
+            clients[name].generation_config.eos_token_id = None
+        times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        stats = {"drafted": 0, "accepted": 0, "rounds": 0, "rejections": 0}
+        exact = True
+        try:
+            for repeat in range(repeats + 1):  # the first is a warm-up: connections, pings, caches
+                for name, (_, options) in CONFIGS.items():
+                    model = clients[name]
+                    with model.inference_session(max_length=PROMPT + tokens) as session:
+                        kwargs = dict(assistant_model=draft) if options.get("speculative") else {}
+                        t0 = time.perf_counter()
+                        out = model.generate(prompt, max_new_tokens=tokens, do_sample=False, session=session,
+                                             **kwargs)
+                        elapsed = time.perf_counter() - t0
+                    exact = exact and bool(torch.equal(out, expected))
+                    if repeat == 0:
+                        continue
+                    times[name].append(elapsed)
+                    if options.get("speculative"):
+                        spec = session.speculation
+                        stats["drafted"] += spec.drafted
+                        stats["accepted"] += spec.accepted
+                        stats["rounds"] += spec.rounds
+                        stats["rejections"] += spec.rejections
+        finally:
+            for model in clients.values():
+                model.shutdown()
+    for name, values in times.items():
+        median = statistics.median(values)
+        res[name] = {"tokens_per_s": round(tokens / median, 2), "ms_per_token": round(median / tokens * 1000, 1),
+                     "times_s": [round(t, 3) for t in values]}
+    res["push_spec"]["acceptance"] = round(stats["accepted"] / max(stats["drafted"], 1), 3)
+    res["push_spec"]["agreement"] = round(stats["accepted"] / max(stats["accepted"] + stats["rejections"], 1), 3)
+    res["push_spec"]["tokens_per_round"] = round(tokens * repeats / max(stats["rounds"], 1), 2)
+    res["equal_local_greedy"] = exact
+    return res
+
+
+def run_petals_wan(model_dir: str, delay: float, spans: list[str], workdir: str, log_dir: str) -> dict:
+    """Petals 2.2 (petals_baseline.sh) with each server behind a proxy of the same shape, announced."""
+    from bench_generation import run_petals
+
+    from swarm.local_swarm import LocalSwarm
+    from swarm.wan import LinkShape
+
+    with LocalSwarm(log_dir=log_dir) as proxies:
+        script = os.path.join(log_dir, "petals_server_args.sh")
+        lines = ["#!/usr/bin/env bash", 'case "$1" in']
+        for span in spans:
+            args = proxies.listen_args(f"petals_{span.replace(':', '_')}", LinkShape(delay), flag="--{}_maddrs")
+            lines.append(f"  {span}) printf '%s\\n' {' '.join(args)} ;;")
+        lines.append("esac")
+        with open(script, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.chmod(script, 0o755)
+        result, _ = run_petals(workdir, model_dir, env={"SPANS": " ".join(spans), "SERVER_ARGS_FOR": script})
+    return {"tokens_per_s": result["generate_64_tokens_per_s_median"],
+            "ms_per_token": round(1000 / result["generate_64_tokens_per_s_median"], 1),
+            "generate_64_times_s": result["generate_64_times_s"],
+            "equal_local_greedy": result["generate_32_equal_local_hf"],
+            "step_1token_ms": result["inference_session_1token_step_median_ms"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--delays", default="0,10,25,50", help="one-way delays per link, ms")
+    parser.add_argument("--servers", default="2,4", help="server counts")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per generate (Petals' runs use 64)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--petals", action="store_true", help="run Petals 2.2 under the same emulation too")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "swarm-bench-wan"))
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    torch.set_num_threads(1)  # the client shares this machine's cores with the servers
+
+    from swarm.tiny import make_tiny_model
+
+    layers = 8
+    model_dir = make_tiny_model(os.path.join(args.workdir, "tiny-llama-8q"), num_hidden_layers=layers,
+                                quiet_after=2)
+    report: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "model": model_dir,
+                    "tokens": args.tokens, "repeats": args.repeats, "runs": []}
+    for delay_ms in [float(d) for d in args.delays.split(",")]:
+        for servers in [int(n) for n in args.servers.split(",")]:
+            spans = spans_for(servers, layers)
+            tag = f"d{delay_ms:g}_s{servers}"
+            row: dict = {"delay_ms": delay_ms, "servers": servers, "spans": spans}
+            if args.petals:
+                row["petals"] = run_petals_wan(model_dir, delay_ms / 1000, spans, args.workdir,
+                                               os.path.join(args.workdir, f"logs-petals-{tag}"))
+            row.update(run_swarm(model_dir, delay_ms / 1000, spans, args.tokens, args.repeats,
+                                 os.path.join(args.workdir, f"logs-{tag}")))
+            row["ratios"] = {"push_over_no_push": round(row["push"]["tokens_per_s"] / row["no_push"]["tokens_per_s"], 2),
+                             "spec_over_push": round(row["push_spec"]["tokens_per_s"] / row["push"]["tokens_per_s"], 2)}
+            if args.petals:
+                row["ratios"]["push_over_petals"] = round(row["push"]["tokens_per_s"] / row["petals"]["tokens_per_s"], 2)
+                row["ratios"]["spec_over_petals"] = round(row["push_spec"]["tokens_per_s"]
+                                                          / row["petals"]["tokens_per_s"], 2)
+            report["runs"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
