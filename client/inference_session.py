@@ -392,7 +392,7 @@ class InferenceSession:
         """Compression (:mod:`swarm.compression`) of the client's link into span ``first``, and of the links out
         of it and the ``pushes`` spans its output is pushed through (the last one's goes back to the client)."""
         policy = self.sequence.config.compression
-        nbytes = hidden.numel() * 4
+        nbytes = hidden.numel() * hidden.element_size()
         peers = [s.link.peer_id for s in self._spans[first:first + pushes + 1]]
         links = zip(peers, [*peers[1:], None])
         return (choose(policy, nbytes, self.sequence.link_bandwidth(None, peers[0])),

@@ -42,8 +42,8 @@ def check_scheme(scheme: str) -> str:
 
 
 def choose(policy: str, nbytes: int, bandwidth: float | None) -> str:
-    """The scheme for one link: ``nbytes`` of float32 states per step over ``bandwidth`` bytes/s (None:
-    not measured, which counts as fast).
+    """The scheme for one link: ``nbytes`` of states per step over ``bandwidth`` bytes/s (None: not
+    measured, or too fast to measure, which counts as fast).
 
     ``policy``: ``none`` never compresses; ``auto`` uses float16 on a slow link; ``float16``/``bfloat16``
     use that scheme on a slow link; ``int8`` uses float16 on a slow link and int8 where even float16's

@@ -13,8 +13,8 @@ from swarm.compression import SLOW_LINK_S, choose, roundtrip, wire_bytes
 from swarm.errors import BadRequest
 from swarm.wire import InferenceStep, encode
 
-from tests.fake_swarm import FakeNet, record, toy_blocks
-from tests.test_wire import raw_frame, read_bytes, tensor_header
+from fake_swarm import FakeNet, record, toy_blocks
+from test_wire import raw_frame, read_bytes, tensor_header
 
 
 def _states(seed: int = 0) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import client.inference_session
 from client.inference_session import InferenceSession
 
-from tests.fake_swarm import FakeNet, record, toy_blocks
+from fake_swarm import FakeNet, record, toy_blocks
 
 
 def _run(net: FakeNet, sequence, steps: int, monkeypatch, kill_after: dict[int, str] | None = None):

@@ -12,7 +12,7 @@ from client.inference_session import InferenceSession
 from client.speculative import best_draft_length, expected_tokens
 from swarm.errors import BadRequest
 
-from tests.fake_swarm import FakeNet, record, toy_blocks
+from fake_swarm import FakeNet, record, toy_blocks
 
 
 def test_expected_tokens_counts_accepted_drafts_plus_the_models_own_token():
