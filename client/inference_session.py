@@ -4,15 +4,20 @@ The chain is chosen when the first step arrives (its batch size decides how much
 must have free). Each step sends ``[batch, new_tokens, hidden]`` through every span and advances
 :attr:`InferenceSession.position`; with push, servers pass the states on themselves.
 
-Failover: the session keeps every span's inputs (its *history*). When a server fails (its stream
-closes, it stops answering, it lost the session, it raised an unexpected error), the session bans
-it, routes around the hole (possibly over several servers), replays the history to rebuild their
-caches, and retries the step. Opening sessions, replaying and retrying all spend one budget per
+Without echo (with push, when the client does not verify servers, or ``push_echo=False``) a pushed
+step is only acknowledged: the client never sees a pushed span's inputs, the server before it keeps
+them as its outputs.
+
+Failover: the session keeps every span's inputs it saw (its *history*). When a server fails (its
+stream closes, it stops answering, it lost the session, it raised an unexpected error), the session
+bans it, routes around the hole (possibly over several servers), replays the history (or the outputs
+the server before it kept, fetched then) to rebuild their caches, and retries the step. Opening sessions, replaying and retrying all spend one budget per
 step of the client's :class:`~swarm.retry.RetryPolicy`. Outputs equal the fault-free run.
 
 Hedging (:mod:`client.hedging`): a server that keeps a step longer than it advertised is not waited
 for until ``request_timeout``: the session rebuilds that span on other servers (replaying its history,
 this step included) while still waiting, and the first answer wins; a server that lost is avoided.
+Spans whose inputs were pushed without echo are not hedged (the client lacks their history).
 
 Verification (:mod:`client.verifier`): after a step, each span is checked with probability
 ``verify_rate``, in the background: its whole history goes to another server as a forward pass and
@@ -40,7 +45,7 @@ from swarm.push_tokens import new_push_key, push_token
 from swarm.retry import Attempts
 from swarm.routing import ChainLink
 from swarm.transport import Stream
-from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput
+from swarm.wire import ErrorReply, FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput
 
 from client import hedging
 from client.loop import run_sync
@@ -59,6 +64,8 @@ class _SpanSession:
     push_key: bytes = b""  # the server accepts a pushed step only with a token under this key
     history: torch.Tensor | None = None  # [batch, position, hidden]: every input this span has cached
     patience: float = 1.0  # times the hedging delay to wait for it: doubles each time it was slow but won
+    # some inputs came pushed without an echo: the server before it holds them (FetchOutputs), not the client
+    held_upstream: bool = False
 
     def remember(self, hidden: torch.Tensor, start_position: int) -> None:
         kept = self.history[:, :start_position] if self.history is not None else hidden[:, :0]
@@ -113,6 +120,15 @@ class InferenceSession:
     def chain(self) -> list[ChainLink]:
         return [s.link for s in self._spans]
 
+    @property
+    def _echo(self) -> bool:
+        """Whether servers send pushed outputs back to the client too (else they keep them). By default they do
+        when the client verifies servers (``verify_rate`` > 0): a check needs a span's inputs and outputs as the
+        client saw them (:mod:`client.verifier`)."""
+        config = self.sequence.config
+        echo = config.verify_rate > 0 if config.push_echo is None else config.push_echo
+        return not config.use_push or echo
+
     async def _open_spans(self, start: int, end: int, attempts: Attempts, after: str | None = None,
                           then: str | None = None) -> list[_SpanSession]:
         """Plans one chain over blocks ``start:end`` and opens a session on each of its links at once.
@@ -150,7 +166,7 @@ class InferenceSession:
         try:
             await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
                                           max_length=self.max_length, batch_size=self.batch_size, push_key=push_key,
-                                          **self.sequence.session_fields(link.start, link.end)))
+                                          echo=self._echo, **self.sequence.session_fields(link.start, link.end)))
             await stream.receive(config.request_timeout, SessionOpened)
         except BaseException:
             stream.close()
@@ -199,10 +215,16 @@ class InferenceSession:
             await self._drop_wrong(position, attempts)
         padding = self._remember_padding(position, hidden, attention_mask, position_ids)
         dtype, device = hidden.dtype, hidden.device  # the output returns to the client's device (CPU or GPU)
-        first = 0
+        end = position + hidden.shape[1]
+        first, broken_index = 0, None
+        fresh: list[_SpanSession] = []  # replacements rebuilt from already reordered histories
         while True:
             try:
-                hidden = await self._run_from(first, hidden, position, hypo_ids, padding)
+                if broken_index is not None:
+                    first, hidden, replacements = await self._replace(broken_index, position, end, attempts)
+                    fresh += replacements
+                    broken_index = None
+                hidden = await self._run_from(first, hidden, position, hypo_ids, padding, fresh)
                 break
             except _Hedged as hedged:
                 first, hidden, hypo_ids = hedged.index, hedged.hidden, None
@@ -211,9 +233,8 @@ class InferenceSession:
                 attempts.progress(f"blocks 0:{broken.link.start} done for this step")
                 await attempts.failed(failed.cause, where=f"blocks {broken.link.start}:{broken.link.end} on "
                                                           f"server {broken.link.peer_id}", peer_id=broken.link.peer_id)
-                first, hidden = await self._replace(failed.index, position, attempts)
-                hypo_ids = None  # applied to the histories the replacements were rebuilt from
-        self.position = position + hidden.shape[1]
+                broken_index = failed.index
+        self.position = end
         kept = self._outputs[:, :position] if self._outputs is not None else hidden[:, :0]
         self._outputs = torch.cat([kept, hidden], dim=1)  # [batch, position, hidden], on the CPU like the histories
         self._schedule_checks()
@@ -224,9 +245,9 @@ class InferenceSession:
         verifier, held = self.sequence.verifier, self.position
         for j, span in enumerate(self._spans):
             key = (span.link.peer_id, span.link.start, span.link.end)
-            if not verifier.draw() or key in self._checks or span.history is None:
-                continue
             outputs = self._spans[j + 1].history if j + 1 < len(self._spans) else self._outputs
+            if not verifier.draw() or key in self._checks or span.history is None or outputs is None:
+                continue  # (without echo the client saw no inputs or outputs of a pushed span: nothing to check)
             extras = dataclasses.replace(self.sequence.extras(), **self._padding_fields(0, held))
             self._checks[key] = asyncio.ensure_future(
                 self._check(key, span.link, span.history[:, :held], outputs[:, :held], extras))
@@ -258,7 +279,13 @@ class InferenceSession:
         if wrong is None:
             return
         first = self._spans[wrong]
-        history = first.history[:, :position] if first.history is not None else None
+        if first.held_upstream:  # pushed without echo: the server before it kept its inputs
+            try:
+                history = (await self._fetch_inputs(wrong, position))[:, :position]
+            except _SpanFailed as failed:
+                raise failed.cause from None
+        else:
+            history = first.history[:, :position] if first.history is not None else None
         logger.warning("Server %s was caught computing wrong: rebuilding the session from blocks %d:%d on",
                        first.link.peer_id, first.link.start, first.link.end)
         after = self._spans[wrong - 1].link.peer_id if wrong > 0 else None
@@ -293,10 +320,13 @@ class InferenceSession:
                     position_ids=None if self._positions is None else self._positions[:, start:end].contiguous())
 
     async def _run_from(self, first: int, hidden: torch.Tensor, position: int, hypo_ids: torch.Tensor | None,
-                        padding: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """Runs the step from span ``first`` on; a retryable failure of span i raises _SpanFailed(i)."""
+                        padding: dict[str, torch.Tensor | None], fresh: list[_SpanSession]) -> torch.Tensor:
+        """Runs the step from span ``first`` on; a retryable failure of span i raises _SpanFailed(i).
+
+        ``fresh`` spans were rebuilt during this step from histories ``hypo_ids`` had reordered already: they
+        get the step without it, so it is not pushed past them (each span gets its own ``hypo_ids``)."""
         timeout = self.sequence.config.request_timeout
-        push = self.sequence.config.use_push
+        push = self.sequence.config.use_push and not (hypo_ids is not None and fresh)
         self._step_id += 1  # a fresh id: after a failover, servers must not take the retry for a duplicate
         step_id = self._step_id
         i = first
@@ -310,8 +340,8 @@ class InferenceSession:
             self.compressed_links += sum(scheme != "none" for scheme in (into, *onwards))
             span.remember(roundtrip(hidden, into), position)  # what the server gets
             step = InferenceStep(session_id=span.session_id, hidden=hidden, start_position=position,
-                                 hypo_ids=hypo_ids, step_id=step_id, next_servers=tuple(rest), compression=onwards,
-                                 **padding)
+                                 hypo_ids=None if span in fresh else hypo_ids, step_id=step_id,
+                                 next_servers=tuple(rest), compression=onwards, **padding)
             framed = None  # with other sessions' concurrent steps to this server, in one frame (client.step_frames)
             try:
                 frames = await self.sequence.step_frames(span.link.peer_id) if plain(step) and into == "none" else None
@@ -323,27 +353,34 @@ class InferenceSession:
                 raise _SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
                 try:
-                    out = await self._answer(i, step_id, position, timeout, framed)
+                    out = await self._answer(i, step_id, hidden.shape[0] * hidden.shape[1], position, timeout, framed)
                     framed = None
-                    check_output(out.hidden, hidden, self._spans[i].link.peer_id)
+                    if out.hidden is not None or not out.pushed or i + 1 == len(self._spans):
+                        check_output(out.hidden, hidden, self._spans[i].link.peer_id)
                 except SwarmError as e:
                     raise _SpanFailed(i, e) from None
                 self.sequence.bans.succeeded(self._spans[i].link.peer_id)  # its failures are forgotten
-                hidden = out.hidden
                 i += 1
+                if out.hidden is None:  # pushed on without an echo: the next server got it, the client did not
+                    self._spans[i].held_upstream, self._spans[i].history = True, None
+                    continue
+                hidden = out.hidden
                 if i == len(self._spans) or not out.pushed:
                     break
                 self._spans[i].remember(hidden, position)
         return hidden
 
-    async def _answer(self, i: int, step_id: int, position: int, timeout: float,
+    async def _answer(self, i: int, step_id: int, tokens: int, position: int, timeout: float,
                       framed: Coroutine[Any, Any, StepOutput] | None = None) -> StepOutput:
-        """Span ``i``'s answer to the step (``framed``: the step went in a frame, this awaits its answer); if its
-        server takes longer than it advertised, the span is rebuilt on other servers meanwhile, and if they
-        answer first they replace it (raises :class:`_Hedged`)."""
+        """Span ``i``'s answer to the step (``tokens``: rows x new tokens; ``framed``: the step went in a frame,
+        this awaits its answer); if its server takes longer than it advertised, the span is rebuilt on other
+        servers meanwhile, and if they answer first they replace it (raises :class:`_Hedged`). A span whose
+        inputs were pushed without echo is waited for: the client does not hold what a rebuild would replay (a
+        failure still routes around it, see :meth:`_replace`)."""
         span = self._spans[i]
-        new = span.history[:, position:]  # [batch, new_tokens, hidden]: this step's input to the span
-        after = self.sequence.hedge_after(span.link, new.shape[0] * new.shape[1]) * span.patience
+        if span.held_upstream:
+            return await self._receive(span, step_id, timeout)
+        after = self.sequence.hedge_after(span.link, tokens) * span.patience
         t0 = time.monotonic()
         answer = framed if framed is not None else self._receive(span, step_id, timeout)
         raced = await hedging.race(answer, after, lambda: self._rebuild_elsewhere(span))
@@ -398,22 +435,26 @@ class InferenceSession:
         return (choose(policy, nbytes, self.sequence.link_bandwidth(None, peers[0])),
                 tuple(choose(policy, nbytes, self.sequence.link_bandwidth(a, b)) for a, b in links))
 
-    async def _replace(self, index: int, position: int, attempts: Attempts) -> tuple[int, torch.Tensor]:
+    async def _replace(self, index: int, position: int, end: int,
+                       attempts: Attempts) -> tuple[int, torch.Tensor, list[_SpanSession]]:
         """Routes around span ``index`` (its server is banned already) and rebuilds its caches on other
-        servers; returns (the span to resume at, its input)."""
+        servers; returns (the span to resume at, its input, the replacements). Its inputs come from the
+        client's history, or from the server before it when they were pushed without an echo (if that
+        server fails too, it raises _SpanFailed for it: it is replaced first)."""
         broken = self._spans[index]
         logger.warning("Server %s failed on blocks %d:%d; routing around it", broken.link.peer_id,
                        broken.link.start, broken.link.end)
         broken.stream.close()
-        history = broken.history  # [batch, position + new, hidden]: inputs up to and including this step
+        # [batch, end, hidden]: inputs up to and including this step
+        history = await self._fetch_inputs(index, end) if broken.held_upstream else broken.history
         prefix, current = history[:, :position], history[:, position:]
         after = self._spans[index - 1].link.peer_id if index > 0 else None
         then = self._spans[index + 1].link.peer_id if index + 1 < len(self._spans) else None
-        self._spans[index:index + 1], _ = await self._open_and_replay(broken.link.start, broken.link.end, prefix,
-                                                                      attempts, after, then)
+        replacements, _ = await self._open_and_replay(broken.link.start, broken.link.end, prefix, attempts, after, then)
+        self._spans[index:index + 1] = replacements
         self.failovers += 1
         logger.info("Session now goes through %s", self._describe())
-        return index, current
+        return index, current, replacements
 
     async def _open_and_replay(self, start: int, end: int, history: torch.Tensor | None, attempts: Attempts,
                                after: str | None = None, then: str | None = None,
@@ -433,6 +474,28 @@ class InferenceSession:
                 link = replacements[failed.index].link
                 await attempts.failed(failed.cause, where=f"replaying blocks {link.start}:{link.end} on server "
                                                           f"{link.peer_id}", peer_id=link.peer_id)
+
+    async def _fetch_inputs(self, index: int, end: int) -> torch.Tensor:
+        """Span ``index``'s inputs of tokens ``0:end``: the outputs the server before it kept."""
+        source = self._spans[index - 1]
+        try:
+            await source.stream.send(FetchOutputs(session_id=source.session_id, start=0, end=end))
+            for _ in range(1000):  # bounded: answers to steps may still be queued before it
+                out = await source.stream.receive(self.sequence.config.request_timeout)
+                if isinstance(out, SessionOutputs):
+                    break
+                if not isinstance(out, StepOutput):
+                    raise (out.to_exception() if isinstance(out, ErrorReply) else ServerError(
+                        f"server {source.link.peer_id} answered {type(out).__name__} where SessionOutputs was due"))
+            else:
+                raise ServerError(f"server {source.link.peer_id} never answered a request for its outputs")
+            if out.start != 0 or out.hidden.ndim != 3 or out.hidden.shape[:2] != (self.batch_size, end) \
+                    or not out.hidden.is_floating_point():
+                raise ServerError(f"server {source.link.peer_id} sent outputs {list(out.hidden.shape)} from "
+                                  f"{out.start} for tokens 0:{end} of batch {self.batch_size}")
+        except SwarmError as e:
+            raise _SpanFailed(index - 1, e) from None
+        return out.hidden
 
     async def _replay(self, spans: list[_SpanSession], states: torch.Tensor) -> torch.Tensor:
         """Sends the cached prefix through new spans so they hold what the failed server held; returns their

@@ -482,10 +482,12 @@ def _where(link: ChainLink | None, start: int, end: int) -> str:
     return f"blocks {link.start}:{link.end} on server {link.peer_id}"
 
 
-def check_output(out: torch.Tensor, sent: torch.Tensor, peer_id: str) -> None:
+def check_output(out: torch.Tensor | None, sent: torch.Tensor, peer_id: str) -> None:
     """A server must answer with finite, plausible hidden states of the shape it was sent; anything else is
     its fault. Plausible: every entry within :data:`PLAUSIBLE_ABS`, or within 1000x of the input's largest
     (a server never gets the blame for what the client sent: a non-finite input gets no check)."""
+    if out is None:
+        raise ServerError(f"server {peer_id} answered a step without its hidden states; not using it")
     if out.shape != sent.shape or not out.is_floating_point():
         raise ServerError(f"server {peer_id} returned {out.dtype} {list(out.shape)} for hidden states "
                           f"{list(sent.shape)}; not using it")

@@ -276,6 +276,10 @@ class ClientConfig:
     use_push: bool = True  # servers pass step outputs straight to the next server of the chain
     # concurrent plain steps of this client's sessions to one server go in one frame (client.step_frames)
     step_frames: bool = True
+    # with push, servers also send each output back to the client (off: an acknowledgement; a server keeps its
+    # outputs and the client fetches them only when the next server fails). None: echo only while verify_rate > 0
+    # (a check needs what a span got and gave, as the client saw it)
+    push_echo: bool | None = None
     # hidden states on slow links (swarm.compression): "auto" (16-bit where a step's states would take
     # >= 2 ms to cross, exact elsewhere), "none", "float16", "bfloat16", or "int8" (8-bit where 16-bit is still slow)
     compression: str = "auto"
@@ -299,6 +303,9 @@ class ClientConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.verify_rate <= 1.0:
             raise ConfigError(f"verify_rate must be within 0..1 (0: no checks), got {self.verify_rate}")
+        if self.push_echo is False and self.use_push and self.verify_rate > 0:
+            raise ConfigError("push_echo=False leaves the client no span inputs and outputs to verify: set "
+                              "verify_rate=0 too (or leave push_echo=None, which echoes only while verifying)")
         if isinstance(self.allowed_quant, (str, list)):  # allowed_quant="none" or a list: a tuple
             allowed = (self.allowed_quant,) if isinstance(self.allowed_quant, str) else tuple(self.allowed_quant)
             object.__setattr__(self, "allowed_quant", allowed)

@@ -6,7 +6,8 @@ One servicer, its stream handlers (names in :data:`HANDLERS`):
 - ``forward``: one :class:`ForwardRequest` -> one :class:`ForwardResponse` (no-grad, any length)
 - ``backward``: one :class:`BackwardRequest` -> one :class:`BackwardResponse` (recomputes the forward)
 - ``inference``: a session. :class:`OpenSession` -> :class:`SessionOpened`, then any number of
-  :class:`InferenceStep` -> :class:`StepOutput`. Closing the stream frees the session's cache.
+  :class:`InferenceStep` -> :class:`StepOutput` and :class:`FetchOutputs` -> :class:`SessionOutputs`.
+  Closing the stream frees the session's cache.
 - ``push``: server to server. :class:`InferenceStep` messages for sessions open on the receiving
   server, sent by the server before it in the chain; answers go to the session's own stream.
 - ``steps``: a client's concurrent steps to one server in one frame. :class:`InferenceSteps` (steps
@@ -174,6 +175,9 @@ class OpenSession:
     prompts: torch.Tensor | None = None  # deep prompts, added wherever a step covers positions below their length
     protocol_version: int = PROTOCOL_VERSION
     push_key: bytes = b""  # the secret of this session's push tokens (swarm.push_tokens); empty: no pushes
+    # False: a step this server pushes on is acknowledged without its output (StepOutput.hidden None), and the
+    # server keeps the session's outputs for the client to fetch if the next server fails (FetchOutputs)
+    echo: bool = True
 
 
 @message
@@ -202,7 +206,7 @@ class InferenceStep:
 
 @message
 class StepOutput:
-    hidden: torch.Tensor  # [batch, new_tokens, hidden]
+    hidden: torch.Tensor | None  # [batch, new_tokens, hidden]; None: pushed on, in a session opened with echo=False
     position: int  # tokens the session holds after this step
     step_id: int = 0
     pushed: bool = False  # the output also went to the next server, which will answer the step itself
@@ -230,6 +234,21 @@ class StepOutputs:
     positions: tuple[int, ...]  # tokens the session holds after the step
     error_codes: tuple[str, ...]  # "" where the step ran, else an ErrorReply code (swarm.errors)
     error_messages: tuple[str, ...]
+
+
+@message
+class FetchOutputs:
+    """Asks a session opened with ``echo=False`` for its outputs of tokens ``start:end`` (for a failover replay)."""
+
+    session_id: str
+    start: int
+    end: int
+
+
+@message
+class SessionOutputs:
+    hidden: torch.Tensor  # [batch, end - start, hidden]: the outputs of FetchOutputs' tokens, as they were sent on
+    start: int
 
 
 @message

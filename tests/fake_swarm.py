@@ -4,7 +4,8 @@ Each fake server holds blocks ``start:end`` of a toy model whose block ``h -> h 
 (over the sequence) depends on everything the session cached, so a replacement server that was not
 given the right history answers differently. Servers answer inference streams the way
 ``server/handler.py`` does: sessions, steps with ``start_position`` (rolling back), ``step_id``
-dedup, push to ``next_servers`` (``pushed=True``) and, when killed, closed streams.
+dedup, push to ``next_servers`` (``pushed=True``; with ``echo=False`` an answer without hidden states,
+and outputs kept for ``FetchOutputs``) and, when killed, closed streams.
 
     net = FakeNet({"a": record(0, 2), "b": record(2, 4)})
     sequence = net.sequence(num_blocks=4, pings={"a": 0.01, "b": 0.01})
@@ -23,7 +24,7 @@ from swarm.compression import roundtrip
 from swarm.config import ClientConfig
 from swarm.errors import ServerUnavailable
 from swarm.records import ServerRecord, ServerState
-from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput
+from swarm.wire import FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput
 
 from client.remote_sequence import RemoteSequence
 
@@ -45,7 +46,9 @@ class _Session:
     start: int
     end: int
     stream: "FakeStream"
+    echo: bool = True
     inputs: torch.Tensor | None = None  # [batch, position, hidden]
+    outputs: torch.Tensor | None = None  # [batch, position, hidden] as sent on (kept when echo is off)
     last_step_id: int = 0
 
 
@@ -55,24 +58,36 @@ class FakeServer:
         self.alive = True
         self.sessions: dict[str, _Session] = {}
         self.steps: list[InferenceStep] = []  # every step it computed (pushed or sent by the client)
+        self.answers: list[StepOutput] = []  # every answer it gave
+        self.fetches = 0  # FetchOutputs it answered
+        self.die_on_fetch = False  # dies when asked for its outputs (as if it failed with the next server)
 
     def step(self, session: _Session, msg: InferenceStep) -> None:
         if msg.step_id and msg.step_id <= session.last_step_id:
             return
         session.last_step_id = max(session.last_step_id, msg.step_id)
         self.steps.append(msg)
+        if msg.hypo_ids is not None:  # beam search: reorder what the session holds first
+            session.inputs = session.inputs[msg.hypo_ids]
+            session.outputs = None if session.outputs is None else session.outputs[msg.hypo_ids]
         kept = session.inputs[:, :msg.start_position] if session.inputs is not None else msg.hidden[:, :0]
         session.inputs = torch.cat([kept, msg.hidden], dim=1)
         out = toy_blocks(session.inputs, session.start, session.end)[:, msg.start_position:]
         pushed = False
         out = roundtrip(out, msg.compression[0] if msg.compression else "none")  # what the next link carries
+        if not session.echo:
+            kept = session.outputs[:, :msg.start_position] if session.outputs is not None else out[:, :0]
+            session.outputs = torch.cat([kept, out], dim=1)
         if msg.next_servers:
             (peer_id, session_id), rest = msg.next_servers[0], msg.next_servers[1:]
             pushed = self.net.push(peer_id, InferenceStep(session_id=session_id, hidden=out,
                                                           start_position=msg.start_position, step_id=msg.step_id,
-                                                          next_servers=rest, compression=msg.compression[1:]))
-        session.stream.answers.put_nowait(StepOutput(hidden=out, position=session.inputs.shape[1],
-                                                     step_id=msg.step_id, pushed=pushed))
+                                                          hypo_ids=msg.hypo_ids, next_servers=rest,
+                                                          compression=msg.compression[1:]))
+        answer = StepOutput(hidden=None if pushed and not session.echo else out, position=session.inputs.shape[1],
+                            step_id=msg.step_id, pushed=pushed)
+        self.answers.append(answer)
+        session.stream.answers.put_nowait(answer)
 
 
 class FakeStream:
@@ -89,9 +104,16 @@ class FakeStream:
             raise ServerUnavailable(f"server {self.peer_id} closed the stream")
         if isinstance(msg, OpenSession):
             self.session_id = msg.session_id
-            self.server.sessions[msg.session_id] = _Session(msg.start, msg.end, self)
+            self.server.sessions[msg.session_id] = _Session(msg.start, msg.end, self, echo=msg.echo)
             self.server.net.opened.append((self.peer_id, msg.start, msg.end))
             self.answers.put_nowait(SessionOpened(msg.session_id, 0))
+        elif isinstance(msg, FetchOutputs):
+            if self.server.die_on_fetch:
+                self.server.alive = False
+                raise ServerUnavailable(f"server {self.peer_id} closed the stream")
+            session = self.server.sessions[msg.session_id]
+            self.server.fetches += 1
+            self.answers.put_nowait(SessionOutputs(hidden=session.outputs[:, msg.start:msg.end], start=msg.start))
         else:
             msg = dataclasses.replace(msg, hidden=roundtrip(msg.hidden, compression))
             self.server.step(self.server.sessions[msg.session_id], msg)
