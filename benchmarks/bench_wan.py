@@ -13,11 +13,14 @@ that its first 2 layers (the draft: same embeddings, norm and head) predict most
 servers split the 8 layers evenly (2 servers: 4 each; 4 servers: 2 each), one torch thread each.
 
 Per (delay, servers), each configuration generates ``--tokens`` new tokens greedily after an 8-token
-prompt, ``--repeats`` times interleaved (median): no push (every hop back through the client), push,
-and push with speculative decoding (``assistant_model=`` the 2-layer draft, draft length chosen by the
+prompt, ``--repeats`` times interleaved (median): no push (every hop back through the client), push with
+echo (each server also sends its output back to the client, as push did before), push without echo
+(the default: pushed steps are only acknowledged), and push with speculative decoding (``assistant_model=`` the 2-layer draft, draft length chosen by the
 client). A generate call opens its own session, as Petals' does. Every output is checked against
 local transformers' greedy output. Also reported: the draft's acceptance (accepted / drafted) and its
-agreement rate (accepted / (accepted + rejections): how often the model keeps a draft token it checks).
+agreement rate (accepted / (accepted + rejections): how often the model keeps a draft token it checks),
+and with delay 0 in the run, ``legs_per_token``: (ms per token at d - at 0) / d, the one-way link
+crossings on a token's critical path.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 PROMPT = 8
 CONFIGS = {  # name: (client options, generate options)
     "no_push": (dict(use_push=False), {}),
-    "push": (dict(use_push=True), {}),
+    "push_echo": (dict(use_push=True, push_echo=True), {}),  # push as it was: every output also back to the client
+    "push": (dict(use_push=True), {}),  # push without echo (the default)
     "push_spec": (dict(use_push=True), dict(speculative=True)),
 }
 
@@ -164,6 +168,8 @@ def main() -> None:
             row.update(run_swarm(model_dir, delay_ms / 1000, spans, args.tokens, args.repeats,
                                  os.path.join(args.workdir, f"logs-{tag}")))
             row["ratios"] = {"push_over_no_push": round(row["push"]["tokens_per_s"] / row["no_push"]["tokens_per_s"], 2),
+                             "push_over_push_echo": round(row["push"]["tokens_per_s"]
+                                                          / row["push_echo"]["tokens_per_s"], 2),
                              "spec_over_push": round(row["push_spec"]["tokens_per_s"] / row["push"]["tokens_per_s"], 2)}
             if args.petals:
                 row["ratios"]["push_over_petals"] = round(row["push"]["tokens_per_s"] / row["petals"]["tokens_per_s"], 2)
@@ -171,7 +177,23 @@ def main() -> None:
                                                           / row["petals"]["tokens_per_s"], 2)
             report["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
+    report["legs_per_token"] = legs_per_token(report["runs"])
     print(json.dumps(report, indent=1))
+
+
+def legs_per_token(runs: list[dict]) -> list[dict]:
+    """Where a token's time goes: (ms per token at delay d - ms per token at 0) / d, the one-way link
+    crossings on a token's critical path, per configuration (needs delay 0 in the same run)."""
+    out = []
+    for run in runs:
+        base = next((r for r in runs if r["servers"] == run["servers"] and r["delay_ms"] == 0), None)
+        if base is None or run["delay_ms"] == 0:
+            continue
+        names = [name for name in ("petals", *CONFIGS) if name in run and name in base]
+        out.append({"delay_ms": run["delay_ms"], "servers": run["servers"], **{
+            name: round((run[name]["ms_per_token"] - base[name]["ms_per_token"]) / run["delay_ms"], 2)
+            for name in names}})
+    return out
 
 
 if __name__ == "__main__":

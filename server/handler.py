@@ -30,7 +30,7 @@ import torch
 
 from swarm import __version__, aio
 from swarm.blocks import Span
-from swarm.compression import check_scheme
+from swarm.compression import check_scheme, roundtrip
 from swarm.errors import (BadRequest, ServerBusy, ServerError, ServerUnavailable, SessionLengthExceeded, SwarmError,
                           UnknownSession, to_wire)
 from swarm.lora import AppliedLora, applied
@@ -43,6 +43,7 @@ from swarm.wire import (
     BackwardRequest,
     BackwardResponse,
     ErrorReply,
+    FetchOutputs,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -50,6 +51,7 @@ from swarm.wire import (
     InfoResponse,
     OpenSession,
     SessionOpened,
+    SessionOutputs,
     StepOutput,
     WireLimits,
     read_message,
@@ -103,6 +105,9 @@ class Session:
     push_key: bytes = b""  # pushes into this session need a token under this key (swarm.push_tokens)
     lora: AppliedLora | None = None  # the adapter every step of this session runs with
     prompts: torch.Tensor | None = None  # deep prompts, added to the positions below their length
+    echo: bool = True  # pushed steps are answered with their outputs too; off: acknowledged, outputs kept here
+    outputs: torch.Tensor | None = None  # [batch, position, hidden] as sent on, kept when echo is off
+    outputs_pages: int = 0  # cache pages charged for them
     position: int = 0
     last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -351,7 +356,8 @@ class SpanHandler(RequestChecks):
         self.quotas.open_session(slot.peer)
         cache = SessionCache(self.pool, msg.batch_size, self.quotas.account(slot.peer))
         session = Session(msg.session_id, msg.start, msg.end, msg.max_length, msg.batch_size, cache, writer,
-                          slot.peer, asyncio.current_task(), push_key=msg.push_key, lora=lora, prompts=prompts)
+                          slot.peer, asyncio.current_task(), push_key=msg.push_key, lora=lora, prompts=prompts,
+                          echo=msg.echo)
         try:
             # what the session holds besides its keys and values counts against the budget as well
             held = (0 if prompts is None else prompts.nbytes) + (0 if lora is None or msg.adapter else sum(
@@ -385,7 +391,8 @@ class SpanHandler(RequestChecks):
                 msg = read_next.result()  # raises EOFError when the client closed the stream
                 slot.touch()
                 read_next = asyncio.ensure_future(read_message(reader, self._wire_limits))
-                step = asyncio.ensure_future(self._process_step(session, msg))
+                step = asyncio.ensure_future(self._send_outputs(session, msg) if isinstance(msg, FetchOutputs)
+                                             else self._process_step(session, msg))
                 await asyncio.wait({step, read_next}, return_when=asyncio.FIRST_COMPLETED)
                 if not step.done() and read_next.done() and read_next.exception() is not None:
                     step.cancel()  # the client went away (or sent garbage): its step is not worth finishing
@@ -395,6 +402,24 @@ class SpanHandler(RequestChecks):
         finally:
             read_next.cancel()
             await asyncio.gather(read_next, return_exceptions=True)
+
+    async def _send_outputs(self, session: Session, msg: FetchOutputs) -> None:
+        """The outputs a session without echo kept (a client replays them to the next server's replacement);
+        a bad request gets an error and the session lives on."""
+        async with session.lock:
+            held = 0 if session.outputs is None else session.outputs.shape[1]
+            if msg.session_id != session.session_id:
+                error: SwarmError = UnknownSession(f"session {msg.session_id[:40]!r} is not the one open on this "
+                                                   "stream")
+            elif session.echo:
+                error = BadRequest("this session was opened with echo: it sent its outputs and keeps none")
+            elif not 0 <= msg.start < msg.end <= held:
+                error = BadRequest(f"outputs of tokens {msg.start}:{msg.end} asked; this session holds 0:{held}")
+            else:
+                await self._send(session.writer, SessionOutputs(hidden=session.outputs[:, msg.start:msg.end],
+                                                                start=msg.start))
+                return
+            await aio.wait_for(write_error(session.writer, error), self.limits.idle_timeout)
 
     def room(self) -> int:
         """Tokens (of one row) a new session can get (:func:`server.room.room`)."""
@@ -459,8 +484,13 @@ class SpanHandler(RequestChecks):
             try:
                 step = self._check_step(session, msg)
                 missing = session.cache.missing_pages(step.start_position + step.hidden.shape[1])
-                if missing > self.pool.tokens_left // self.pool.page_tokens:
-                    self._make_room(missing, busy=session)
+                kept = self._outputs_to_charge(session, step)
+                if missing + kept > self.pool.tokens_left // self.pool.page_tokens:
+                    self._make_room(missing + kept, busy=session)
+                if kept:
+                    session.cache.charge(kept * self.pool.page_bytes, "the outputs this session keeps (opened "
+                                                                     "without echo)")
+                    session.outputs_pages += kept
                 out = await self.batcher.run(session, step)
             except (BadRequest, ServerBusy) as e:
                 # the session stays usable: the client may correct the request, retry, or go elsewhere
@@ -481,6 +511,11 @@ class SpanHandler(RequestChecks):
             session.last_step_id = max(session.last_step_id, step_id)
             pushed = False
             scheme = step.compression[0] if step.compression else "none"  # the next link's, as the client chose
+            if not session.echo:  # keep what the next server gets, for a replay if it fails
+                kept = session.outputs if session.outputs is not None else out[:, :0]
+                if step.hypo_ids is not None:
+                    kept = kept[step.hypo_ids]
+                session.outputs = torch.cat([kept[:, :step.start_position], roundtrip(out, scheme)], dim=1)
             if step.next_servers and self.pusher is not None:
                 (peer_id, next_session_id, token), rest = step.next_servers[0], step.next_servers[1:]
                 pushed = await self.pusher.push(peer_id, InferenceStep(
@@ -489,7 +524,17 @@ class SpanHandler(RequestChecks):
                     attention_mask=None if step.attention_mask is None else step.attention_mask.long(),
                     position_ids=step.position_ids, compression=step.compression[1:]), scheme)
             # the same scheme as the push: what the client keeps for replays is what the next server got
-            await answer(StepOutput(hidden=out, position=session.position, step_id=step_id, pushed=pushed), scheme)
+            echoed = None if pushed and not session.echo else out
+            await answer(StepOutput(hidden=echoed, position=session.position, step_id=step_id, pushed=pushed), scheme)
+
+    def _outputs_to_charge(self, session: Session, step: InferenceStep) -> int:
+        """Pages still to charge for the outputs a session without echo keeps once ``step`` ran
+        ([batch, position, hidden] in the compute dtype; charged as they grow, given back when it closes)."""
+        if session.echo:
+            return 0
+        rows, new, hidden = step.hidden.shape
+        nbytes = rows * (step.start_position + new) * hidden * torch.empty((), dtype=self.dtype).element_size()
+        return max(0, -(-nbytes // self.pool.page_bytes) - session.outputs_pages)
 
     def _check_step(self, session: Session, msg) -> InferenceStep:
         if not isinstance(msg, InferenceStep):

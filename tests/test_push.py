@@ -11,7 +11,8 @@ import torch
 from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.push_tokens import push_token
 from swarm.transport import Stream
-from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
+from swarm.errors import BadRequest
+from swarm.wire import FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput, expect
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -20,10 +21,11 @@ TIMEOUT = 30
 KEY = b"k" * 32  # every session's push key here (a client draws a random one per session)
 
 
-async def _open(peer: Peer, server_id: str, start: int, end: int) -> tuple[Stream, str]:
+async def _open(peer: Peer, server_id: str, start: int, end: int, echo: bool = True) -> tuple[Stream, str]:
     stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)
     session_id = uuid.uuid4().hex
-    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=16, push_key=KEY))
+    await stream.send(OpenSession(session_id=session_id, start=start, end=end, max_length=16, push_key=KEY,
+                                  echo=echo))
     expect(await stream.receive(TIMEOUT), SessionOpened)
     return stream, session_id
 
@@ -80,14 +82,67 @@ def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
     asyncio.run(asyncio.wait_for(scenario(), 120))
 
 
+def test_push_without_echo_acknowledges_and_keeps_the_outputs_for_a_replay(llama_swarm):
+    async def scenario():
+        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
+                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        try:
+            servers = await fetch_servers(peer, "tiny-llama", [1, 3])
+            (middle,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
+            (last,) = [p for p, r in servers[3].items() if (r.start, r.end) == (3, 4)]
+            hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(1))
+            more = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(2))
+
+            # reference, with echo: the middle server's outputs of both steps
+            a, a_id = await _open(peer, middle, 1, 3)
+            await a.send(InferenceStep(session_id=a_id, hidden=hidden, start_position=0, step_id=1))
+            first = expect(await a.receive(TIMEOUT), StepOutput).hidden
+            await a.send(InferenceStep(session_id=a_id, hidden=more, start_position=3, step_id=2))  # rolls back 1
+            second = expect(await a.receive(TIMEOUT), StepOutput).hidden
+            with pytest.raises(BadRequest, match="echo"):  # a session with echo keeps no outputs
+                await a.send(FetchOutputs(session_id=a_id, start=0, end=5))
+                expect(await a.receive(TIMEOUT), SessionOutputs)
+
+            # without echo: pushed steps are acknowledged, the next server answers with its outputs
+            c, c_id = await _open(peer, middle, 1, 3, echo=False)
+            d, d_id = await _open(peer, last, 3, 4, echo=False)
+            for step_id, (states, start) in enumerate(((hidden, 0), (more, 3)), start=1):
+                await c.send(InferenceStep(session_id=c_id, hidden=states, start_position=start, step_id=step_id,
+                                           next_servers=((last, d_id),)))
+                ack = expect(await c.receive(TIMEOUT), StepOutput)
+                assert ack.pushed and ack.hidden is None and ack.step_id == step_id
+                final = expect(await d.receive(TIMEOUT), StepOutput)
+                assert final.hidden is not None and final.hidden.shape == states.shape
+            # the middle server kept what it pushed: after the rollback, tokens 0:3 of the first step, then the second
+            await c.send(FetchOutputs(session_id=c_id, start=0, end=5))
+            kept = expect(await c.receive(TIMEOUT), SessionOutputs)
+            assert kept.start == 0
+            assert torch.equal(kept.hidden, torch.cat([first[:, :3], second], dim=1))
+            await c.send(FetchOutputs(session_id=c_id, start=2, end=5))
+            assert torch.equal(expect(await c.receive(TIMEOUT), SessionOutputs).hidden, kept.hidden[:, 2:])
+            for start, end in ((0, 6), (3, 2), (-1, 2)):  # beyond what it holds, or no range at all
+                await c.send(FetchOutputs(session_id=c_id, start=start, end=end))
+                with pytest.raises(BadRequest, match="outputs"):
+                    expect(await c.receive(TIMEOUT), SessionOutputs)
+            # the session lives on after a bad request
+            await c.send(InferenceStep(session_id=c_id, hidden=more[:, :1], start_position=5, step_id=3))
+            assert expect(await c.receive(TIMEOUT), StepOutput).hidden.shape == (1, 1, 64)
+            for stream in (a, c, d):
+                stream.close()
+        finally:
+            await peer.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
 def test_generation_is_identical_with_and_without_push(tiny_llama, llama_swarm, local_llama):
     from swarm import AutoDistributedModelForCausalLM
 
     ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(11))
     expected = local_llama.generate(ids, max_new_tokens=10, do_sample=False)
-    for use_push in (True, False):
+    for use_push, push_echo in ((True, False), (True, True), (False, False)):
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            tiny_llama, initial_peers=llama_swarm.initial_peers, use_push=use_push)
+            tiny_llama, initial_peers=llama_swarm.initial_peers, use_push=use_push, push_echo=push_echo)
         model.generation_config.eos_token_id = None
         try:
             assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
