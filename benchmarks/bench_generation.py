@@ -26,9 +26,21 @@ import time
 import torch
 
 
+def petals_script() -> str:
+    """``shared/bench/petals_baseline.sh`` next to the checkout or a folder above it ($PETALS_BASELINE overrides)."""
+    if os.environ.get("PETALS_BASELINE"):
+        return os.environ["PETALS_BASELINE"]
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    while True:
+        candidate = os.path.join(folder, "..", "shared", "bench", "petals_baseline.sh")
+        if os.path.isfile(candidate) or os.path.dirname(folder) == folder:
+            return os.path.normpath(candidate)
+        folder = os.path.dirname(folder)
+
+
 def run_petals(workdir: str, model_dir: str | None, env: dict[str, str] | None = None) -> tuple[dict, str]:
     """Runs ../shared/bench/petals_baseline.sh (``env``: its settings, e.g. SPANS, SERVER_ARGS_FOR)."""
-    script = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "petals_baseline.sh")
+    script = petals_script()
     env = {**os.environ, **(env or {})}
     if model_dir:
         env["MODEL"] = model_dir
