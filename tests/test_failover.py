@@ -39,14 +39,15 @@ def _client(tiny_llama, swarm):
 
 
 class _KillAfter:
-    """A streamer that kills a server (SIGKILL to its process group) once ``after`` tokens are out."""
+    """A streamer that kills a server (SIGKILL to its process group) once ``after`` tokens are out (speculative
+    decoding puts several at once)."""
 
     def __init__(self, swarm, pick, after: int):
         self.swarm, self.pick, self.after, self.count, self.killed = swarm, pick, after, -1, None
 
     def put(self, value):
-        self.count += 1  # the first put is the prompt
-        if self.count == self.after and self.killed is None:
+        self.count += value.numel() if self.count >= 0 else 1  # the first put is the prompt
+        if self.count >= self.after and self.killed is None:
             self.killed = self.pick()
             self.swarm.stop(self.killed, sig=signal.SIGKILL, timeout=5)
 

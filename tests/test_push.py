@@ -30,14 +30,20 @@ async def _open(peer: Peer, server_id: str, start: int, end: int, echo: bool = T
     return stream, session_id
 
 
+async def _middle_and_last(peer: Peer) -> tuple[str, str]:
+    """The peer ids of the servers of blocks 1:3 and 3:4."""
+    servers = await fetch_servers(peer, "tiny-llama", [1, 3])
+    (middle,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
+    (last,) = [p for p, r in servers[3].items() if (r.start, r.end) == (3, 4)]
+    return middle, last
+
+
 def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
     async def scenario():
         peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
                                               host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
         try:
-            servers = await fetch_servers(peer, "tiny-llama", [1, 3])
-            (middle,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
-            (last,) = [p for p, r in servers[3].items() if (r.start, r.end) == (3, 4)]
+            middle, last = await _middle_and_last(peer)
             hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
 
             # reference: the client carries the states from one server to the next
@@ -87,9 +93,7 @@ def test_push_without_echo_acknowledges_and_keeps_the_outputs_for_a_replay(llama
         peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
                                               host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
         try:
-            servers = await fetch_servers(peer, "tiny-llama", [1, 3])
-            (middle,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
-            (last,) = [p for p, r in servers[3].items() if (r.start, r.end) == (3, 4)]
+            middle, last = await _middle_and_last(peer)
             hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(1))
             more = torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(2))
 

@@ -4,7 +4,6 @@ transformers', with a server killed mid-generation too."""
 
 from __future__ import annotations
 
-import signal
 import time
 
 import pytest
@@ -13,6 +12,8 @@ import torch
 from swarm.local_swarm import LocalSwarm
 from swarm.tiny import load_draft, make_tiny_model
 from swarm.wan import LinkShape
+
+from test_failover import _KillAfter, _server_for
 
 pytestmark = pytest.mark.integration
 DELAY = 0.005  # one way, every link
@@ -62,24 +63,6 @@ def _client(deep_llama, swarm, prefix: str, **options):
     return model
 
 
-class _KillAfter:
-    """A streamer that SIGKILLs the server holding block 4 of the session's chain once ``after`` tokens are out."""
-
-    def __init__(self, swarm, servers, session, after: int):
-        self.swarm, self.servers, self.session, self.after = swarm, servers, session, after
-        self.count, self.killed = -1, None
-
-    def put(self, value):
-        self.count += value.numel() if self.count >= 0 else 1  # the first put is the prompt
-        if self.count >= self.after and self.killed is None:
-            peer_id = next(link.peer_id for link in self.session.chain if link.start <= 4 < link.end)
-            self.killed = next(proc for proc in self.servers.values() if peer_id in proc.log())
-            self.swarm.stop(self.killed, sig=signal.SIGKILL, timeout=5)
-
-    def end(self):
-        pass
-
-
 def test_greedy_with_every_option_on_equals_local_under_delay_and_with_a_server_killed(
         deep_llama, local_deep, wan_swarm):
     swarm, servers = wan_swarm
@@ -101,7 +84,7 @@ def test_greedy_with_every_option_on_equals_local_under_delay_and_with_a_server_
             assert stats.rounds < 24 and stats.accepted > 0, vars(stats)
 
         with model.inference_session(max_length=64) as session:
-            killer = _KillAfter(swarm, servers, session, after=8)
+            killer = _KillAfter(swarm, lambda: _server_for(servers, session, 4), after=8)
             out = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=draft, session=session,
                                  streamer=killer)
             assert killer.killed in (servers["second_a"], servers["second_b"])
