@@ -45,7 +45,7 @@ def wan_swarm(deep_llama, tmp_path_factory):
         for name, span, prefix, shape in (("first", "0:4", "wan", None), ("second_a", "4:8", "wan", None),
                                           ("second_b", "4:8", "wan", None), ("slow_first", "0:4", "slow", slow),
                                           ("slow_second", "4:8", "slow", slow)):
-            servers[name] = swarm.start_server(deep_llama, span, "--num-threads", "1", "--prefix", prefix,
+            servers[name] = swarm.start_server(deep_llama, span, "--num-threads", "1", "--dht-prefix", prefix,
                                                "--update-period", "2", "--throughput", "100", wait=False, name=name,
                                                wan=shape)
         for proc in servers.values():
