@@ -28,6 +28,8 @@ from swarm.wire import FetchOutputs, InferenceStep, OpenSession, SessionOpened, 
 
 from client.remote_sequence import RemoteSequence
 
+FAKE_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWFakeSwarmPeerIdNeverDialed111111111111111111"  # never dialed
+
 
 def record(start: int, end: int, next_pings: dict[str, float] | None = None, rps: float = 1000.0) -> ServerRecord:
     return ServerRecord(state=ServerState.ONLINE, start=start, end=end, inference_rps=rps, cache_tokens_left=10 ** 6,
@@ -166,7 +168,7 @@ class FakeNet:
         return out
 
     def sequence(self, num_blocks: int, pings: dict[str, float], **config) -> "FakeSequence":
-        return FakeSequence(self, num_blocks, pings, ClientConfig(initial_peers=("/fake",), **config))
+        return FakeSequence(self, num_blocks, pings, ClientConfig(initial_peers=(FAKE_PEER,), **config))
 
 
 class FakeSequence(RemoteSequence):
