@@ -19,6 +19,7 @@ from swarm.wire import (
     BackwardRequest,
     BackwardResponse,
     ErrorReply,
+    FetchOutputs,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
@@ -28,6 +29,7 @@ from swarm.wire import (
     KeyProof,
     OpenSession,
     SessionOpened,
+    SessionOutputs,
     StepOutput,
     StepOutputs,
     WireLimits,
@@ -109,6 +111,9 @@ EXAMPLES = [
     StepOutputs(session_ids=("s-1", "s-2"), step_ids=(4, 1), hidden=(torch.randn(1, 1, 4), torch.zeros(0)),
                 positions=(10, 0), error_codes=("", "server_busy"), error_messages=("", "out of cache")),
     InferenceSteps(session_ids=(), hidden=(), start_positions=(), step_ids=()),
+    StepOutput(hidden=None, position=11, step_id=3, pushed=True),  # pushed on without an echo
+    FetchOutputs(session_id="s-1", start=0, end=11),
+    SessionOutputs(hidden=torch.randn(2, 11, 4), start=0),
     ErrorReply(code="server_busy", message="out of cache"),
 ]
 
