@@ -104,6 +104,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.failovers = 0  # how many times a failed server was routed around
         self.hedges = 0  # how many times a slow server was replaced by others that answered first
+        self.fetches = 0  # how many times a failed span's inputs came from the server before it (no echo)
         self.speculation = SpeculationStats()  # draft tokens proposed and accepted (client/speculative.py)
         self.compressed_links = 0  # links a step's states crossed compressed (slow links, swarm/compression.py)
         # a padded batch's mask and positions of every token the session holds ([batch, position] each),
@@ -478,6 +479,7 @@ class InferenceSession:
     async def _fetch_inputs(self, index: int, end: int) -> torch.Tensor:
         """Span ``index``'s inputs of tokens ``0:end``: the outputs the server before it kept."""
         source = self._spans[index - 1]
+        self.fetches += 1
         try:
             await source.stream.send(FetchOutputs(session_id=source.session_id, start=0, end=end))
             for _ in range(1000):  # bounded: answers to steps may still be queued before it

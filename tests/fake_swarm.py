@@ -4,8 +4,9 @@ Each fake server holds blocks ``start:end`` of a toy model whose block ``h -> h 
 (over the sequence) depends on everything the session cached, so a replacement server that was not
 given the right history answers differently. Servers answer inference streams the way
 ``server/handler.py`` does: sessions, steps with ``start_position`` (rolling back), ``step_id``
-dedup, push to ``next_servers`` (``pushed=True``; with ``echo=False`` an answer without hidden states,
-and outputs kept for ``FetchOutputs``) and, when killed, closed streams.
+dedup, push to ``next_servers`` (``pushed=True``; a push is taken only with the client's token for that
+hop, :mod:`swarm.push_tokens`; with ``echo=False`` an answer without hidden states, and outputs kept for
+``FetchOutputs``) and, when killed, closed streams.
 
     net = FakeNet({"a": record(0, 2), "b": record(2, 4)})
     sequence = net.sequence(num_blocks=4, pings={"a": 0.01, "b": 0.01})
@@ -23,6 +24,7 @@ import torch
 from swarm.compression import roundtrip
 from swarm.config import ClientConfig
 from swarm.errors import ServerUnavailable
+from swarm.push_tokens import check_push_token
 from swarm.records import ServerRecord, ServerState
 from swarm.wire import FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput
 
@@ -49,6 +51,7 @@ class _Session:
     end: int
     stream: "FakeStream"
     echo: bool = True
+    push_key: bytes = b""
     inputs: torch.Tensor | None = None  # [batch, position, hidden]
     outputs: torch.Tensor | None = None  # [batch, position, hidden] as sent on (kept when echo is off)
     last_step_id: int = 0
@@ -62,6 +65,7 @@ class FakeServer:
         self.steps: list[InferenceStep] = []  # every step it computed (pushed or sent by the client)
         self.answers: list[StepOutput] = []  # every answer it gave
         self.fetches = 0  # FetchOutputs it answered
+        self.refused_pushes = 0  # pushes without a good token
         self.die_on_fetch = False  # dies when asked for its outputs (as if it failed with the next server)
 
     def step(self, session: _Session, msg: InferenceStep) -> None:
@@ -81,11 +85,10 @@ class FakeServer:
             kept = session.outputs[:, :msg.start_position] if session.outputs is not None else out[:, :0]
             session.outputs = torch.cat([kept, out], dim=1)
         if msg.next_servers:
-            (peer_id, session_id), rest = msg.next_servers[0], msg.next_servers[1:]
-            pushed = self.net.push(peer_id, InferenceStep(session_id=session_id, hidden=out,
-                                                          start_position=msg.start_position, step_id=msg.step_id,
-                                                          hypo_ids=msg.hypo_ids, next_servers=rest,
-                                                          compression=msg.compression[1:]))
+            (peer_id, session_id, token), rest = msg.next_servers[0], msg.next_servers[1:]
+            pushed = self.net.push(self.peer_id, peer_id, InferenceStep(
+                session_id=session_id, hidden=out, start_position=msg.start_position, step_id=msg.step_id,
+                hypo_ids=msg.hypo_ids, next_servers=rest, push_token=token, compression=msg.compression[1:]))
         answer = StepOutput(hidden=None if pushed and not session.echo else out, position=session.inputs.shape[1],
                             step_id=msg.step_id, pushed=pushed)
         self.answers.append(answer)
@@ -106,7 +109,8 @@ class FakeStream:
             raise ServerUnavailable(f"server {self.peer_id} closed the stream")
         if isinstance(msg, OpenSession):
             self.session_id = msg.session_id
-            self.server.sessions[msg.session_id] = _Session(msg.start, msg.end, self, echo=msg.echo)
+            self.server.sessions[msg.session_id] = _Session(msg.start, msg.end, self, echo=msg.echo,
+                                                                push_key=msg.push_key)
             self.server.net.opened.append((self.peer_id, msg.start, msg.end))
             self.answers.put_nowait(SessionOpened(msg.session_id, 0))
         elif isinstance(msg, FetchOutputs):
@@ -149,11 +153,18 @@ class FakeNet:
 
         self.Stream = Stream
 
-    def push(self, peer_id: str, msg: InferenceStep) -> bool:
+    def push(self, pusher: str, peer_id: str, msg: InferenceStep) -> bool:
+        """``pusher`` pushes ``msg`` to ``peer_id``; True if it was delivered (a refused push is delivered and
+        dropped, as a real server does)."""
         server = self.servers.get(peer_id)
         if server is None or not server.alive or msg.session_id not in server.sessions:
             return False
-        server.step(server.sessions[msg.session_id], msg)
+        session = server.sessions[msg.session_id]
+        if not check_push_token(session.push_key, msg.push_token, pusher, msg.step_id, msg.start_position,
+                                msg.hidden.shape[1], msg.hypo_ids):
+            server.refused_pushes += 1
+            return True
+        server.step(session, msg)
         return True
 
     def kill(self, peer_id: str) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.errors import BadRequest
 from swarm.push_tokens import push_token
 from swarm.transport import Stream
-from swarm.errors import BadRequest
 from swarm.wire import FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput, expect
 
 pytestmark = pytest.mark.integration
@@ -112,7 +112,8 @@ def test_push_without_echo_acknowledges_and_keeps_the_outputs_for_a_replay(llama
             d, d_id = await _open(peer, last, 3, 4, echo=False)
             for step_id, (states, start) in enumerate(((hidden, 0), (more, 3)), start=1):
                 await c.send(InferenceStep(session_id=c_id, hidden=states, start_position=start, step_id=step_id,
-                                           next_servers=((last, d_id),)))
+                                           next_servers=((last, d_id, push_token(KEY, middle, step_id, start,
+                                                                                 states.shape[1], None)),)))
                 ack = expect(await c.receive(TIMEOUT), StepOutput)
                 assert ack.pushed and ack.hidden is None and ack.step_id == step_id
                 final = expect(await d.receive(TIMEOUT), StepOutput)
@@ -144,9 +145,10 @@ def test_generation_is_identical_with_and_without_push(tiny_llama, llama_swarm, 
 
     ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(11))
     expected = local_llama.generate(ids, max_new_tokens=10, do_sample=False)
-    for use_push, push_echo in ((True, False), (True, True), (False, False)):
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            tiny_llama, initial_peers=llama_swarm.initial_peers, use_push=use_push, push_echo=push_echo)
+    for use_push, push_echo in ((True, False), (True, True), (False, None)):
+        model = AutoDistributedModelForCausalLM.from_pretrained(  # no echo only without checks (verify_rate=0)
+            tiny_llama, initial_peers=llama_swarm.initial_peers, use_push=use_push, push_echo=push_echo,
+            verify_rate=0.0 if push_echo is False else 0.05)
         model.generation_config.eos_token_id = None
         try:
             assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)

@@ -9,10 +9,13 @@ import asyncio
 import pytest
 import torch
 
+from swarm.config import ClientConfig
+from swarm.errors import ConfigError
+
 import client.inference_session
 from client.inference_session import InferenceSession
 
-from fake_swarm import FakeNet, record, toy_blocks
+from fake_swarm import FAKE_PEER, FakeNet, record, toy_blocks
 
 CHAIN = {"a": record(0, 1, {"b": 0.001}), "b": record(1, 2, {"c": 0.001}), "c": record(2, 3, {"d": 0.001}),
          "d": record(3, 4)}
@@ -34,7 +37,7 @@ def _generate(net: FakeNet, steps: int, kill: dict[int, list[str]] | None = None
     """A 3-token prefill then ``steps`` one-token steps of a batch of 2; ``kill[i]``: servers killed before step i;
     ``hypo_at``: swap the two rows (beam search) at that step. Checks the outputs; returns the session and the
     peers of its chain at the end."""
-    sequence = net.sequence(4, _pings(), **config)
+    sequence = net.sequence(4, _pings(), **{"verify_rate": 0.0, **config})  # no checks: echo off by default
     inputs = torch.randn(2, 3 + steps, 4, generator=torch.Generator().manual_seed(3))
 
     async def scenario():
@@ -68,12 +71,23 @@ def test_pushed_steps_are_acknowledged_without_their_outputs(monkeypatch):
         assert all(answer.pushed and answer.hidden is None for answer in net.servers[peer_id].answers)
     assert all(answer.hidden is not None for answer in net.servers["d"].answers)
     assert sum(s.fetches for s in net.servers.values()) == 0  # nothing fetched while nothing fails
+    assert sum(s.refused_pushes for s in net.servers.values()) == 0  # each hop had its push token
 
 
-def test_with_push_echo_every_server_sends_its_outputs_back(monkeypatch):
+@pytest.mark.parametrize("config", [dict(push_echo=True), dict(verify_rate=0.05)])
+def test_with_push_echo_every_server_sends_its_outputs_back(monkeypatch, config):
+    """Asked for, or while the client verifies servers (a check needs every span's inputs and outputs)."""
     net = _net(monkeypatch, spares=False)
-    _generate(net, 2, push_echo=True)
+    _generate(net, 2, **config)
     assert all(answer.hidden is not None for s in net.servers.values() for answer in s.answers)
+    assert all(answer.pushed for peer_id in "abc" for answer in net.servers[peer_id].answers)
+
+
+def test_no_echo_and_verification_do_not_go_together():
+    with pytest.raises(ConfigError, match="push_echo=False leaves the client no span inputs"):
+        ClientConfig(initial_peers=(FAKE_PEER,), push_echo=False, verify_rate=0.05)
+    ClientConfig(initial_peers=(FAKE_PEER,), push_echo=False, verify_rate=0.0)
+    ClientConfig(initial_peers=(FAKE_PEER,), push_echo=False, use_push=False)  # no push: nothing to echo
 
 
 @pytest.mark.parametrize("killed", [["b"], ["c"], ["b", "c"]])

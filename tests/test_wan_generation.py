@@ -36,14 +36,16 @@ def local_deep(deep_llama):
 
 @pytest.fixture(scope="module")
 def wan_swarm(deep_llama, tmp_path_factory):
-    """Every link 5 ms one way. Prefix "wan": 0:4, then 4:8 twice (one spare). Prefix "slow": 0:4 and 4:8 on
-    links of 400 KB/s, where a 32-token prefill's states take ~20 ms, so they cross compressed."""
+    """Every link 5 ms one way. Prefix "wan": 0:4, then 4:8 three times (a spare for each test that kills one).
+    Prefix "slow": 0:4 and 4:8 on links of 400 KB/s, where a 32-token prefill's states take ~20 ms, so they
+    cross compressed."""
     with LocalSwarm(log_dir=str(tmp_path_factory.mktemp("wan")), wan=LinkShape(DELAY)) as swarm:
         swarm.start_dht()
         slow = LinkShape(DELAY, bandwidth=400e3)
         servers = {}
         for name, span, prefix, shape in (("first", "0:4", "wan", None), ("second_a", "4:8", "wan", None),
-                                          ("second_b", "4:8", "wan", None), ("slow_first", "0:4", "slow", slow),
+                                          ("second_b", "4:8", "wan", None),
+                                          ("second_c", "4:8", "wan", None), ("slow_first", "0:4", "slow", slow),
                                           ("slow_second", "4:8", "slow", slow)):
             servers[name] = swarm.start_server(deep_llama, span, "--num-threads", "1", "--dht-prefix", prefix,
                                                "--update-period", "2", "--throughput", "100", wait=False, name=name,
@@ -63,13 +65,16 @@ def _client(deep_llama, swarm, prefix: str, **options):
     return model
 
 
+@pytest.mark.parametrize("options", [dict(push_echo=False, verify_rate=0.0), {}], ids=["no_echo", "defaults"])
 def test_greedy_with_every_option_on_equals_local_under_delay_and_with_a_server_killed(
-        deep_llama, local_deep, wan_swarm):
+        deep_llama, local_deep, wan_swarm, options):
+    """Push without echo (a killed server's inputs come from the server before it), and the defaults (echo, as
+    the client verifies servers; hedging)."""
     swarm, servers = wan_swarm
     draft = load_draft(deep_llama, 2)
     ids = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(5))
     expected = local_deep.generate(ids, max_new_tokens=24, do_sample=False)
-    model = _client(deep_llama, swarm, "wan")
+    model = _client(deep_llama, swarm, "wan", **options)
     try:
         t0 = time.monotonic()
         assert torch.equal(model.generate(ids, max_new_tokens=24, do_sample=False), expected)
@@ -87,8 +92,10 @@ def test_greedy_with_every_option_on_equals_local_under_delay_and_with_a_server_
             killer = _KillAfter(swarm, lambda: _server_for(servers, session, 4), after=8)
             out = model.generate(ids, max_new_tokens=24, do_sample=False, assistant_model=draft, session=session,
                                  streamer=killer)
-            assert killer.killed in (servers["second_a"], servers["second_b"])
+            assert killer.killed in (servers["second_a"], servers["second_b"], servers["second_c"])
             assert session.failovers >= 1
+            # without echo the killed server's inputs came from the server before it
+            assert session.fetches == (1 if options.get("push_echo") is False else 0)
             assert torch.equal(out, expected)
     finally:
         model.shutdown()
