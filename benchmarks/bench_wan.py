@@ -7,20 +7,24 @@
 Links: every server listens behind a delaying proxy (swarm/wan.py) that it announces, so every link to
 it, from the client and from other servers, costs ``delay`` one way (2 * delay a round trip). Petals'
 servers get the same proxies (``--announce_maddrs``, through petals_baseline.sh's SERVER_ARGS_FOR).
+``--client-downlink B`` puts every server behind one proxy process whose answers to their dialers share
+one link of B bytes/s: the client's downlink (the servers of a chain dial the next one to push).
 
-Model: tiny Llama (hidden 64) with 8 layers whose last 6 add little (swarm.tiny ``quiet_after=2``), so
-that its first 2 layers (the draft: same embeddings, norm and head) predict most of its tokens. The
-servers split the 8 layers evenly (2 servers: 4 each; 4 servers: 2 each), one torch thread each.
+Model: tiny Llama (hidden 64, or ``--hidden``) with 8 layers whose last 6 add little (swarm.tiny
+``quiet_after=2``), so that its first 2 layers (the draft: same embeddings, norm and head) predict most of
+its tokens. The servers split the 8 layers evenly (2 servers: 4 each; 4 servers: 2 each), one torch
+thread each.
 
 Per (delay, servers), each configuration generates ``--tokens`` new tokens greedily after an 8-token
-prompt, ``--repeats`` times interleaved (median): no push (every hop back through the client), push with
-echo (each server also sends its output back to the client, as push did before), push without echo
-(the default: pushed steps are only acknowledged), and push with speculative decoding (``assistant_model=`` the 2-layer draft, draft length chosen by the
-client). A generate call opens its own session, as Petals' does. Every output is checked against
-local transformers' greedy output. Also reported: the draft's acceptance (accepted / drafted) and its
-agreement rate (accepted / (accepted + rejections): how often the model keeps a draft token it checks),
-and with delay 0 in the run, ``legs_per_token``: (ms per token at d - at 0) / d, the one-way link
-crossings on a token's critical path.
+prompt, ``--repeats`` times interleaved (median): ``defaults`` (ClientConfig's defaults: push, 5% of
+span steps verified on other servers, hence with echo), and without verification: no push (every hop
+back through the client), push with echo (each server also sends its output back to the client), push
+without echo (pushed steps are only acknowledged), and push without echo with speculative decoding
+(``assistant_model=`` the 2-layer draft, draft length chosen by the client). A generate call opens its
+own session, as Petals' does. Every output is checked against local transformers' greedy output. Also
+reported: the draft's acceptance (accepted / drafted) and its agreement rate (accepted / (accepted +
+rejections): how often the model keeps a draft token it checks), and with delay 0 in the run,
+``legs_per_token``: (ms per token at d - at 0) / d, the one-way link crossings on a token's critical path.
 """
 
 from __future__ import annotations
@@ -38,11 +42,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 PROMPT = 8
-CONFIGS = {  # name: (client options, generate options)
-    "no_push": (dict(use_push=False), {}),
-    "push_echo": (dict(use_push=True, push_echo=True), {}),  # push as it was: every output also back to the client
-    "push": (dict(use_push=True), {}),  # push without echo (the default)
-    "push_spec": (dict(use_push=True), dict(speculative=True)),
+CONFIGS = {  # name: (client options, generate options); no verification re-runs but in "defaults"
+    "defaults": ({}, {}),  # ClientConfig's defaults: push, 5% of span steps verified, so with echo
+    "no_push": (dict(use_push=False, verify_rate=0.0), {}),
+    "push_echo": (dict(use_push=True, push_echo=True, verify_rate=0.0), {}),  # every output also back to the client
+    "push": (dict(use_push=True, push_echo=False, verify_rate=0.0), {}),  # push without echo
+    "push_spec": (dict(use_push=True, push_echo=False, verify_rate=0.0), dict(speculative=True)),
 }
 
 
@@ -51,7 +56,8 @@ def spans_for(servers: int, layers: int) -> list[str]:
     return [f"{i * step}:{(i + 1) * step}" for i in range(servers)]
 
 
-def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repeats: int, log_dir: str) -> dict:
+def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repeats: int, log_dir: str,
+              downlink: float = 0.0) -> dict:
     from swarm import AutoDistributedModelForCausalLM
     from swarm.local_swarm import LocalSwarm
     from swarm.tiny import load_draft
@@ -67,8 +73,11 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
     res: dict = {}
     with LocalSwarm(log_dir=log_dir, wan=LinkShape(delay)) as swarm:
         swarm.start_dht()
-        procs = [swarm.start_server(model_dir, span, "--num-threads", "1", "--throughput", "100", wait=False)
-                 for span in spans]
+        names = [f"server{i}" for i in range(len(spans))]
+        if downlink:  # every server behind one proxy: what they send back to the client shares its downlink
+            swarm.start_shared_proxy(names, LinkShape(delay), downlink)
+        procs = [swarm.start_server(model_dir, span, "--num-threads", "1", "--throughput", "100", wait=False,
+                                    name=name) for name, span in zip(names, spans)]
         for proc in procs:
             proc.wait_for("Server ONLINE", 180)
         clients = {}
@@ -146,6 +155,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--petals", action="store_true", help="run Petals 2.2 under the same emulation too")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "swarm-bench-wan"))
+    parser.add_argument("--client-downlink", type=float, default=0.0,
+                        help="bytes/s of the client's downlink, one link every server's answers share (0: none)")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model (4 heads)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     torch.set_num_threads(1)  # the client shares this machine's cores with the servers
@@ -153,9 +165,11 @@ def main() -> None:
     from swarm.tiny import make_tiny_model
 
     layers = 8
-    model_dir = make_tiny_model(os.path.join(args.workdir, "tiny-llama-8q"), num_hidden_layers=layers,
-                                quiet_after=2)
+    suffix = "" if args.hidden == 64 else f"-h{args.hidden}"
+    model_dir = make_tiny_model(os.path.join(args.workdir, f"tiny-llama-8q{suffix}"), num_hidden_layers=layers,
+                                quiet_after=2, hidden_size=args.hidden, intermediate_size=2 * args.hidden)
     report: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "model": model_dir,
+                    "hidden": args.hidden, "client_downlink_bytes_per_s": args.client_downlink,
                     "tokens": args.tokens, "repeats": args.repeats, "runs": []}
     for delay_ms in [float(d) for d in args.delays.split(",")]:
         for servers in [int(n) for n in args.servers.split(",")]:
@@ -166,8 +180,10 @@ def main() -> None:
                 row["petals"] = run_petals_wan(model_dir, delay_ms / 1000, spans, args.workdir,
                                                os.path.join(args.workdir, f"logs-petals-{tag}"))
             row.update(run_swarm(model_dir, delay_ms / 1000, spans, args.tokens, args.repeats,
-                                 os.path.join(args.workdir, f"logs-{tag}")))
-            row["ratios"] = {"push_over_no_push": round(row["push"]["tokens_per_s"] / row["no_push"]["tokens_per_s"], 2),
+                                 os.path.join(args.workdir, f"logs-{tag}{suffix}"), args.client_downlink))
+            row["ratios"] = {"push_over_defaults": round(row["push"]["tokens_per_s"]
+                                                         / row["defaults"]["tokens_per_s"], 2),
+                             "push_over_no_push": round(row["push"]["tokens_per_s"] / row["no_push"]["tokens_per_s"], 2),
                              "push_over_push_echo": round(row["push"]["tokens_per_s"]
                                                           / row["push_echo"]["tokens_per_s"], 2),
                              "spec_over_push": round(row["push_spec"]["tokens_per_s"] / row["push"]["tokens_per_s"], 2)}

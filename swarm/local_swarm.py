@@ -81,6 +81,7 @@ class LocalSwarm:
         self.procs: list[Proc] = []
         self.initial_peers: list[str] = []
         self._dhts: list[Proc] = []  # started by start_dht
+        self._shared_proxies: dict[str, tuple[int, int]] = {}  # server name -> (its port, proxy port)
         self._sockets_before = peer_sockets()
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None, module: str = "swarm.cli") -> Proc:
@@ -121,11 +122,15 @@ class LocalSwarm:
         return proc
 
     def listen_args(self, name: str, shape: LinkShape | None, flag: str = "--{}-maddrs") -> list[str]:
-        """A server's listen flags: loopback, or with ``shape`` a private port behind a proxy it announces.
-        ``flag`` spells the flags (``"--{}_maddrs"`` for Petals' servers)."""
-        if shape is None:
+        """A server's listen flags: loopback, or with ``shape`` (or a proxy :meth:`start_shared_proxy` started
+        for ``name``) a private port behind a proxy it announces. ``flag`` spells the flags (``"--{}_maddrs"``
+        for Petals' servers)."""
+        if name in self._shared_proxies:
+            port, proxy_port = self._shared_proxies.pop(name)
+        elif shape is None:
             return [flag.format("host"), LOOPBACK]
-        port, proxy_port = self.start_proxy(name, shape)
+        else:
+            port, proxy_port = self.start_proxy(name, shape)
         return [flag.format("host"), f"/ip4/127.0.0.1/tcp/{port}",
                 flag.format("announce"), f"/ip4/127.0.0.1/tcp/{proxy_port}"]
 
@@ -138,6 +143,21 @@ class LocalSwarm:
                            module="swarm.wan")
         proc.wait_for(READY, timeout)
         return port, proxy_port
+
+    def start_shared_proxy(self, names: list[str], shape: LinkShape, access_bandwidth: float,
+                           timeout: float = 30) -> None:
+        """One proxy process for the servers ``names`` (started next, with those names), every byte they send
+        back to whoever dialed them sharing one link of ``access_bandwidth`` bytes/s: the client's downlink
+        (:mod:`swarm.wan`)."""
+        ports: set[int] = set()
+        while len(ports) < 2 * len(names):
+            ports.add(free_port())
+        pairs = list(zip(list(ports)[::2], list(ports)[1::2]))  # (server port, proxy port)
+        args = [arg for port, proxy_port in pairs for arg in ("--listen", str(proxy_port), "--target", str(port))]
+        proc = self._spawn("access-wan", [*args, *shape.args(), "--access-bandwidth", repr(access_bandwidth)],
+                           module="swarm.wan")
+        proc.wait_for(READY, timeout)
+        self._shared_proxies.update(zip(names, pairs))
 
     def start_api(self, *extra: str, name: str | None = None) -> Proc:
         """Starts ``swarm api`` on 127.0.0.1 and a free port (plus ``extra`` flags); :func:`api_url` waits for it."""

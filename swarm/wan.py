@@ -16,6 +16,12 @@ Between two servers the connection is whichever one dialed the other, so the hop
 proxy's shape; with the same shape on every server (what tests and benchmarks use) every link,
 client to server and server to server, costs ``delay`` one way and ``2 * delay`` a round trip.
 
+An *access link* (``--access-bandwidth``, one proxy process for several servers, each ``--listen`` with its
+``--target``) is one link shared by every byte those servers send back to whoever dialed them: the
+client's downlink, when the client is the only one that dials them and sends much back (the servers of a
+chain dial the next one to push; the answers on a push stream are none). Bytes of every connection
+through the process then queue on it in the order they were read, as on a real access link.
+
 Used by :class:`swarm.local_swarm.LocalSwarm` (``wan=LinkShape(...)``) and ``benchmarks/bench_wan.py``;
 never by a server or client at run time.
 """
@@ -60,11 +66,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class AccessLink:
+    """A link several connections share (``bandwidth`` bytes/s): when it finishes sending what it was given."""
+
+    def __init__(self, bandwidth: float):
+        self.bandwidth, self.free = bandwidth, 0.0
+        self.bytes = 0
+
+    def send(self, start: float, size: int) -> float:
+        """When ``size`` bytes handed over at ``start`` are through it."""
+        self.free = max(start, self.free) + size / self.bandwidth
+        self.bytes += size
+        return self.free
+
+
 class _Direction:
     """Bytes of one direction of one connection, each written when the shape says it arrives."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape):
-        self.reader, self.writer, self.shape = reader, writer, shape
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, shape: LinkShape,
+                 access: AccessLink | None = None):
+        self.reader, self.writer, self.shape, self.access = reader, writer, shape, access
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
         self.buffered = 0
         self.link_free = 0.0  # when the link finishes sending what it was given (bandwidth)
@@ -84,6 +105,8 @@ class _Direction:
             if self.shape.bandwidth > 0:
                 sent += len(data) / self.shape.bandwidth
             self.link_free = sent
+            if self.access is not None:
+                sent = self.access.send(sent, len(data))
             self.queue.append((sent + self.shape.delay, data))
             self.buffered += len(data)
             self.arrived.set()
@@ -111,13 +134,14 @@ class _Direction:
 
 
 async def _relay(shape: LinkShape, target_port: int, client_reader: asyncio.StreamReader,
-                 client_writer: asyncio.StreamWriter) -> None:
+                 client_writer: asyncio.StreamWriter, access: AccessLink | None = None) -> None:
     try:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
     except OSError:
         client_writer.close()
         return
-    directions = (_Direction(client_reader, server_writer, shape), _Direction(server_reader, client_writer, shape))
+    directions = (_Direction(client_reader, server_writer, shape),
+                  _Direction(server_reader, client_writer, shape, access))  # back to the dialer: the access link
     tasks = [asyncio.ensure_future(job()) for d in directions for job in (d.read, d.write)]
     try:
         # a connection ends when either side closes or fails; the other side is closed with it
@@ -132,23 +156,46 @@ async def _relay(shape: LinkShape, target_port: int, client_reader: asyncio.Stre
 
 async def serve(listen_port: int, target_port: int, shape: LinkShape, ready: asyncio.Event | None = None) -> None:
     """Forwards every connection to 127.0.0.1:``listen_port`` to 127.0.0.1:``target_port``, shaped; runs until cancelled."""
-    server = await asyncio.start_server(lambda r, w: _relay(shape, target_port, r, w), "127.0.0.1", listen_port)
-    async with server:
+    await serve_many([(listen_port, target_port)], shape, ready=ready)
+
+
+async def serve_many(ports: list[tuple[int, int]], shape: LinkShape, access_bandwidth: float = 0.0,
+                     ready: asyncio.Event | None = None) -> None:
+    """Forwards each (listen port, target port) pair like :func:`serve`; with ``access_bandwidth`` every byte
+    sent back to a dialer also crosses one shared :class:`AccessLink`. Runs until cancelled."""
+    access = AccessLink(access_bandwidth) if access_bandwidth > 0 else None
+    servers = []
+    try:
+        for listen_port, target_port in ports:
+            servers.append(await asyncio.start_server(
+                lambda r, w, target=target_port: _relay(shape, target, r, w, access), "127.0.0.1", listen_port))
         if ready is not None:
             ready.set()
-        print(f"{READY} on 127.0.0.1:{listen_port} -> {target_port}, {shape}", flush=True)
-        await server.serve_forever()
+        pairs = ", ".join(f"{listen} -> {target}" for listen, target in ports)
+        print(f"{READY} on 127.0.0.1:{pairs}, {shape}, access link {access_bandwidth:g} B/s", flush=True)
+        await asyncio.gather(*(server.serve_forever() for server in servers))
+    finally:
+        for server in servers:
+            server.close()
+        if access is not None:
+            print(f"access link carried {access.bytes} bytes", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="A TCP proxy on 127.0.0.1 that adds delay and limits bandwidth.")
-    parser.add_argument("--listen", type=int, required=True, help="port to listen on")
-    parser.add_argument("--target", type=int, required=True, help="port on 127.0.0.1 to forward to")
+    parser.add_argument("--listen", type=int, action="append", required=True, help="port to listen on (repeatable)")
+    parser.add_argument("--target", type=int, action="append", required=True,
+                        help="port on 127.0.0.1 to forward to, one per --listen")
     parser.add_argument("--delay", type=float, default=0.0, help="one-way delay, seconds")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s each way (0: unlimited)")
+    parser.add_argument("--access-bandwidth", type=float, default=0.0,
+                        help="bytes/s of one link every connection's bytes back to its dialer share (0: none)")
     args = parser.parse_args(argv)
+    if len(args.listen) != len(args.target) or args.access_bandwidth < 0:
+        parser.error("give one --target per --listen, and --access-bandwidth >= 0")
     with contextlib.suppress(KeyboardInterrupt):
-        aio.run(serve(args.listen, args.target, LinkShape(args.delay, args.bandwidth)))
+        aio.run(serve_many(list(zip(args.listen, args.target)), LinkShape(args.delay, args.bandwidth),
+                           args.access_bandwidth))
 
 
 if __name__ == "__main__":

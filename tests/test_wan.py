@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from swarm.wan import LinkShape, free_port, serve
+from swarm.wan import LinkShape, free_port, serve, serve_many
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -62,3 +62,36 @@ def test_link_shape_rejects_nonsense():
     for bad in (dict(delay=-1.0), dict(bandwidth=float("inf")), dict(delay=20.0)):
         with pytest.raises(ValueError):
             LinkShape(**bad)
+
+
+def test_an_access_link_is_shared_by_every_connection_back_to_its_dialers():
+    """Two servers behind one proxy process with a 500 KB/s access link: 50 KB back from each at once take
+    0.2 s in all (the link is shared), one alone 0.1 s; what dialers send is not limited by it."""
+    async def scenario():
+        echoes = [await asyncio.start_server(_echo, "127.0.0.1", 0) for _ in range(2)]
+        ports = [(free_port(), echo.sockets[0].getsockname()[1]) for echo in echoes]
+        ready = asyncio.Event()
+        proxy = asyncio.ensure_future(serve_many(ports, LinkShape(), access_bandwidth=500e3, ready=ready))
+        await asyncio.wait_for(ready.wait(), 5)
+        streams = [await asyncio.open_connection("127.0.0.1", listen) for listen, _ in ports]
+        try:
+            async def bounce(reader, writer, size: int) -> float:
+                t0 = time.monotonic()
+                writer.write(b"z" * size)
+                await reader.readexactly(size)
+                return time.monotonic() - t0
+
+            alone = await bounce(*streams[0], 50_000)
+            together = await asyncio.gather(*(bounce(reader, writer, 50_000) for reader, writer in streams))
+        finally:
+            for _, writer in streams:
+                writer.close()
+            proxy.cancel()
+            await asyncio.gather(proxy, return_exceptions=True)
+            for echo in echoes:
+                echo.close()
+        return alone, max(together)
+
+    alone, together = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert 0.1 <= alone < 0.1 + 0.1, alone
+    assert 0.2 <= together < 0.2 + 0.1, together
