@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 PROMPT = 8
+ACCESS_FROM = "127.0.0.2"  # with --client-downlink the client listens (and so dials) here, on the loopback
 CONFIGS = {  # name: (client options, generate options); no verification re-runs but in "defaults"
     "defaults": ({}, {}),  # ClientConfig's defaults: push, 5% of span steps verified, so with echo
     "no_push": (dict(use_push=False, verify_rate=0.0), {}),
@@ -57,7 +58,7 @@ def spans_for(servers: int, layers: int) -> list[str]:
 
 
 def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repeats: int, log_dir: str,
-              downlink: float = 0.0) -> dict:
+              downlink: float = 0.0, configs: dict | None = None, compression: str | None = None) -> dict:
     from swarm import AutoDistributedModelForCausalLM
     from swarm.local_swarm import LocalSwarm
     from swarm.tiny import load_draft
@@ -65,6 +66,10 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
 
     from transformers import AutoModelForCausalLM
 
+    configs = configs or CONFIGS
+    common = {} if compression is None else {"compression": compression}
+    if downlink:
+        common["host_maddrs"] = (f"/ip4/{ACCESS_FROM}/tcp/0",)  # dials from there: the proxy knows the client
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     local.generation_config.eos_token_id = None
     draft = load_draft(model_dir, 2)
@@ -75,22 +80,22 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
         swarm.start_dht()
         names = [f"server{i}" for i in range(len(spans))]
         if downlink:  # every server behind one proxy: what they send back to the client shares its downlink
-            swarm.start_shared_proxy(names, LinkShape(delay), downlink)
+            swarm.start_shared_proxy(names, LinkShape(delay), downlink, access_from=ACCESS_FROM)
         procs = [swarm.start_server(model_dir, span, "--num-threads", "1", "--throughput", "100", wait=False,
                                     name=name) for name, span in zip(names, spans)]
         for proc in procs:
             proc.wait_for("Server ONLINE", 180)
         clients = {}
-        for name, (options, _) in CONFIGS.items():
+        for name, (options, _) in configs.items():
             clients[name] = AutoDistributedModelForCausalLM.from_pretrained(
-                model_dir, initial_peers=swarm.initial_peers, **options)
+                model_dir, initial_peers=swarm.initial_peers, **common, **options)
             clients[name].generation_config.eos_token_id = None
-        times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+        times: dict[str, list[float]] = {name: [] for name in configs}
         stats = {"drafted": 0, "accepted": 0, "rounds": 0, "rejections": 0}
         exact = True
         try:
             for repeat in range(repeats + 1):  # the first is a warm-up: connections, pings, caches
-                for name, (_, options) in CONFIGS.items():
+                for name, (_, options) in configs.items():
                     model = clients[name]
                     with model.inference_session(max_length=PROMPT + tokens) as session:
                         kwargs = dict(assistant_model=draft) if options.get("speculative") else {}
@@ -115,9 +120,10 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
         median = statistics.median(values)
         res[name] = {"tokens_per_s": round(tokens / median, 2), "ms_per_token": round(median / tokens * 1000, 1),
                      "times_s": [round(t, 3) for t in values]}
-    res["push_spec"]["acceptance"] = round(stats["accepted"] / max(stats["drafted"], 1), 3)
-    res["push_spec"]["agreement"] = round(stats["accepted"] / max(stats["accepted"] + stats["rejections"], 1), 3)
-    res["push_spec"]["tokens_per_round"] = round(tokens * repeats / max(stats["rounds"], 1), 2)
+    if "push_spec" in res:
+        res["push_spec"]["acceptance"] = round(stats["accepted"] / max(stats["drafted"], 1), 3)
+        res["push_spec"]["agreement"] = round(stats["accepted"] / max(stats["accepted"] + stats["rejections"], 1), 3)
+        res["push_spec"]["tokens_per_round"] = round(tokens * repeats / max(stats["rounds"], 1), 2)
     res["equal_local_greedy"] = exact
     return res
 
@@ -158,6 +164,8 @@ def main() -> None:
     parser.add_argument("--client-downlink", type=float, default=0.0,
                         help="bytes/s of the client's downlink, one link every server's answers share (0: none)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model (4 heads)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to run")
+    parser.add_argument("--compression", default=None, help="every client's compression (default: its default)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     torch.set_num_threads(1)  # the client shares this machine's cores with the servers
@@ -168,7 +176,9 @@ def main() -> None:
     suffix = "" if args.hidden == 64 else f"-h{args.hidden}"
     model_dir = make_tiny_model(os.path.join(args.workdir, f"tiny-llama-8q{suffix}"), num_hidden_layers=layers,
                                 quiet_after=2, hidden_size=args.hidden, intermediate_size=2 * args.hidden)
+    configs = {name: CONFIGS[name] for name in args.configs.split(",")}
     report: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "model": model_dir,
+                    "configs": list(configs), "compression": args.compression or "default",
                     "hidden": args.hidden, "client_downlink_bytes_per_s": args.client_downlink,
                     "tokens": args.tokens, "repeats": args.repeats, "runs": []}
     for delay_ms in [float(d) for d in args.delays.split(",")]:
@@ -180,17 +190,12 @@ def main() -> None:
                 row["petals"] = run_petals_wan(model_dir, delay_ms / 1000, spans, args.workdir,
                                                os.path.join(args.workdir, f"logs-petals-{tag}"))
             row.update(run_swarm(model_dir, delay_ms / 1000, spans, args.tokens, args.repeats,
-                                 os.path.join(args.workdir, f"logs-{tag}{suffix}"), args.client_downlink))
-            row["ratios"] = {"push_over_defaults": round(row["push"]["tokens_per_s"]
-                                                         / row["defaults"]["tokens_per_s"], 2),
-                             "push_over_no_push": round(row["push"]["tokens_per_s"] / row["no_push"]["tokens_per_s"], 2),
-                             "push_over_push_echo": round(row["push"]["tokens_per_s"]
-                                                          / row["push_echo"]["tokens_per_s"], 2),
-                             "spec_over_push": round(row["push_spec"]["tokens_per_s"] / row["push"]["tokens_per_s"], 2)}
-            if args.petals:
-                row["ratios"]["push_over_petals"] = round(row["push"]["tokens_per_s"] / row["petals"]["tokens_per_s"], 2)
-                row["ratios"]["spec_over_petals"] = round(row["push_spec"]["tokens_per_s"]
-                                                          / row["petals"]["tokens_per_s"], 2)
+                                 os.path.join(args.workdir, f"logs-{tag}{suffix}"), args.client_downlink, configs,
+                                 args.compression))
+            row["ratios"] = {f"{a}_over_{b}": round(row[a]["tokens_per_s"] / row[b]["tokens_per_s"], 2)
+                             for a, b in (("push", "defaults"), ("push", "no_push"), ("push", "push_echo"),
+                                          ("push_spec", "push"), ("push", "petals"), ("push_spec", "petals"))
+                             if a in row and b in row}
             report["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     report["legs_per_token"] = legs_per_token(report["runs"])

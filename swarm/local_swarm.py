@@ -145,16 +145,17 @@ class LocalSwarm:
         return port, proxy_port
 
     def start_shared_proxy(self, names: list[str], shape: LinkShape, access_bandwidth: float,
-                           timeout: float = 30) -> None:
+                           access_from: str = "127.0.0.2", timeout: float = 30) -> None:
         """One proxy process for the servers ``names`` (started next, with those names), every byte they send
-        back to whoever dialed them sharing one link of ``access_bandwidth`` bytes/s: the client's downlink
-        (:mod:`swarm.wan`)."""
+        back to a client listening on ``access_from`` sharing one link of ``access_bandwidth`` bytes/s: that
+        client's downlink (:mod:`swarm.wan`)."""
         ports: set[int] = set()
         while len(ports) < 2 * len(names):
             ports.add(free_port())
         pairs = list(zip(list(ports)[::2], list(ports)[1::2]))  # (server port, proxy port)
         args = [arg for port, proxy_port in pairs for arg in ("--listen", str(proxy_port), "--target", str(port))]
-        proc = self._spawn("access-wan", [*args, *shape.args(), "--access-bandwidth", repr(access_bandwidth)],
+        proc = self._spawn("access-wan", [*args, *shape.args(), "--access-bandwidth", repr(access_bandwidth),
+                                          "--access-from", access_from],
                            module="swarm.wan")
         proc.wait_for(READY, timeout)
         self._shared_proxies.update(zip(names, pairs))

@@ -17,10 +17,11 @@ proxy's shape; with the same shape on every server (what tests and benchmarks us
 client to server and server to server, costs ``delay`` one way and ``2 * delay`` a round trip.
 
 An *access link* (``--access-bandwidth``, one proxy process for several servers, each ``--listen`` with its
-``--target``) is one link shared by every byte those servers send back to whoever dialed them: the
-client's downlink, when the client is the only one that dials them and sends much back (the servers of a
-chain dial the next one to push; the answers on a push stream are none). Bytes of every connection
-through the process then queue on it in the order they were read, as on a real access link.
+``--target``) is one link shared by every byte those servers send back to the dialers at
+``--access-from`` (an address on the loopback, e.g. 127.0.0.2, that a client listens on: libp2p dials
+from its listen address): that client's downlink. Bytes of all its connections through the process
+queue on it in the order they were read, as on a real access link; other dialers (the servers among
+themselves) do not touch it.
 
 Used by :class:`swarm.local_swarm.LocalSwarm` (``wan=LinkShape(...)``) and ``benchmarks/bench_wan.py``;
 never by a server or client at run time.
@@ -134,7 +135,10 @@ class _Direction:
 
 
 async def _relay(shape: LinkShape, target_port: int, client_reader: asyncio.StreamReader,
-                 client_writer: asyncio.StreamWriter, access: AccessLink | None = None) -> None:
+                 client_writer: asyncio.StreamWriter, access: AccessLink | None = None,
+                 access_from: str = "") -> None:
+    if (client_writer.get_extra_info("peername") or ("",))[0] != access_from:
+        access = None  # another dialer: not on this access link
     try:
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", target_port)
     except OSError:
@@ -160,19 +164,22 @@ async def serve(listen_port: int, target_port: int, shape: LinkShape, ready: asy
 
 
 async def serve_many(ports: list[tuple[int, int]], shape: LinkShape, access_bandwidth: float = 0.0,
-                     ready: asyncio.Event | None = None) -> None:
+                     access_from: str = "", ready: asyncio.Event | None = None) -> None:
     """Forwards each (listen port, target port) pair like :func:`serve`; with ``access_bandwidth`` every byte
-    sent back to a dialer also crosses one shared :class:`AccessLink`. Runs until cancelled."""
+    sent back to a dialer at address ``access_from`` also crosses one shared :class:`AccessLink`. Runs until
+    cancelled."""
     access = AccessLink(access_bandwidth) if access_bandwidth > 0 else None
     servers = []
     try:
         for listen_port, target_port in ports:
             servers.append(await asyncio.start_server(
-                lambda r, w, target=target_port: _relay(shape, target, r, w, access), "127.0.0.1", listen_port))
+                lambda r, w, target=target_port: _relay(shape, target, r, w, access, access_from), "127.0.0.1",
+                listen_port))
         if ready is not None:
             ready.set()
         pairs = ", ".join(f"{listen} -> {target}" for listen, target in ports)
-        print(f"{READY} on 127.0.0.1:{pairs}, {shape}, access link {access_bandwidth:g} B/s", flush=True)
+        print(f"{READY} on 127.0.0.1:{pairs}, {shape}, access link {access_bandwidth:g} B/s to {access_from}",
+              flush=True)
         await asyncio.gather(*(server.serve_forever() for server in servers))
     finally:
         for server in servers:
@@ -189,13 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="one-way delay, seconds")
     parser.add_argument("--bandwidth", type=float, default=0.0, help="bytes/s each way (0: unlimited)")
     parser.add_argument("--access-bandwidth", type=float, default=0.0,
-                        help="bytes/s of one link every connection's bytes back to its dialer share (0: none)")
+                        help="bytes/s of one link the bytes back to every dialer at --access-from share (0: none)")
+    parser.add_argument("--access-from", default="127.0.0.2", help="the dialer address on the access link")
     args = parser.parse_args(argv)
     if len(args.listen) != len(args.target) or args.access_bandwidth < 0:
         parser.error("give one --target per --listen, and --access-bandwidth >= 0")
     with contextlib.suppress(KeyboardInterrupt):
         aio.run(serve_many(list(zip(args.listen, args.target)), LinkShape(args.delay, args.bandwidth),
-                           args.access_bandwidth))
+                           args.access_bandwidth, args.access_from))
 
 
 if __name__ == "__main__":

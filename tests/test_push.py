@@ -154,3 +154,38 @@ def test_generation_is_identical_with_and_without_push(tiny_llama, llama_swarm, 
             assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), expected)
         finally:
             model.shutdown()
+
+
+def test_outputs_kept_without_echo_are_charged_to_the_cache(llama_swarm):
+    """A session without echo keeps its outputs for replays: they take pages of --cache-tokens like its keys and
+    values (tiny Llama, blocks 1:3: 12 tokens of keys and values fill one page, their 12 outputs one more)."""
+    async def scenario():
+        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
+                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        streams = []
+        try:
+            middle, _ = await _middle_and_last(peer)
+            hidden = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(3))
+
+            async def open_and_step(echo: bool) -> int:
+                """Tokens the server had left before this session; then a 12-token step in it."""
+                stream = await Stream.open(peer.p2p, middle, "inference", TIMEOUT)
+                streams.append(stream)
+                session_id = uuid.uuid4().hex
+                await stream.send(OpenSession(session_id=session_id, start=1, end=3, max_length=16, echo=echo))
+                left = expect(await stream.receive(TIMEOUT), SessionOpened).cache_tokens_left
+                await stream.send(InferenceStep(session_id=session_id, hidden=hidden, start_position=0, step_id=1))
+                expect(await stream.receive(TIMEOUT), StepOutput)
+                return left
+
+            before_no_echo = await open_and_step(echo=False)
+            before_echo = await open_and_step(echo=True)
+            after = await open_and_step(echo=True)
+            with_echo, without_echo = before_echo - after, before_no_echo - before_echo
+            assert with_echo > 0 and without_echo == 2 * with_echo, (without_echo, with_echo)
+        finally:
+            for stream in streams:
+                stream.close()
+            await peer.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))

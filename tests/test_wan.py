@@ -65,13 +65,15 @@ def test_link_shape_rejects_nonsense():
 
 
 def test_an_access_link_is_shared_by_every_connection_back_to_its_dialers():
-    """Two servers behind one proxy process with a 500 KB/s access link: 50 KB back from each at once take
-    0.2 s in all (the link is shared), one alone 0.1 s; what dialers send is not limited by it."""
-    async def scenario():
+    """Two servers behind one proxy process with a 500 KB/s access link to dialers at 127.0.0.1: 50 KB back from
+    each at once take 0.2 s in all (the link is shared), one alone 0.1 s; what dialers send is not limited by
+    it, nor what goes back to dialers at other addresses."""
+    async def scenario(access_from: str):
         echoes = [await asyncio.start_server(_echo, "127.0.0.1", 0) for _ in range(2)]
         ports = [(free_port(), echo.sockets[0].getsockname()[1]) for echo in echoes]
         ready = asyncio.Event()
-        proxy = asyncio.ensure_future(serve_many(ports, LinkShape(), access_bandwidth=500e3, ready=ready))
+        proxy = asyncio.ensure_future(serve_many(ports, LinkShape(), access_bandwidth=500e3, access_from=access_from,
+                                                 ready=ready))
         await asyncio.wait_for(ready.wait(), 5)
         streams = [await asyncio.open_connection("127.0.0.1", listen) for listen, _ in ports]
         try:
@@ -92,6 +94,8 @@ def test_an_access_link_is_shared_by_every_connection_back_to_its_dialers():
                 echo.close()
         return alone, max(together)
 
-    alone, together = asyncio.run(asyncio.wait_for(scenario(), 30))
+    alone, together = asyncio.run(asyncio.wait_for(scenario("127.0.0.1"), 30))
     assert 0.1 <= alone < 0.1 + 0.1, alone
     assert 0.2 <= together < 0.2 + 0.1, together
+    alone, together = asyncio.run(asyncio.wait_for(scenario("127.0.0.2"), 30))  # these dialers are not on it
+    assert alone < 0.05 and together < 0.05, (alone, together)
