@@ -179,6 +179,8 @@ class FakeNet:
         return out
 
     def sequence(self, num_blocks: int, pings: dict[str, float], **config) -> "FakeSequence":
+        # the fake servers answer on session streams only (no steps stream for frames of several sessions' steps)
+        config = {"step_frames": False, **config}
         return FakeSequence(self, num_blocks, pings, ClientConfig(initial_peers=(FAKE_PEER,), **config))
 
 
