@@ -68,6 +68,8 @@ class _SpanSession:
     held_upstream: bool = False
 
     def remember(self, hidden: torch.Tensor, start_position: int) -> None:
+        if self.held_upstream:  # the client lacks its earlier inputs: the server before it keeps them all
+            return
         kept = self.history[:, :start_position] if self.history is not None else hidden[:, :0]
         self.history = torch.cat([kept, hidden], dim=1)
 
@@ -380,7 +382,7 @@ class InferenceSession:
         failure still routes around it, see :meth:`_replace`)."""
         span = self._spans[i]
         if span.held_upstream:
-            return await self._receive(span, step_id, timeout)
+            return await (framed if framed is not None else self._receive(span, step_id, timeout))
         after = self.sequence.hedge_after(span.link, tokens) * span.patience
         t0 = time.monotonic()
         answer = framed if framed is not None else self._receive(span, step_id, timeout)
