@@ -19,7 +19,7 @@ at open: ``cache_tokens // max_length`` fit), and how long decode steps stall wh
 prefills ``--stall-prefill`` tokens (chunks of ``--max-batch-tokens``).
 
 The client sends concurrent steps to a server in one frame (``client.step_frames``; each result
-says how many steps a frame carried on average), unless ``--no-step-frames``: then every step is a
+says how many timed steps a frame carried on average), unless ``--no-step-frames``: then every step is a
 message of its own on its session's stream.
 
 ``--lora-rank R`` also runs every session with its own LoRA adapter (rank R on every block's q_proj
@@ -63,9 +63,11 @@ async def _open(sequence, max_length: int):
     return InferenceSession(sequence, max_length)
 
 
-async def _drive(sessions, hidden: torch.Tensor, prefill: int, warmup: int, steps: int) -> tuple[float, list[float]]:
-    """Every session: prefill, ``warmup`` steps, then ``steps`` timed steps, all concurrently. Returns the
-    wall time of the timed part (first timed step sent to last answer) and every step's latency."""
+async def _drive(sessions, hidden: torch.Tensor, prefill: int, warmup: int, steps: int,
+                 started=lambda: None) -> tuple[float, list[float]]:
+    """Every session: prefill, ``warmup`` steps, then ``steps`` timed steps, all concurrently (``started()`` is
+    called as the timed part begins). Returns the wall time of the timed part (first timed step sent to last
+    answer) and every step's latency."""
     latencies: list[float] = []
     ready = asyncio.Barrier(len(sessions))
     marks: list[float] = []
@@ -74,7 +76,8 @@ async def _drive(sessions, hidden: torch.Tensor, prefill: int, warmup: int, step
         await session.astep(hidden.expand(1, prefill, -1).contiguous())
         for _ in range(warmup):
             await session.astep(hidden)
-        await ready.wait()
+        if await ready.wait() == 0:
+            started()
         marks.append(time.perf_counter())
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -94,13 +97,14 @@ def _frames_sent(sequence) -> tuple[int, int]:
 
 async def measure(sequence, n: int, hidden: torch.Tensor, args) -> dict:
     sessions = [await _open(sequence, args.prefill + args.warmup + args.steps + 1) for _ in range(n)]
-    frames_before, steps_before = _frames_sent(sequence)
+    before: list[tuple[int, int]] = []
     try:
-        wall, latencies = await _drive(sessions, hidden, args.prefill, args.warmup, args.steps)
+        wall, latencies = await _drive(sessions, hidden, args.prefill, args.warmup, args.steps,
+                                       started=lambda: before.append(_frames_sent(sequence)))
     finally:
         for s in sessions:
             await s.aclose()
-    frames, steps = (after - before for after, before in zip(_frames_sent(sequence), (frames_before, steps_before)))
+    frames, steps = (after - was for after, was in zip(_frames_sent(sequence), before[0]))  # of the timed steps
     latencies.sort()
     return {"tokens_per_s": round(n * args.steps / wall, 1),
             "step_ms_median": round(statistics.median(latencies) * 1e3, 2),

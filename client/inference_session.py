@@ -549,6 +549,9 @@ class InferenceSession:
             await asyncio.wait(list(self._checks.values()), timeout=5)
         for span in self._spans:
             span.stream.close()
+            frames = self.sequence.frames_to(span.link.peer_id)
+            if frames is not None:
+                frames.forget(span.session_id)
         self._spans.clear()
 
     def close(self) -> None:

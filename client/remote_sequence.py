@@ -124,8 +124,14 @@ class RemoteSequence:
             return None
         frames = self._frames.get(peer_id)
         if frames is None:
-            frames = self._frames[peer_id] = StepFrames((await self.peer()).p2p, peer_id, self.config.connect_timeout)
+            p2p = (await self.peer()).p2p
+            frames = self._frames[peer_id] = StepFrames(
+                lambda: transport.Stream.open(p2p, peer_id, "steps", self.config.connect_timeout), peer_id)
         return frames
+
+    def frames_to(self, peer_id: str) -> StepFrames | None:
+        """The frames to ``peer_id`` if steps went there in frames."""
+        return self._frames.get(peer_id)
 
     async def shutdown(self) -> None:
         for frames in list(self._frames.values()):
