@@ -107,6 +107,8 @@ class StepFrames:
             batch, self._queue = [(s, f) for s, f in self._queue if not f.done()], []
             if not batch:
                 return
+            self._waiting = {key: f for key, f in self._waiting.items() if not f.done()}  # given up: not answered
+            self._sent_at = {key: t for key, t in self._sent_at.items() if key in self._waiting}
             try:
                 stream = await self._open()
                 now = loop.time()
