@@ -3,6 +3,7 @@
     python benchmarks/bench_faults.py --trials 40 --fault kill     # the 40 SIGKILL trials of docs/faults.md
     python benchmarks/bench_faults.py --trials 10 --fault stop --request-timeout 10
     python benchmarks/bench_faults.py --trials 10 --fault restart
+    python benchmarks/bench_faults.py --trials 8 --fault restart --restart-delay 40   # a slow restart
 
 A DHT peer and servers of a tiny Llama on 127.0.0.1, each with a stable identity. ``kill`` and
 ``stop``: two servers hold blocks 0:2, two hold 2:4; after a random number of tokens a random server
@@ -10,7 +11,8 @@ of the session's chain is killed (or frozen, with its p2pd); the victim is then 
 same identity (a frozen one is killed first), and the next trial starts once it is ONLINE again, so
 every span always has a replica. ``restart``: two servers hold 0:2 and one alone holds 2:4; it is
 killed mid-generation and at once started again with the same identity, so the generation can only
-finish by waiting for it. Each trial generates 16 tokens greedily; the output must equal local
+finish by waiting for it; ``--restart-delay`` starts it that many seconds after the kill (a machine too
+busy to start a server quickly; longer than the client's ``missing_blocks_timeout``). Each trial generates 16 tokens greedily; the output must equal local
 transformers'. Reported: exact / wrong / failed trials, failovers and hedges, the slowest token of
 each trial (the stall the fault caused) and the client's ``request_timeout``.
 """
@@ -24,6 +26,7 @@ import random
 import signal
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
@@ -55,6 +58,8 @@ def main() -> None:
     parser.add_argument("--fault", choices=("kill", "stop", "restart"), default="kill")
     parser.add_argument("--request-timeout", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--restart-delay", type=float, default=0.0,
+                        help="seconds between the kill and the restart (--fault restart)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -68,7 +73,8 @@ def main() -> None:
     local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     local.generation_config.eos_token_id = None
     rng = random.Random(args.seed)
-    results = {"fault": args.fault, "trials": args.trials, "request_timeout_s": args.request_timeout, "exact": 0,
+    results = {"fault": args.fault, "trials": args.trials, "request_timeout_s": args.request_timeout,
+               "restart_delay_s": args.restart_delay, "seed": args.seed, "exact": 0,
                "wrong": 0, "failed": [], "failovers": 0, "hedges": 0, "slowest_token_s": []}
 
     spans = RESTART_SPANS if args.fault == "restart" else SPANS
@@ -82,6 +88,13 @@ def main() -> None:
                                              "--identity-path", os.path.join(work, f"{name}.key"), wait=False,
                                              name=f"{name}_{starts[0]}")
             return procs[name]
+
+        done, later = threading.Event(), []
+
+        def start_later(name: str):  # a server dies with the thread that started it: this one waits for `done`
+            if not done.wait(args.restart_delay):
+                start(name)
+                done.wait()
 
         for name in spans:
             start(name)
@@ -102,7 +115,10 @@ def main() -> None:
                             os.killpg(procs[victim].popen.pid, signal.SIGSTOP)
                         else:
                             swarm.stop(procs[victim], sig=signal.SIGKILL, timeout=5)
-                        if args.fault == "restart":
+                        if args.fault == "restart" and args.restart_delay > 0:
+                            later.append(threading.Thread(target=start_later, args=(victim,)))
+                            later[-1].start()
+                        elif args.fault == "restart":
                             start(victim)  # the same identity; the generation must wait for it
                         return victim
 
@@ -118,6 +134,9 @@ def main() -> None:
                 times = fault.times
                 results["slowest_token_s"].append(round(max(b - a for a, b in zip(times, times[1:])), 3))
                 if fault.victim is not None and args.fault == "restart":
+                    deadline = time.monotonic() + args.restart_delay + 10
+                    while procs[fault.victim].popen.poll() is not None and time.monotonic() < deadline:
+                        time.sleep(0.5)  # a failed trial may end before the delayed restart
                     procs[fault.victim].wait_for("Server ONLINE", 300)
                 elif fault.victim is not None:  # bring it back with the same identity before the next trial
                     if args.fault == "stop":
@@ -128,6 +147,9 @@ def main() -> None:
                       f"slowest token {results['slowest_token_s'][-1]}s", flush=True)
         finally:
             model.shutdown()
+            done.set()
+            for thread in later:
+                thread.join(10)
     slowest = results["slowest_token_s"]
     results["slowest_token_median_s"] = statistics.median(slowest)
     results["slowest_token_max_s"] = max(slowest)

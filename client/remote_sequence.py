@@ -68,8 +68,9 @@ MAX_REPORTS = 64  # servers one client reports at most (the newest)
 PLAUSIBLE_ABS = 1e6
 SLOW_MEMORY = 600.0  # seconds a server that lost a hedged race costs chains more
 # a call waits this many times missing_blocks_timeout for servers of blocks that only servers which failed lately
-# hold (one may be restarting: it announces itself once its process is up, JOINING while it loads, and is waited
-# for then)
+# hold, none of which ever answered this client (one may be restarting: it announces itself once its process is up,
+# JOINING while it loads, and is waited for then); if one of them answered this client before it failed, until the
+# call's retry deadline (while its record lives)
 RESTART_GRACE = 3.0
 
 
@@ -195,7 +196,9 @@ class RemoteSequence:
         Never through banned servers, ``exclude``, nor servers that refused the request of the call whose
         ``attempts`` these are. Waits up to ``missing_blocks_timeout`` for servers of missing blocks
         (:data:`RESTART_GRACE` times as long if only servers that failed lately hold them: one may be restarting;
-        while a server of them is joining, e.g. restarting, until the call's retry deadline), then raises
+        until the call's retry deadline while a server of them is joining, or if only servers that failed lately
+        hold them and one of those served this client before: a server that was working and died is most likely
+        restarting, and its record, which stands for it until then, expires otherwise), then raises
         :class:`MissingBlocksError` naming them (at once without ``wait``). If only servers that refused the
         request hold them, raises their refusal at once: the request, not the swarm, is what they object to.
         A server that was slow lately (:meth:`slow`) costs the chain what it cost then.
@@ -227,8 +230,11 @@ class RemoteSequence:
                 if refused and not missing_blocks(servers, start, end, banned - set(refused), min_cache_tokens):
                     raise _refusal(refused, missing) from None
                 lost = self.bans.banned(time.monotonic(), every_server) - self.bans.distrusted()
-                until = (patience if _joining(servers, missing) else grace
-                         if lost and not missing_blocks(servers, start, end, banned - lost, min_cache_tokens) else deadline)
+                known = lost & self.bans.served()
+                until = (patience if _joining(servers, missing)
+                         or known and not missing_blocks(servers, start, end, banned - known, min_cache_tokens)
+                         else grace if lost and not missing_blocks(servers, start, end, banned - lost, min_cache_tokens)
+                         else deadline)
                 error = MissingBlocksError(f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}")
                 if not wait:
                     raise error from None

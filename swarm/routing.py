@@ -248,6 +248,7 @@ class Bans:
     # peer -> (when it last announced, its records) when found dead
     _dead: dict[str, tuple[float, frozenset[bytes]]] = dataclasses.field(default_factory=dict)
     _distrusted: set[str] = dataclasses.field(default_factory=set)
+    _served: set[str] = dataclasses.field(default_factory=set)  # peers that answered a request of this client
 
     def ban(self, peer_id: str, now: float, cost: float = 0.0) -> float:
         """Bans ``peer_id`` after a failure that cost ``cost`` seconds; returns the ban's length."""
@@ -268,6 +269,15 @@ class Bans:
         self._distrusted.add(peer_id)
 
     def succeeded(self, peer_id: str) -> None:
+        """``peer_id`` answered a request: its failures are forgotten."""
+        self._served.add(peer_id)
+        self._forgive(peer_id)
+
+    def served(self) -> frozenset[str]:
+        """Peers that answered a request before: one that is dead now was working, so it is most likely restarting."""
+        return frozenset(self._served)
+
+    def _forgive(self, peer_id: str) -> None:
         self._failures.pop(peer_id, None)
         self._until.pop(peer_id, None)
 
@@ -279,7 +289,7 @@ class Bans:
         if servers is not None:  # a new process: its predecessor's failures do not count against it
             for peer_id in [p for p, then in self._dead.items() if _announced_since(servers, p, *then)]:
                 del self._dead[peer_id]
-                self.succeeded(peer_id)
+                self._forgive(peer_id)
         timed = (p for p, until in self._until.items() if until > now)
         return frozenset((*timed, *self._dead, *self._distrusted))
 

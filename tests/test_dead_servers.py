@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 PREFIX = "dead-llama"
 REQUEST_TIMEOUT = 10.0
+RESTART_DELAY = 8.0  # seconds between the kill and the restart of the only server of some blocks
 SPANS = {"a": "0:2", "b": "0:2", "c": "2:4"}
 
 
@@ -59,11 +61,11 @@ def servers(tiny_llama, tmp_path_factory):
         yield found
 
 
-def _client(tiny_llama, swarm: LocalSwarm):
+def _client(tiny_llama, swarm: LocalSwarm, **options):
     from swarm import AutoDistributedModelForCausalLM
 
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        tiny_llama, initial_peers=swarm.initial_peers, dht_prefix=PREFIX, request_timeout=REQUEST_TIMEOUT)
+        tiny_llama, initial_peers=swarm.initial_peers, dht_prefix=PREFIX, request_timeout=REQUEST_TIMEOUT, **options)
     model.generation_config.eos_token_id = None
     return model
 
@@ -166,17 +168,33 @@ def test_sigstop_is_recovered_well_within_twice_the_request_timeout(tiny_llama, 
 
 
 def test_a_restart_with_the_same_identity_does_not_fail_a_generation(tiny_llama, local_llama, servers):
-    """``c`` alone holds blocks 2:4: the client waits for it to come back, then replays its cache."""
-    model = _client(tiny_llama, servers.swarm)
+    """``c`` alone holds blocks 2:4: the client waits for it to come back, then replays its cache. The restart
+    begins only after ``RESTART_DELAY`` s, longer than any fixed multiple of ``missing_blocks_timeout`` the client
+    might wait for (a busy machine starts a server slowly): the dead server's record still lives, so it waits."""
+    model = _client(tiny_llama, servers.swarm, missing_blocks_timeout=1.0)
+    done = threading.Event()
+    later = threading.Thread(target=_start_later, args=(servers, "c", RESTART_DELAY, done))
     try:
         def restart(session):
             t0 = time.monotonic()
             servers.swarm.stop(servers.procs["c"], sig=signal.SIGKILL, timeout=5)
-            servers.start("c", wait=False)
+            later.start()
             return t0
 
         session, streamer = _generate(model, local_llama, seed=30, after=4, action=restart)
         assert session.failovers >= 1 and _ended_on(servers, streamer)[-1] == "c"
+        assert streamer.slowest() > RESTART_DELAY  # it did wait for the restart
         print(f"same-identity restart: the generation waited {streamer.slowest():.1f}s for it")
     finally:
+        done.set()
+        if later.is_alive():
+            later.join(RESTART_DELAY + 5)
         model.shutdown()
+
+
+def _start_later(servers: Servers, name: str, delay: float, done: threading.Event) -> None:
+    """Starts server ``name`` after ``delay`` s, then lives until ``done``: a server started by a thread dies with
+    that thread (LocalSwarm's processes die with their parent)."""
+    if not done.wait(delay):
+        servers.start(name, wait=False)
+        done.wait(600)

@@ -492,6 +492,15 @@ def test_a_restarted_server_starts_afresh():
     assert bans.ban("A", now=31.0) == 1.0  # its first failure: the shortest ban
 
 
+def test_servers_that_answered_are_remembered_a_restart_alone_is_not_an_answer():
+    record = rec(0, 4)
+    bans = Bans()
+    bans.succeeded("A")
+    bans.dead("B", swarm_of({"B": record}))
+    assert bans.banned(now=0.0, servers=swarm_of({"B": dataclasses.replace(record, announced_at=10.0)})) == frozenset()
+    assert bans.served() == {"A"}  # B announced itself again but never answered
+
+
 def test_a_wrong_server_is_distrusted_for_good():
     bans = Bans()
     bans.distrust("A")
