@@ -2,7 +2,8 @@
 
 - ``model``              ``AutoDistributedModelForCausalLM``: the model's own HF class around the remote blocks
 - ``remote_sequence``    finding servers, chains; forward and backward passes through them (retried by swarm.retry)
-- ``inference_session``  server-side KV caches kept across steps, push, failover with history replay
+- ``inference_session``  server-side KV caches kept across steps, push, hedging, verification
+- ``failover``           routing a session around failed or wrong servers, rebuilding their caches by replay
 - ``step_frames``        concurrent steps of many sessions to one server sent (and answered) as one frame
 - ``hedging``            slow or hung servers: how long a request may take, racing it on another server
 - ``verifier``           re-running a sample of servers' work on other servers; acting on who is wrong

@@ -8,11 +8,11 @@ Without echo (with push, when the client does not verify servers, or ``push_echo
 step is only acknowledged: the client never sees a pushed span's inputs, the server before it keeps
 them as its outputs.
 
-Failover: the session keeps every span's inputs it saw (its *history*). When a server fails (its
+Failover (:mod:`client.failover`): the session keeps every span's inputs it saw (its *history*). When a server fails (its
 stream closes, it stops answering, it lost the session, it raised an unexpected error), the session
 bans it, routes around the hole (possibly over several servers), replays the history (or the outputs
-the server before it kept, fetched then) to rebuild their caches, and retries the step. Opening sessions, replaying and retrying all spend one budget per
-step of the client's :class:`~swarm.retry.RetryPolicy`. Outputs equal the fault-free run.
+the server before it kept, fetched then) to rebuild their caches, and retries the step. Opening
+sessions, replaying and retrying all spend one budget per step of the client's :class:`~swarm.retry.RetryPolicy`. Outputs equal the fault-free run.
 
 Hedging (:mod:`client.hedging`): a server that keeps a step longer than it advertised is not waited
 for until ``request_timeout``: the session rebuilds that span on other servers (replaying its history,
@@ -40,46 +40,21 @@ from typing import Any
 import torch
 
 from swarm.compression import choose, roundtrip
-from swarm.errors import BadRequest, ServerError, SessionLengthExceeded, SwarmError
+from swarm.errors import BadRequest, SessionLengthExceeded, SwarmError
 from swarm.push_tokens import new_push_key, push_token
 from swarm.retry import Attempts
 from swarm.routing import ChainLink
 from swarm.transport import Stream
-from swarm.wire import ErrorReply, FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput
+from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput
 
 from client import hedging
+from client.failover import Failover, SpanFailed, SpanSession
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence, check_output
 from client.step_frames import plain
 from client.speculative import SpeculationStats
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class _SpanSession:
-    link: ChainLink
-    stream: Stream
-    session_id: str
-    push_key: bytes = b""  # the server accepts a pushed step only with a token under this key
-    history: torch.Tensor | None = None  # [batch, position, hidden]: every input this span has cached
-    patience: float = 1.0  # times the hedging delay to wait for it: doubles each time it was slow but won
-    # some inputs came pushed without an echo: the server before it holds them (FetchOutputs), not the client
-    held_upstream: bool = False
-
-    def remember(self, hidden: torch.Tensor, start_position: int) -> None:
-        if self.held_upstream:  # the client lacks its earlier inputs: the server before it keeps them all
-            return
-        kept = self.history[:, :start_position] if self.history is not None else hidden[:, :0]
-        self.history = torch.cat([kept, hidden], dim=1)
-
-
-class _SpanFailed(Exception):
-    """Span ``index`` of the chain failed with ``cause`` (any :class:`SwarmError`; the retry policy judges it)."""
-
-    def __init__(self, index: int, cause: SwarmError):
-        super().__init__(str(cause))
-        self.index, self.cause = index, cause
 
 
 class _Hedged(Exception):
@@ -91,7 +66,7 @@ class _Hedged(Exception):
         self.index, self.hidden = index, hidden
 
 
-class InferenceSession:
+class InferenceSession(Failover):
     """Use as ``with model.inference_session(max_length=N) as session:``; :meth:`step` is sync."""
 
     def __init__(self, sequence: RemoteSequence, max_length: int):
@@ -113,7 +88,7 @@ class InferenceSession:
         # None while they are the servers' defaults (no padding, positions 0..position-1); replayed on failover
         self._key_mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
-        self._spans: list[_SpanSession] = []
+        self._spans: list[SpanSession] = []
         self._outputs: torch.Tensor | None = None  # [batch, position, hidden]: the last span's outputs, for checks
         self._checks: dict[tuple[str, int, int], asyncio.Task] = {}  # checks in flight, by the link checked
         self._step_id = 0
@@ -133,7 +108,7 @@ class InferenceSession:
         return not config.use_push or echo
 
     async def _open_spans(self, start: int, end: int, attempts: Attempts, after: str | None = None,
-                          then: str | None = None) -> list[_SpanSession]:
+                          then: str | None = None) -> list[SpanSession]:
         """Plans one chain over blocks ``start:end`` and opens a session on each of its links at once.
 
         The whole plan is used: the chain is priced as a whole (:func:`~swarm.routing.make_latency_chain`),
@@ -148,8 +123,8 @@ class InferenceSession:
                 await attempts.failed(e, where=f"finding servers for blocks {start}:{end}")
                 continue
             results = await asyncio.gather(*(self._open(link) for link in plan), return_exceptions=True)
-            spans = [r for r in results if isinstance(r, _SpanSession)]
-            failed = [(link, r) for link, r in zip(plan, results) if not isinstance(r, _SpanSession)]
+            spans = [r for r in results if isinstance(r, SpanSession)]
+            failed = [(link, r) for link, r in zip(plan, results) if not isinstance(r, SpanSession)]
             if not failed:
                 return spans
             for span in spans:
@@ -161,7 +136,7 @@ class InferenceSession:
                 await attempts.failed(error, where=f"opening a session on blocks {link.start}:{link.end} on server "
                                                    f"{link.peer_id}", peer_id=link.peer_id)
 
-    async def _open(self, link: ChainLink) -> _SpanSession:
+    async def _open(self, link: ChainLink) -> SpanSession:
         config = self.sequence.config
         peer = await self.sequence.peer()
         stream = await Stream.open(peer.p2p, link.peer_id, "inference", config.connect_timeout)
@@ -174,7 +149,7 @@ class InferenceSession:
         except BaseException:
             stream.close()
             raise
-        return _SpanSession(link, stream, session_id, push_key)
+        return SpanSession(link, stream, session_id, push_key)
 
     async def astep(self, hidden: torch.Tensor, start_position: int | None = None,
                     attention_mask: torch.Tensor | None = None,
@@ -220,7 +195,7 @@ class InferenceSession:
         dtype, device = hidden.dtype, hidden.device  # the output returns to the client's device (CPU or GPU)
         end = position + hidden.shape[1]
         first, broken_index = 0, None
-        fresh: list[_SpanSession] = []  # replacements rebuilt from already reordered histories
+        fresh: list[SpanSession] = []  # replacements rebuilt from already reordered histories
         while True:
             try:
                 if broken_index is not None:
@@ -231,7 +206,7 @@ class InferenceSession:
                 break
             except _Hedged as hedged:
                 first, hidden, hypo_ids = hedged.index, hedged.hidden, None
-            except _SpanFailed as failed:
+            except SpanFailed as failed:
                 broken = self._spans[failed.index]
                 attempts.progress(f"blocks 0:{broken.link.start} done for this step")
                 await attempts.failed(failed.cause, where=f"blocks {broken.link.start}:{broken.link.end} on "
@@ -273,34 +248,6 @@ class InferenceSession:
     def finish_checks(self) -> None:
         run_sync(self.afinish_checks())
 
-    async def _drop_wrong(self, position: int, attempts: Attempts) -> None:
-        """If a check found a server of the chain wrong, rebuilds the session from its span on: new sessions
-        for those blocks and every block after them, replaying the history of the first (so every cache after
-        it is recomputed from correct inputs)."""
-        distrusted = self.sequence.bans.distrusted()
-        wrong = next((j for j, span in enumerate(self._spans) if span.link.peer_id in distrusted), None)
-        if wrong is None:
-            return
-        first = self._spans[wrong]
-        if first.held_upstream:  # pushed without echo: the server before it kept its inputs
-            try:
-                history = (await self._fetch_inputs(wrong, position))[:, :position]
-            except _SpanFailed as failed:
-                raise failed.cause from None
-        else:
-            history = first.history[:, :position] if first.history is not None else None
-        logger.warning("Server %s was caught computing wrong: rebuilding the session from blocks %d:%d on",
-                       first.link.peer_id, first.link.start, first.link.end)
-        after = self._spans[wrong - 1].link.peer_id if wrong > 0 else None
-        replacements, outputs = await self._open_and_replay(first.link.start, self.sequence.num_blocks, history,
-                                                            attempts, after)
-        if history is not None:
-            self._outputs = outputs
-        for span in self._spans[wrong:]:
-            span.stream.close()
-        self._spans[wrong:] = replacements
-        self.failovers += 1
-
     def _remember_padding(self, position: int, hidden: torch.Tensor, mask: torch.Tensor | None,
                           positions: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         """Keeps the step's mask and positions (for replays); returns the step's InferenceStep fields."""
@@ -323,8 +270,8 @@ class InferenceSession:
                     position_ids=None if self._positions is None else self._positions[:, start:end].contiguous())
 
     async def _run_from(self, first: int, hidden: torch.Tensor, position: int, hypo_ids: torch.Tensor | None,
-                        padding: dict[str, torch.Tensor | None], fresh: list[_SpanSession]) -> torch.Tensor:
-        """Runs the step from span ``first`` on; a retryable failure of span i raises _SpanFailed(i).
+                        padding: dict[str, torch.Tensor | None], fresh: list[SpanSession]) -> torch.Tensor:
+        """Runs the step from span ``first`` on; a retryable failure of span i raises SpanFailed(i).
 
         ``fresh`` spans were rebuilt during this step from histories ``hypo_ids`` had reordered already: they
         get the step without it, so it is not pushed past them (each span gets its own ``hypo_ids``)."""
@@ -353,7 +300,7 @@ class InferenceSession:
                 else:
                     await span.stream.send(step, into)
             except SwarmError as e:
-                raise _SpanFailed(i, e) from None
+                raise SpanFailed(i, e) from None
             while True:  # span i's answer, then the next span's while outputs were pushed on
                 try:
                     out = await self._answer(i, step_id, hidden.shape[0] * hidden.shape[1], position, timeout, framed)
@@ -361,7 +308,7 @@ class InferenceSession:
                     if out.hidden is not None or not out.pushed or i + 1 == len(self._spans):
                         check_output(out.hidden, hidden, self._spans[i].link.peer_id)
                 except SwarmError as e:
-                    raise _SpanFailed(i, e) from None
+                    raise SpanFailed(i, e) from None
                 self.sequence.bans.succeeded(self._spans[i].link.peer_id)  # its failures are forgotten
                 i += 1
                 if out.hidden is None:  # pushed on without an echo: the next server got it, the client did not
@@ -401,12 +348,12 @@ class InferenceSession:
                     span.link.start, span.link.end, elapsed, self._describe())
         raise _Hedged(i + len(replacements), states[:, position:])
 
-    async def _rebuild_elsewhere(self, span: _SpanSession) -> tuple[list[_SpanSession], torch.Tensor]:
+    async def _rebuild_elsewhere(self, span: SpanSession) -> tuple[list[SpanSession], torch.Tensor]:
         """Opens sessions for ``span``'s blocks on other servers and replays its whole history (the current step
         included); returns them and their output for it ([batch, position + new_tokens, hidden]). Servers that
         fail are banned; there are no retries (the span's own server may still answer)."""
         link = span.link
-        spans: list[_SpanSession] = []
+        spans: list[SpanSession] = []
         try:
             for other in await self.sequence.chain(link.start, link.end, min_cache_tokens=self.max_length
                                                    * self.batch_size, exclude={link.peer_id}, wait=False):
@@ -419,7 +366,7 @@ class InferenceSession:
             t0 = time.monotonic()
             try:
                 states = await self._replay(spans, span.history)
-            except _SpanFailed as failed:
+            except SpanFailed as failed:
                 self.sequence.ban(spans[failed.index].link.peer_id, failed.cause, time.monotonic() - t0)
                 raise
         except BaseException:
@@ -438,97 +385,8 @@ class InferenceSession:
         return (choose(policy, nbytes, self.sequence.link_bandwidth(None, peers[0])),
                 tuple(choose(policy, nbytes, self.sequence.link_bandwidth(a, b)) for a, b in links))
 
-    async def _replace(self, index: int, position: int, end: int,
-                       attempts: Attempts) -> tuple[int, torch.Tensor, list[_SpanSession]]:
-        """Routes around span ``index`` (its server is banned already) and rebuilds its caches on other
-        servers; returns (the span to resume at, its input, the replacements). Its inputs come from the
-        client's history, or from the server before it when they were pushed without an echo (if that
-        server fails too, it raises _SpanFailed for it: it is replaced first)."""
-        broken = self._spans[index]
-        logger.warning("Server %s failed on blocks %d:%d; routing around it", broken.link.peer_id,
-                       broken.link.start, broken.link.end)
-        broken.stream.close()
-        # [batch, end, hidden]: inputs up to and including this step
-        history = await self._fetch_inputs(index, end) if broken.held_upstream else broken.history
-        prefix, current = history[:, :position], history[:, position:]
-        after = self._spans[index - 1].link.peer_id if index > 0 else None
-        then = self._spans[index + 1].link.peer_id if index + 1 < len(self._spans) else None
-        replacements, _ = await self._open_and_replay(broken.link.start, broken.link.end, prefix, attempts, after, then)
-        self._spans[index:index + 1] = replacements
-        self.failovers += 1
-        logger.info("Session now goes through %s", self._describe())
-        return index, current, replacements
-
-    async def _open_and_replay(self, start: int, end: int, history: torch.Tensor | None, attempts: Attempts,
-                               after: str | None = None, then: str | None = None,
-                               ) -> tuple[list[_SpanSession], torch.Tensor | None]:
-        """New sessions over blocks ``start:end`` holding ``history`` (their inputs so far), routing around
-        servers that fail (priced between ``after`` and ``then``, see :meth:`_open_spans`); returns them and
-        their output for ``history``."""
-        while True:
-            replacements = await self._open_spans(start, end, attempts, after, then)
-            if history is None:
-                return replacements, None
-            try:
-                return replacements, await self._replay(replacements, history)
-            except _SpanFailed as failed:  # a replacement failed too: route around it as well
-                for span in replacements:
-                    span.stream.close()
-                link = replacements[failed.index].link
-                await attempts.failed(failed.cause, where=f"replaying blocks {link.start}:{link.end} on server "
-                                                          f"{link.peer_id}", peer_id=link.peer_id)
-
-    async def _fetch_inputs(self, index: int, end: int) -> torch.Tensor:
-        """Span ``index``'s inputs of tokens ``0:end``: the outputs the server before it kept."""
-        source = self._spans[index - 1]
-        self.fetches += 1
-        try:
-            await source.stream.send(FetchOutputs(session_id=source.session_id, start=0, end=end))
-            for _ in range(1000):  # bounded: answers to steps may still be queued before it
-                out = await source.stream.receive(self.sequence.config.request_timeout)
-                if isinstance(out, SessionOutputs):
-                    break
-                if not isinstance(out, StepOutput):
-                    raise (out.to_exception() if isinstance(out, ErrorReply) else ServerError(
-                        f"server {source.link.peer_id} answered {type(out).__name__} where SessionOutputs was due"))
-            else:
-                raise ServerError(f"server {source.link.peer_id} never answered a request for its outputs")
-            if out.start != 0 or out.hidden.ndim != 3 or out.hidden.shape[:2] != (self.batch_size, end) \
-                    or not out.hidden.is_floating_point():
-                raise ServerError(f"server {source.link.peer_id} sent outputs {list(out.hidden.shape)} from "
-                                  f"{out.start} for tokens 0:{end} of batch {self.batch_size}")
-        except SwarmError as e:
-            raise _SpanFailed(index - 1, e) from None
-        return out.hidden
-
-    async def _replay(self, spans: list[_SpanSession], states: torch.Tensor) -> torch.Tensor:
-        """Sends the cached prefix through new spans so they hold what the failed server held; returns their
-        output."""
-        if states.shape[1] == 0:
-            return states
-        for i, span in enumerate(spans):
-            span.remember(states, 0)
-            try:
-                await span.stream.send(InferenceStep(session_id=span.session_id, hidden=states, start_position=0,
-                                                     **self._padding_fields(0, states.shape[1])))
-                out = await self._receive(span, 0, self.sequence.config.request_timeout)
-                check_output(out.hidden, states, span.link.peer_id)
-            except SwarmError as e:
-                raise _SpanFailed(i, e) from None
-            self.sequence.bans.succeeded(span.link.peer_id)
-            states = out.hidden
-        return states
-
     def _describe(self) -> str:
         return " -> ".join(f"{s.link.start}:{s.link.end}@{s.link.peer_id[-8:]}" for s in self._spans)
-
-    @staticmethod
-    async def _receive(span: _SpanSession, step_id: int, timeout: float) -> StepOutput:
-        for _ in range(1000):  # bounded: a server answers each step once, stale answers are rare
-            out = await span.stream.receive(timeout, StepOutput)
-            if out.step_id == step_id:
-                return out
-        raise ServerError(f"server {span.link.peer_id} keeps sending answers to old steps")
 
     def rollback(self, tokens: int) -> None:
         """Forgets the last ``tokens`` tokens: the next step starts where they began (the servers roll their

@@ -4,7 +4,8 @@
 - ``rebalancer``  placement at startup and the periodic check whether to move (I/O around ``swarm.placement``)
 - ``throughput``  measuring compute speed on the loaded blocks, and its cache
 - ``loading``     how many blocks fit the device (chosen by ``swarm.devices``), loading (and re-spanning) blocks
-- ``handler``     the RPC handlers: info, forward, backward, inference sessions, push
+- ``handler``     the RPC handlers: info, inference sessions, push, step frames
+- ``passes``      forward and backward passes (a mixin of the handler)
 - ``step_frames`` the steps stream: one client's concurrent steps of many sessions in one frame
 - ``checks``      the checks every request gets before it touches the model
 - ``quotas``      what one peer may hold: streams, sessions, KV cache pages, forward/backward passes (pure)
