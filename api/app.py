@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from swarm import aio
-from swarm.config import ApiConfig
+from swarm.command_config import ApiConfig
 from swarm.web import listen, serve_until_signal, url_of
 
 from api import responses

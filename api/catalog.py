@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
-from swarm.config import ApiConfig
+from swarm.command_config import ApiConfig
 from swarm.dht import Peer, fetch_models, fetch_servers
 from swarm.errors import ConfigError, MissingBlocksError, SwarmError
 from swarm.gguf import gguf_location

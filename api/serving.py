@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from swarm.config import ApiConfig
+from swarm.command_config import ApiConfig
 from swarm.dht import NetworkConfig, Peer
 
 from api.catalog import Catalog, Served

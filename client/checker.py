@@ -27,7 +27,8 @@ import uuid
 import torch
 
 from swarm import aio
-from swarm.config import ClientConfig, VerifyConfig, default_prefix
+from swarm.command_config import VerifyConfig
+from swarm.config import ClientConfig, default_prefix
 from swarm.errors import SwarmError
 from swarm.models import load_config
 from swarm.records import ServerRecord, ServerState

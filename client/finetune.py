@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from swarm.config import FinetuneConfig
+from swarm.command_config import FinetuneConfig
 from swarm.errors import ConfigError, ModelError
 
 from client.finetune_data import Example, build_dataset, load_records, set_chat_template

@@ -21,7 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from swarm import aio
-from swarm.config import HealthConfig
+from swarm.command_config import HealthConfig
 from swarm.routing import format_blocks
 from swarm.web import listen, serve_until_signal, url_of
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 
-from swarm.config import HealthConfig
+from swarm.command_config import HealthConfig
 from swarm.dht import NetworkConfig, Peer, fetch_models, fetch_reports, fetch_servers
 from swarm.errors import SwarmError
 from swarm.records import ModelRecord, ServerRecord, ServerState

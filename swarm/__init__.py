@@ -20,7 +20,8 @@ other way; the CLI imports them lazily):
 - ``placement`` pure block placement: where a server is most useful, and whether to move
 - ``swarm_state`` pure server/block/model state: replicas, healthy or broken (health, servers, clients)
 - ``served``   what a swarm serves, in words: ``swarm models --initial-peers``, finding a model by config.json, fix commands
-- ``config``   one frozen config dataclass per component
+- ``config``   one frozen config dataclass per component: servers, DHT peers, clients
+- ``command_config``  the same for health, verify, finetune, api, doctor, download and slurm
 - ``first_contact`` checks of what a user gives first (model sources, multiaddrs, key files): one line naming the fix
 - ``models``   family adapters (the only family-specific code)
 - ``blocks``   the generic block runtime (a span of a model's own decoder layers)

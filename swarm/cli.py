@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from swarm import __version__, aio
-from swarm.config import (ApiConfig, DHTConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig,
-                          ServerConfig, SlurmConfig, VerifyConfig)
+from swarm.command_config import (ApiConfig, DoctorConfig, DownloadConfig, FinetuneConfig, HealthConfig, SlurmConfig,
+                                  VerifyConfig)
+from swarm.config import DHTConfig, ServerConfig
 from swarm.errors import SwarmError
 from swarm.first_contact import check_maddrs
 

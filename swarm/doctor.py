@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from swarm.config import DoctorConfig
+from swarm.command_config import DoctorConfig
 
 MATMUL_SIZE = 1024
 # relative error (max |diff| / max |reference|) a healthy device stays under, per dtype; bf16 keeps

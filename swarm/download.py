@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from swarm.config import DownloadConfig, parse_span
+from swarm.command_config import DownloadConfig
+from swarm.config import parse_span
 from swarm.errors import ModelError
 from swarm.models import family_of, load_config
 from swarm.weights import Checkpoint, outside_blocks

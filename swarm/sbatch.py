@@ -19,7 +19,8 @@ import shlex
 import subprocess
 import sys
 
-from swarm.config import ServerConfig, SlurmConfig
+from swarm.command_config import SlurmConfig
+from swarm.config import ServerConfig
 from swarm.errors import ConfigError
 
 

@@ -8,13 +8,12 @@ import re
 import pytest
 
 import swarm.cli
+from swarm.command_config import ApiConfig, VerifyConfig
 from swarm.config import (
     INITIAL_PEERS_ENV,
-    ApiConfig,
     ClientConfig,
     DHTConfig,
     ServerConfig,
-    VerifyConfig,
     default_prefix,
     env_initial_peers,
     parse_span,
@@ -432,7 +431,7 @@ def test_every_gguf_form_that_loads_passes_the_check(gguf_layout, model, gguf_fi
 
 
 def test_finetune_says_it_reads_no_gguf(gguf_layout):
-    from swarm.config import FinetuneConfig
+    from swarm.command_config import FinetuneConfig
 
     with pytest.raises(ConfigError, match="swarm finetune does not read GGUF files; pass the model's hub id or "
                                           "directory, and --dht-prefix"):

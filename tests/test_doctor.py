@@ -12,7 +12,7 @@ import pytest
 import swarm.accelerators
 import swarm.devices
 import swarm.doctor
-from swarm.config import DoctorConfig
+from swarm.command_config import DoctorConfig
 from swarm.devices import TorchView
 from swarm.local_swarm import LocalSwarm
 from tests.test_devices import _fake_machine, smi

@@ -15,7 +15,7 @@ import torch
 
 from fake_hub import FakeHub
 from server.loading import load_span
-from swarm.config import DownloadConfig
+from swarm.command_config import DownloadConfig
 from swarm.download import download
 from swarm.errors import ConfigError, ModelError
 from swarm.models import load_config

@@ -37,7 +37,8 @@ from client.finetune_data import (
     to_messages,
     tokenize_conversation,
 )
-from swarm.config import INITIAL_PEERS_ENV, FinetuneConfig
+from swarm.command_config import FinetuneConfig
+from swarm.config import INITIAL_PEERS_ENV
 from swarm.errors import ConfigError, ModelError
 from swarm.tiny import make_tiny_tokenizer
 

@@ -21,7 +21,7 @@ from swarm.web import make_server
 from health.crawler import ModelSnapshot, Reachability, Snapshot
 from health.probe import ProbeCache, ProbeResult
 from health.view import build_state, fmt_ms, fmt_throughput, fmt_tokens, redact_addresses, short_id
-from swarm.config import HealthConfig
+from swarm.command_config import HealthConfig
 from swarm.errors import ConfigError
 from swarm.records import ModelRecord, ServerRecord, ServerState
 from swarm.wire import InfoResponse

@@ -24,7 +24,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarm.config import HealthConfig
+from swarm.command_config import HealthConfig
 from swarm.dht import NetworkConfig, Peer, declare_server, fetch_models, fetch_servers
 from swarm.identity import Identity, identity_file, new_identity
 from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, ServerState, block_key, encode_record

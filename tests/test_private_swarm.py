@@ -22,7 +22,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
-from swarm.config import FinetuneConfig, HealthConfig
+from swarm.command_config import FinetuneConfig, HealthConfig
 from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.errors import AccessDenied, ServerUnavailable, ServerUnreachable
 from swarm.local_swarm import LocalSwarm

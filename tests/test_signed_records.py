@@ -23,7 +23,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm import config as config_module
 from swarm.cli import main as cli_main
-from swarm.config import ApiConfig, ClientConfig, FinetuneConfig, HealthConfig, ServerConfig
+from swarm.command_config import ApiConfig, FinetuneConfig, HealthConfig
+from swarm.config import ClientConfig, ServerConfig
 from swarm.errors import ConfigError
 from swarm.identity import Identity, load_identity, new_identity, verify
 from swarm.records import MODEL_INDEX_KEY, ModelRecord, block_key

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from server.walltime import WARNING_SIGNAL, poll_period, watch_walltime
-from swarm.config import SlurmConfig
+from swarm.command_config import SlurmConfig
 from swarm.errors import ConfigError
 from swarm.sbatch import render_script, walltime_seconds
 from swarm.slurm import SlurmJob
