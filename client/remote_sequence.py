@@ -72,6 +72,13 @@ SLOW_MEMORY = 600.0  # seconds a server that lost a hedged race costs chains mor
 # JOINING while it loads, and is waited for then); if one of them answered this client before it failed, until the
 # call's retry deadline (while its record lives)
 RESTART_GRACE = 3.0
+# a server found dead (it could not be dialed) is pinged this many times, 1 s after and then at doubling intervals
+# of at most REVIVE_MAX_INTERVAL s (~110 s in all, within the 150 s its last record lives): one restarted with the
+# same identity answers before its new record shows in lookups (a restarted server's first announcements may even
+# fail to be stored, and the next comes an --update-period later), and is used again at once
+REVIVE_PINGS = 10
+REVIVE_FIRST_INTERVAL = 1.0
+REVIVE_MAX_INTERVAL = 16.0
 
 
 class RemoteSequence:
@@ -97,6 +104,7 @@ class RemoteSequence:
         self.verifier = Verifier(self, config.verify_rate)
         self.reports: dict[str, str] = {}  # peer id -> what this client found it computing wrong
         self._probes: set[asyncio.Task] = set()  # pings of servers that went silent: dead or alive?
+        self._reviving: set[str] = set()  # dead servers being pinged in case they come back (_revive)
         self._frames: dict[str, StepFrames] = {}  # peer id -> steps of concurrent sessions sent together
 
     def extras(self, training: bool = False) -> Extras:
@@ -199,8 +207,9 @@ class RemoteSequence:
         until the call's retry deadline while a server of them is joining, or if only servers that failed lately
         hold them and one of those served this client before: a server that was working and died is most likely
         restarting, and its record, which stands for it until then, expires otherwise), then raises
-        :class:`MissingBlocksError` naming them (at once without ``wait``). If only servers that refused the
-        request hold them, raises their refusal at once: the request, not the swarm, is what they object to.
+        :class:`MissingBlocksError` naming them (without ``wait``: at once, after one fresh lookup). If only
+        servers that refused the request hold them, raises their refusal at once: the request, not the swarm, is
+        what they object to.
         A server that was slow lately (:meth:`slow`) costs the chain what it cost then.
         """
         now = time.monotonic()
@@ -236,7 +245,7 @@ class RemoteSequence:
                          else grace if lost and not missing_blocks(servers, start, end, banned - lost, min_cache_tokens)
                          else deadline)
                 error = MissingBlocksError(f"{e}{quant_excluded(every_server, missing, self.config.allowed_quant)}")
-                if not wait:
+                if not wait and force:  # (a cached view may predate a restart: looked again once first)
                     raise error from None
                 if force and time.monotonic() + delay > until:
                     raise await self._missing_blocks(error) from None
@@ -330,9 +339,9 @@ class RemoteSequence:
 
     def ban(self, peer_id: str, error: BaseException | None = None, cost: float = 0.0, probe: bool = True) -> None:
         """Stops using ``peer_id`` after ``error``, which cost ``cost`` seconds: for at least as long; if it
-        could not be dialed, until it announces itself again; if it computed wrong, for good. A server that closed a
-        stream or stopped answering is pinged at once (with ``probe``): if it cannot be dialed any more (its
-        process died), it is dead until it announces itself again too."""
+        could not be dialed, until it announces itself again or answers a ping (:meth:`_revive`); if it computed
+        wrong, for good. A server that closed a stream or stopped answering is pinged at once (with ``probe``): if
+        it cannot be dialed any more (its process died), it is dead until then too."""
         delay = self.bans.ban(peer_id, time.monotonic(), cost)
         self._servers_time = -float("inf")  # what we know about the swarm may be stale too
         if isinstance(error, WrongResult):
@@ -341,12 +350,34 @@ class RemoteSequence:
         elif isinstance(error, ServerUnreachable):
             self.bans.dead(peer_id, self._servers)
             logger.info("Not using server %s until it announces itself again: %s", peer_id, error)
+            if peer_id not in self._reviving:
+                self._reviving.add(peer_id)
+                task = asyncio.ensure_future(self._revive(peer_id))
+                self._probes.add(task)
+                task.add_done_callback(self._probes.discard)
         else:
             logger.info("Not using server %s for %.0fs after a failure", peer_id, delay)
             if probe and isinstance(error, ServerUnavailable):
                 task = asyncio.ensure_future(self.ping(peer_id))
                 self._probes.add(task)
                 task.add_done_callback(self._probes.discard)
+
+    async def _revive(self, peer_id: str) -> None:
+        """Pings dead ``peer_id`` now and then (:data:`REVIVE_PINGS`) while it stays dead: if it answers, it is a
+        new process and is used again, whether or not its new record has shown in lookups."""
+        try:
+            interval = REVIVE_FIRST_INTERVAL
+            for _ in range(REVIVE_PINGS):
+                await asyncio.sleep(interval)
+                if not self.bans.is_dead(peer_id):
+                    return  # its new record showed
+                if await self.ping(peer_id) is not None:
+                    self.bans.revive(peer_id)
+                    logger.info("Server %s answers again: using it again", peer_id)
+                    return
+                interval = min(2 * interval, REVIVE_MAX_INTERVAL)
+        finally:
+            self._reviving.discard(peer_id)
 
     async def forward(self, hidden: torch.Tensor, extras: Extras | None = None,
                       records: Records | None = None) -> torch.Tensor:

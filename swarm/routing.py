@@ -237,7 +237,8 @@ class Bans:
     - dead (:meth:`dead`: it could not be dialed): until the DHT shows a newer record of it (a restarted server
       announces anew, and every live server re-announces each ``--update-period``). A dead server's last
       record outlives it by up to 2.5 update periods; a time ban alone would let it be picked again. Newer,
-      not just different: lookups may return older copies of a block's entry for a while;
+      not just different: lookups may return older copies of a block's entry for a while; or until it answers
+      again (:meth:`revive`: a restarted server whose announcement is late or was not stored);
     - wrong (:meth:`distrust`: its outputs disagreed with another server's recomputation): for good.
     """
 
@@ -271,6 +272,15 @@ class Bans:
     def succeeded(self, peer_id: str) -> None:
         """``peer_id`` answered a request: its failures are forgotten."""
         self._served.add(peer_id)
+        self._forgive(peer_id)
+
+    def is_dead(self, peer_id: str) -> bool:
+        return peer_id in self._dead
+
+    def revive(self, peer_id: str) -> None:
+        """``peer_id`` was found dead but answers again (a new process, whose announcement has not shown in
+        lookups yet): usable at once, its failures forgotten."""
+        self._dead.pop(peer_id, None)
         self._forgive(peer_id)
 
     def served(self) -> frozenset[str]:
