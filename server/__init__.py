@@ -14,6 +14,7 @@
 - ``room``        room in a full KV cache: sessions idle for a while give their pages to busy ones
 - ``adapters``    LoRA adapters preloaded with --adapters, selected per request by name
 - ``push``        sending a step's output straight to the next server of a chain
+- ``announcing``  when to announce next: every update period, sooner (1 s doubling) after a store that failed
 - ``pings``       round trips to the servers that may come next in a chain, published in the record
 - ``compute``     the compute executor: one thread per device, inference batches before queued jobs
 - ``batching``    continuous batching: concurrent sessions' steps over the same blocks in one forward

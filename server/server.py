@@ -5,7 +5,8 @@ is weakest: :mod:`server.rebalancer`) -> announce JOINING (placed automatically:
 once more, and take another span if servers that started at the same moment took this one) ->
 load blocks -> measure throughput
 (once per setup: :mod:`server.throughput`) -> register handlers -> announce ONLINE (and again every
-``update_period``, with the round trips to the servers that may come next: :mod:`server.pings`;
+``update_period``, sooner after a store that failed: :mod:`server.announcing`, with the round trips to
+the servers that may come next: :mod:`server.pings`;
 without ``--blocks``, re-check the placement every ``rebalance_period`` and
 :meth:`Server.move_to` when it says so; in a Slurm job, :meth:`Server.leave` before its time limit:
 :mod:`server.walltime`) -> on SIGINT/SIGTERM announce OFFLINE, end sessions, stop the peer.
@@ -42,6 +43,7 @@ from swarm.weights import TensorSource, open_checkpoint
 from server import throughput as probe
 from server.compute import PRIORITY_FORWARD, ComputeExecutor
 from server.adapters import load_adapters, parse_adapter_arg
+from server.announcing import AnnounceSchedule
 from server.handler import HandlerLimits, SpanHandler
 from server.kv_cache import PagePool
 from server.loading import default_num_blocks, human_bytes, load_span, respan, shared_blocks
@@ -74,6 +76,8 @@ class Server:
         self.handler: SpanHandler | None = None
         self.state = ServerState.JOINING
         self.announced = False  # a span was announced: on shutdown it is announced OFFLINE
+        self.announcing = AnnounceSchedule(config.update_period)  # sooner after a store that failed
+        self._announce_failed = asyncio.Event()  # wakes the announce loop to retry sooner than the period
         self.throughput: probe.Throughput | None = None  # None until measured (or read from the cache)
         self.using_relay = False
 
@@ -319,22 +323,31 @@ class Server:
         ok = await declare_server(self.peer, self.config.dht_prefix, self._record(),
                                   expiration=2.5 * self.config.update_period, model=self.model_record)
         self.announced = True
+        delay = self.announcing.record(ok)
         if not ok:
+            self._announce_failed.set()
             logger.warning("Could not store this server's record (%s) in the DHT; will retry in %.0fs",
-                           self.state.name, self.config.update_period)
+                           self.state.name, delay)
 
     async def _announce_loop(self) -> None:
+        """Announces every ``update_period``, and after a store that failed (here or in a move) sooner:
+        :class:`server.announcing.AnnounceSchedule`."""
         while True:
-            await asyncio.sleep(self.config.update_period)
-            try:
-                await self._measure_next_pings()
-            except Exception:
-                logger.exception("Pinging the next servers failed; announcing the last pings measured")
+            self._announce_failed.clear()
+            retrying = self.announcing.retrying
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._announce_failed.wait(), self.announcing.delay)
+                continue  # an announcement failed meanwhile: wait its retry delay from now
+            if not retrying:  # a retry only stores again what was measured a moment ago
+                try:
+                    await self._measure_next_pings()
+                except Exception:
+                    logger.exception("Pinging the next servers failed; announcing the last pings measured")
             try:
                 self._check_relay(await self.peer.visible_maddrs())
                 await self._announce()
             except Exception:
-                logger.exception("Announcing failed; will retry in %.0fs", self.config.update_period)
+                logger.exception("Announcing failed; will retry in %.0fs", self.announcing.record(False))
 
     async def _measure_next_pings(self) -> None:
         """Pings the servers that may follow this one in a chain (bounded: a slow DHT or peer delays
