@@ -58,12 +58,12 @@ logger = logging.getLogger(__name__)
 
 
 class _Hedged(Exception):
-    """The spans before ``index`` hold this step (a hedge rebuilt a slow span elsewhere); ``hidden`` is the
-    input of span ``index``."""
+    """The spans before ``index`` hold this step (a hedge rebuilt a slow span elsewhere: ``replacements``);
+    ``hidden`` is the input of span ``index``."""
 
-    def __init__(self, index: int, hidden: torch.Tensor):
+    def __init__(self, index: int, hidden: torch.Tensor, replacements: list[SpanSession]):
         super().__init__(f"hedged up to span {index}")
-        self.index, self.hidden = index, hidden
+        self.index, self.hidden, self.replacements = index, hidden, replacements
 
 
 class InferenceSession(Failover):
@@ -204,8 +204,9 @@ class InferenceSession(Failover):
                     broken_index = None
                 hidden = await self._run_from(first, hidden, position, hypo_ids, padding, fresh)
                 break
-            except _Hedged as hedged:
-                first, hidden, hypo_ids = hedged.index, hedged.hidden, None
+            except _Hedged as hedged:  # the spans after the hedged one still reorder their caches for this step
+                first, hidden = hedged.index, hedged.hidden
+                fresh += hedged.replacements
             except SpanFailed as failed:
                 broken = self._spans[failed.index]
                 attempts.progress(f"blocks 0:{broken.link.start} done for this step")
@@ -273,8 +274,10 @@ class InferenceSession(Failover):
                         padding: dict[str, torch.Tensor | None], fresh: list[SpanSession]) -> torch.Tensor:
         """Runs the step from span ``first`` on; a retryable failure of span i raises SpanFailed(i).
 
-        ``fresh`` spans were rebuilt during this step from histories ``hypo_ids`` had reordered already: they
-        get the step without it, so it is not pushed past them (each span gets its own ``hypo_ids``)."""
+        ``fresh`` spans were rebuilt during this step (failover, hedge) from histories ``hypo_ids`` had reordered
+        already: they get the step without it, so it is not pushed past them (each span gets its own
+        ``hypo_ids``). Every other span still gets it: its server may have the step already (pushed on by a
+        slow server that was hedged), and applies each reorder once (:class:`server.kv_cache.ReorderMark`)."""
         timeout = self.sequence.config.request_timeout
         push = self.sequence.config.use_push and not (hypo_ids is not None and fresh)
         self._step_id += 1  # a fresh id: after a failover, servers must not take the retry for a duplicate
@@ -346,7 +349,7 @@ class InferenceSession(Failover):
         self.hedges += 1
         logger.info("Server %s kept blocks %d:%d waiting %.1fs; session now goes through %s", span.link.peer_id,
                     span.link.start, span.link.end, elapsed, self._describe())
-        raise _Hedged(i + len(replacements), states[:, position:])
+        raise _Hedged(i + len(replacements), states[:, position:], replacements)
 
     async def _rebuild_elsewhere(self, span: SpanSession) -> tuple[list[SpanSession], torch.Tensor]:
         """Opens sessions for ``span``'s blocks on other servers and replays its whole history (the current step

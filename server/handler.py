@@ -60,7 +60,7 @@ from server.batching import StepBatcher
 from server.checks import RequestChecks
 from server.passes import PassHandlers
 from server.compute import ComputeExecutor
-from server.kv_cache import PagedKV, PagePool, SessionCache
+from server.kv_cache import PagedKV, PagePool, ReorderMark, SessionCache
 from server.push import MAX_NEXT_SERVERS, PushSender
 from server.quotas import QuotaLimits, Quotas, StreamSlot
 from server.room import make_room, room
@@ -104,6 +104,7 @@ class Session:
     echo: bool = True  # pushed steps are answered with their outputs too; off: acknowledged, outputs kept here
     outputs: torch.Tensor | None = None  # [batch, position, hidden] as sent on, kept when echo is off
     outputs_pages: int = 0  # cache pages charged for them
+    outputs_reordered: ReorderMark = dataclasses.field(default_factory=ReorderMark)  # each beam reorder once
     position: int = 0
     last_step_id: int = 0
     last_used: float = dataclasses.field(default_factory=time.monotonic)
@@ -417,7 +418,7 @@ class SpanHandler(PassHandlers, RequestChecks):
             scheme = step.compression[0] if step.compression else "none"  # the next link's, as the client chose
             if not session.echo:  # keep what the next server gets, for a replay if it fails
                 kept = session.outputs if session.outputs is not None else out[:, :0]
-                if step.hypo_ids is not None:
+                if step.hypo_ids is not None and session.outputs_reordered.first(step.start_position, step.hypo_ids):
                     kept = kept[step.hypo_ids]
                 session.outputs = torch.cat([kept[:, :step.start_position], roundtrip(out, scheme)], dim=1)
             if step.next_servers and self.pusher is not None:

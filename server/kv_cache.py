@@ -119,6 +119,26 @@ class Account(Protocol):
     def give(self, count: int) -> None: ...
 
 
+class ReorderMark:
+    """The last beam reorder applied to a session's rows: at which position, by which ``hypo_ids``.
+
+    The same reorder at the same position again is the same step once more: the client sent its own copy of
+    a step the server before this one had pushed here already (after a hedge), or retried it. The rows moved
+    already and must not move twice."""
+
+    def __init__(self) -> None:
+        self.position = -1
+        self.ids: torch.Tensor | None = None  # [batch] int64, on the CPU
+
+    def first(self, position: int, hypo_ids: torch.Tensor) -> bool:
+        """Whether reordering by ``hypo_ids`` at ``position`` is new; if so, it counts as applied from now on."""
+        ids = hypo_ids.to("cpu", torch.int64)
+        if position == self.position and self.ids is not None and torch.equal(ids, self.ids):
+            return False
+        self.position, self.ids = position, ids.clone()
+        return True
+
+
 class SessionCache:
     """The pages of one session of ``batch`` rows; every row holds ``length`` tokens. Everything else the
     session holds (deep prompts, LoRA weights) is charged as pages too (:meth:`charge`)."""
@@ -129,6 +149,7 @@ class SessionCache:
         self.length = 0
         self.table = torch.zeros(batch, 0, dtype=torch.int64)  # [batch, pages]: row r's pages in order
         self.key_mask: torch.Tensor | None = None  # [batch, length] bool, False for padding; None: no padding
+        self.reordered = ReorderMark()  # the last beam reorder of its rows (PagedKV.reorder applies each once)
         self.closed = False
         self._lock = threading.Lock()  # closed from the event loop while a batch may be growing it
 
@@ -226,8 +247,9 @@ class PagedKV:
             self.values = [None] * len(self.values)
 
     def reorder(self, cache: SessionCache, hypo_ids: torch.Tensor) -> None:
-        """Row ``r`` of ``cache`` becomes a copy of row ``hypo_ids[r]`` (beam search), in every block."""
-        if cache.length == 0:
+        """Row ``r`` of ``cache`` becomes a copy of row ``hypo_ids[r]`` (beam search), in every block; the
+        same reorder at the same length as the last one is not applied again (:class:`ReorderMark`)."""
+        if not cache.reordered.first(cache.length, hypo_ids) or cache.length == 0:
             return
         slots = cache.slots(0, cache.length).to(self.device)  # [batch, length]
         source = slots[hypo_ids.to(self.device)].reshape(-1)

@@ -369,3 +369,57 @@ def test_a_step_held_for_a_session_that_never_comes_back_still_runs(span, monkey
             executor.shutdown()
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_beam_step_pushed_and_then_sent_by_the_client_reorders_once(span):
+    """After a hedge the client sends a span its own copy of a beam step that the slow server before it may
+    have pushed here already (same position, same ``hypo_ids``, a newer step id). The rows move once: the
+    outputs, the cache and the outputs a session without echo keeps equal one reorder."""
+    from server.quotas import StreamSlot
+    from swarm.push_tokens import new_push_key, push_token
+
+    key, beams = new_push_key(), torch.tensor([2, 0, 0])
+
+    async def scenario():
+        executor = ComputeExecutor(num_threads=1)
+        pool = PagePool(4096, 4, 8)
+        handler = SpanHandler(span, model_name="tiny", dtype=torch.float32, device=CPU, pool=pool,
+                              limits=HandlerLimits(256, 8, 4096, 60.0), executor=executor)
+        writer, reference = _Writer(), _open(span, PagePool(4096, 4, 8), 3)
+        session = handler.sessions["s"] = HandlerSession("s", 0, 4, 256, 3, SessionCache(pool, 3), writer,
+                                                         push_key=key, echo=False)
+        x = _randn(3, 8, 64, seed=60)
+
+        def step(t: int, n: int, step_id: int, hypo_ids=None) -> InferenceStep:
+            return InferenceStep(session_id="s", hidden=x[:, t:t + n], start_position=t, step_id=step_id,
+                                 hypo_ids=hypo_ids)
+
+        async def push(msg: InferenceStep) -> None:
+            token = push_token(key, "pusher", msg.step_id, msg.start_position, msg.hidden.shape[1], msg.hypo_ids)
+            reader = asyncio.StreamReader()
+            reader.feed_data(b"".join(bytes(part) for part in encode(dataclasses.replace(msg, push_token=token))))
+            reader.feed_eof()
+            with pytest.raises(EOFError):
+                await handler._handle_push(StreamSlot("pusher", None), reader, None)
+            await asyncio.wait(list(handler._streams), timeout=30)
+
+        try:
+            await handler._process_step(session, step(0, 5, 1))
+            await handler._process_step(session, step(5, 1, 2))
+            await push(step(6, 1, 3, beams))  # the slow server pushed the step on after all
+            await handler._process_step(session, step(6, 1, 4, beams))  # and the client sent it too
+            await handler._process_step(session, step(7, 1, 5))
+            expected = [reference.alone(x[:, :5], 0), reference.alone(x[:, 5:6], 5),
+                        reference.alone(x[:, 6:7], 6, hypo_ids=beams)]
+            expected += [expected[-1], reference.alone(x[:, 7:8], 7)]
+            got = await writer.outputs()
+            assert len(got) == 5
+            for g, e in zip(got, expected):
+                assert (g - e).abs().max().item() <= TOL
+            kept = torch.cat([torch.cat(expected[:2], dim=1)[beams], expected[2], expected[4]], dim=1)
+            assert (session.outputs - kept).abs().max().item() <= TOL
+        finally:
+            await handler.close_all()
+            executor.shutdown()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -4,7 +4,8 @@ A DHT peer and three servers of the tiny Llama, each with a stable identity (``-
 ``a`` and ``b`` hold blocks 0:2, ``c`` alone holds 2:4. Every generation must equal local greedy
 output. A killed server's ONLINE record outlives it in the DHT; the client must never pick it again
 until it announces anew (and then use it again), must not wait a whole ``request_timeout`` for a
-hung one (it is hedged), and must wait for a restarting one that alone holds some blocks.
+hung one (it is hedged), and must wait for a restarting one that alone holds some blocks. A server hung during
+beam search is hedged too, and every beam (with its score) equals local beam search.
 ``benchmarks/bench_faults.py`` runs the 40-trial version of the kill test.
 """
 
@@ -26,6 +27,10 @@ PREFIX = "dead-llama"
 REQUEST_TIMEOUT = 10.0
 RESTART_DELAY = 8.0  # seconds between the kill and the restart of the only server of some blocks
 SPANS = {"a": "0:2", "b": "0:2", "c": "2:4"}
+# every beam comes back with its score: a beam the servers computed wrong cannot hide behind the winner
+BEAMS = dict(max_new_tokens=10, do_sample=False, num_beams=3, num_return_sequences=3, return_dict_in_generate=True,
+             output_scores=True)
+BEAM_ATOL = 1e-4  # sequence scores (mean log-probabilities) against local transformers
 
 
 class Servers:
@@ -167,6 +172,49 @@ def test_sigstop_is_recovered_well_within_twice_the_request_timeout(tiny_llama, 
         model.shutdown()
 
 
+@pytest.mark.parametrize("use_push", [True, False])
+def test_a_server_hung_during_beam_search_is_hedged_and_the_beams_match_local(tiny_llama, local_llama, servers,
+                                                                             monkeypatch, use_push):
+    """The first span's server freezes (SIGSTOP) just before the first step that reorders the beams: it is
+    hedged, and the span after it (``c``, whose server never got the step pushed) must still reorder its cache
+    for that step. Output equals local beam search with the same beams."""
+    from client.inference_session import InferenceSession
+
+    model = _client(tiny_llama, servers.swarm, use_push=use_push)
+    stopped: list = []
+    reorders: list[list[int]] = []
+    astep = InferenceSession.astep
+
+    async def freezing_astep(session, hidden, *args, **kwargs):
+        ids = session.pending_hypo_ids
+        if ids is not None:
+            reorders.append(ids.tolist())
+            # the first reorder only copies the prompt's row (every beam holds the same): wait for one that moves
+            # a beam among different ones
+            if not stopped and len(reorders) > 1 and ids.tolist() != list(range(len(ids))):
+                proc = servers.procs[_first_server(servers, session)]
+                os.killpg(proc.popen.pid, signal.SIGSTOP)
+                stopped.append(proc)
+        return await astep(session, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(InferenceSession, "astep", freezing_astep)
+    prompt = torch.randint(3, 1000, (1, 6), generator=torch.Generator().manual_seed(40))
+    try:
+        with model.inference_session(max_length=32) as session:
+            out = model.generate(prompt, session=session, **BEAMS)
+        local = local_llama.generate(prompt, **BEAMS)
+        assert stopped, f"no step reordered the beams: {reorders}"
+        assert session.hedges == 1 and session.failovers == 0
+        worst = (out.sequences_scores - local.sequences_scores).abs().max().item()
+        print(f"beam search hedged at reorder {len(reorders)} of {reorders}; scores within {worst:.1e} of local")
+        assert out.sequences.tolist() == local.sequences.tolist()
+        assert torch.allclose(out.sequences_scores, local.sequences_scores, atol=BEAM_ATOL, rtol=0)
+    finally:
+        for proc in stopped:
+            os.killpg(proc.popen.pid, signal.SIGCONT)
+        model.shutdown()
+
+
 def test_a_restart_with_the_same_identity_does_not_fail_a_generation(tiny_llama, local_llama, servers):
     """``c`` alone holds blocks 2:4: the client waits for it to come back, then replays its cache. The restart
     begins only after ``RESTART_DELAY`` s, longer than any fixed multiple of ``missing_blocks_timeout`` the client
@@ -198,3 +246,4 @@ def _start_later(servers: Servers, name: str, delay: float, done: threading.Even
     if not done.wait(delay):
         servers.start(name, wait=False)
         done.wait(600)
+
