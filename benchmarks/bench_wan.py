@@ -21,10 +21,21 @@ span steps verified on other servers, hence with echo), and without verification
 back through the client), push with echo (each server also sends its output back to the client), push
 without echo (pushed steps are only acknowledged), and push without echo with speculative decoding
 (``assistant_model=`` the 2-layer draft, draft length chosen by the client). A generate call opens its
-own session, as Petals' does. Every output is checked against local transformers' greedy output. Also
-reported: the draft's acceptance (accepted / drafted) and its agreement rate (accepted / (accepted +
-rejections): how often the model keeps a draft token it checks), and with delay 0 in the run,
-``legs_per_token``: (ms per token at d - at 0) / d, the one-way link crossings on a token's critical path.
+own session, as Petals' does. Every output is checked against local transformers' greedy output
+(``equal_local_greedy``, per configuration), and the warm-up's logits against theirs (``max_logit_error``).
+Also reported: the draft's acceptance (accepted / drafted) and its agreement rate (accepted / (accepted +
+rejections): how often the model keeps a draft token it checks).
+
+Floors (benchmarks/wan_floor.py): per configuration, the one-way delays on a token's critical path
+(2N without push, N + 1 with push, (N + 1) / tokens per round with speculation), the floor that sets with
+the same configuration's ms per token at 0 ms (from a 0 ms run of the same servers), the ceiling tokens/s
+and the fraction of it reached (``of_ceiling``), and the measured legs; ``legs_fit`` is the slope of ms
+per token against delay over the run's delays. ``--out`` writes a report; ``--combine`` merges reports
+of separate runs (e.g. one delay each) and computes the floors across them.
+
+Narrow links: ``--link-bandwidth W`` limits every server's link (both ways), where compression pays
+(``--configs push_none,push_auto,push_int8``: push without echo with each policy; the servers then
+announce every 5 s so that the client knows their links' bandwidth before it starts).
 """
 
 from __future__ import annotations
@@ -49,7 +60,12 @@ CONFIGS = {  # name: (client options, generate options); no verification re-runs
     "push_echo": (dict(use_push=True, push_echo=True, verify_rate=0.0), {}),  # every output also back to the client
     "push": (dict(use_push=True, push_echo=False, verify_rate=0.0), {}),  # push without echo
     "push_spec": (dict(use_push=True, push_echo=False, verify_rate=0.0), dict(speculative=True)),
+    # push without echo with each compression policy (swarm/compression.py), for runs on narrow links
+    "push_none": (dict(use_push=True, push_echo=False, verify_rate=0.0, compression="none"), {}),
+    "push_auto": (dict(use_push=True, push_echo=False, verify_rate=0.0, compression="auto"), {}),
+    "push_int8": (dict(use_push=True, push_echo=False, verify_rate=0.0, compression="int8"), {}),
 }
+DEFAULT_CONFIGS = "defaults,no_push,push_echo,push,push_spec"
 
 
 def spans_for(servers: int, layers: int) -> list[str]:
@@ -58,7 +74,8 @@ def spans_for(servers: int, layers: int) -> list[str]:
 
 
 def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repeats: int, log_dir: str,
-              downlink: float = 0.0, configs: dict | None = None, compression: str | None = None) -> dict:
+              downlink: float = 0.0, configs: dict | None = None, compression: str | None = None,
+              link_bandwidth: float = 0.0) -> dict:
     from swarm import AutoDistributedModelForCausalLM
     from swarm.local_swarm import LocalSwarm
     from swarm.tiny import load_draft
@@ -66,7 +83,7 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
 
     from transformers import AutoModelForCausalLM
 
-    configs = configs or CONFIGS
+    configs = configs or {name: CONFIGS[name] for name in DEFAULT_CONFIGS.split(",")}
     common = {} if compression is None else {"compression": compression}
     if downlink:
         common["host_maddrs"] = (f"/ip4/{ACCESS_FROM}/tcp/0",)  # dials from there: the proxy knows the client
@@ -74,36 +91,50 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
     local.generation_config.eos_token_id = None
     draft = load_draft(model_dir, 2)
     prompt = torch.randint(3, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
-    expected = local.generate(prompt, max_new_tokens=tokens, do_sample=False)
+    expected = local.generate(prompt, max_new_tokens=tokens, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
     res: dict = {}
-    with LocalSwarm(log_dir=log_dir, wan=LinkShape(delay)) as swarm:
+    shape = LinkShape(delay, link_bandwidth)
+    # on narrow links servers publish their successors' bandwidth soon (compression needs it), not a minute late
+    period = ["--update-period", "5"] if link_bandwidth else []
+    with LocalSwarm(log_dir=log_dir, wan=shape) as swarm:
         swarm.start_dht()
         names = [f"server{i}" for i in range(len(spans))]
         if downlink:  # every server behind one proxy: what they send back to the client shares its downlink
-            swarm.start_shared_proxy(names, LinkShape(delay), downlink, access_from=ACCESS_FROM)
-        procs = [swarm.start_server(model_dir, span, "--num-threads", "1", "--throughput", "100", wait=False,
-                                    name=name) for name, span in zip(names, spans)]
+            swarm.start_shared_proxy(names, shape, downlink, access_from=ACCESS_FROM)
+        procs = [swarm.start_server(model_dir, span, "--num-threads", "1", "--throughput", "100", *period,
+                                    wait=False, name=name) for name, span in zip(names, spans)]
         for proc in procs:
             proc.wait_for("Server ONLINE", 180)
         clients = {}
         for name, (options, _) in configs.items():
             clients[name] = AutoDistributedModelForCausalLM.from_pretrained(
-                model_dir, initial_peers=swarm.initial_peers, **common, **options)
+                model_dir, initial_peers=swarm.initial_peers, **{**common, **options})
             clients[name].generation_config.eos_token_id = None
         times: dict[str, list[float]] = {name: [] for name in configs}
         stats = {"drafted": 0, "accepted": 0, "rounds": 0, "rejections": 0}
-        exact = True
+        exact = {name: True for name in configs}
+        errors: dict[str, float] = {}
+        compressed: dict[str, int] = {}
         try:
+            if link_bandwidth:
+                _wait_for_next_bandwidth(next(iter(clients.values())), len(spans))
             for repeat in range(repeats + 1):  # the first is a warm-up: connections, pings, caches
                 for name, (_, options) in configs.items():
                     model = clients[name]
                     with model.inference_session(max_length=PROMPT + tokens) as session:
                         kwargs = dict(assistant_model=draft) if options.get("speculative") else {}
+                        if repeat == 0 and not options.get("speculative"):  # warm-up: the logits' error too
+                            kwargs = dict(output_logits=True, return_dict_in_generate=True)
                         t0 = time.perf_counter()
                         out = model.generate(prompt, max_new_tokens=tokens, do_sample=False, session=session,
                                              **kwargs)
                         elapsed = time.perf_counter() - t0
-                    exact = exact and bool(torch.equal(out, expected))
+                    if repeat == 0 and not options.get("speculative"):
+                        errors[name] = max((a - b).abs().max().item() for a, b in zip(out.logits, expected.logits))
+                        compressed[name] = session.compressed_links
+                        out = out.sequences
+                    exact[name] = exact[name] and bool(torch.equal(out, expected.sequences))
                     if repeat == 0:
                         continue
                     times[name].append(elapsed)
@@ -119,13 +150,31 @@ def run_swarm(model_dir: str, delay: float, spans: list[str], tokens: int, repea
     for name, values in times.items():
         median = statistics.median(values)
         res[name] = {"tokens_per_s": round(tokens / median, 2), "ms_per_token": round(median / tokens * 1000, 1),
-                     "times_s": [round(t, 3) for t in values]}
+                     "times_s": [round(t, 3) for t in values], "equal_local_greedy": exact[name]}
+        if name in errors:  # the warm-up's logits against local transformers' (float32 on one machine)
+            res[name]["max_logit_error"] = float(f"{errors[name]:.3g}")
+            res[name]["compressed_links_warmup"] = compressed[name]
     if "push_spec" in res:
         res["push_spec"]["acceptance"] = round(stats["accepted"] / max(stats["drafted"], 1), 3)
         res["push_spec"]["agreement"] = round(stats["accepted"] / max(stats["accepted"] + stats["rejections"], 1), 3)
         res["push_spec"]["tokens_per_round"] = round(tokens * repeats / max(stats["rounds"], 1), 2)
-    res["equal_local_greedy"] = exact
+    res["equal_local_greedy"] = all(exact.values())
     return res
+
+
+def _wait_for_next_bandwidth(model, servers: int, timeout: float = 60) -> None:
+    """Waits until every server but the last publishes its successors' bandwidth (compression chooses a
+    scheme for a link by it; the servers announce every 5 s here)."""
+    from client.loop import run_sync
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        records = run_sync(model.remote.servers(force=True))
+        published = {peer for block, found in records.items() for peer, r in found.items() if r.next_bandwidth}
+        if len(published) >= servers - 1:
+            return
+        time.sleep(1)
+    print(f"servers did not publish their successors' bandwidth within {timeout:.0f}s", file=sys.stderr)
 
 
 def run_petals_wan(model_dir: str, delay: float, spans: list[str], workdir: str, log_dir: str) -> dict:
@@ -161,12 +210,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--petals", action="store_true", help="run Petals 2.2 under the same emulation too")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "swarm-bench-wan"))
-    parser.add_argument("--client-downlink", type=float, default=0.0,
-                        help="bytes/s of the client's downlink, one link every server's answers share (0: none)")
+    parser.add_argument("--client-downlink", default="0",
+                        help="bytes/s of the client's downlink, one link every server's answers share (0: none); "
+                             "several, comma-separated, run one after another")
+    parser.add_argument("--link-bandwidth", type=float, default=0.0, help="bytes/s of every server's link (0: unlimited)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny model (4 heads)")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="which configurations to run")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"which configurations to run, of {list(CONFIGS)}")
     parser.add_argument("--compression", default=None, help="every client's compression (default: its default)")
+    parser.add_argument("--out", default=None, help="also write the JSON report to this file")
+    parser.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
+                        help="run nothing: merge these reports (--out files) and compute floors and legs across them")
     args = parser.parse_args()
+    if args.combine:
+        runs = []
+        for path in args.combine:
+            with open(path) as f:
+                runs += json.load(f)["runs"]
+        report = {"combined": args.combine, "runs": runs}
+        _finish(report, args.out)
+        return
     os.makedirs(args.workdir, exist_ok=True)
     torch.set_num_threads(1)  # the client shares this machine's cores with the servers
 
@@ -179,42 +241,46 @@ def main() -> None:
     configs = {name: CONFIGS[name] for name in args.configs.split(",")}
     report: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "model": model_dir,
                     "configs": list(configs), "compression": args.compression or "default",
-                    "hidden": args.hidden, "client_downlink_bytes_per_s": args.client_downlink,
                     "tokens": args.tokens, "repeats": args.repeats, "runs": []}
-    for delay_ms in [float(d) for d in args.delays.split(",")]:
-        for servers in [int(n) for n in args.servers.split(",")]:
-            spans = spans_for(servers, layers)
-            tag = f"d{delay_ms:g}_s{servers}"
-            row: dict = {"delay_ms": delay_ms, "servers": servers, "spans": spans}
-            if args.petals:
-                row["petals"] = run_petals_wan(model_dir, delay_ms / 1000, spans, args.workdir,
-                                               os.path.join(args.workdir, f"logs-petals-{tag}"))
-            row.update(run_swarm(model_dir, delay_ms / 1000, spans, args.tokens, args.repeats,
-                                 os.path.join(args.workdir, f"logs-{tag}{suffix}"), args.client_downlink, configs,
-                                 args.compression))
-            row["ratios"] = {f"{a}_over_{b}": round(row[a]["tokens_per_s"] / row[b]["tokens_per_s"], 2)
-                             for a, b in (("push", "defaults"), ("push", "no_push"), ("push", "push_echo"),
-                                          ("push_spec", "push"), ("push", "petals"), ("push_spec", "petals"))
-                             if a in row and b in row}
-            report["runs"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-    report["legs_per_token"] = legs_per_token(report["runs"])
-    print(json.dumps(report, indent=1))
+    for downlink in [float(b) for b in args.client_downlink.split(",")]:
+        for delay_ms in [float(d) for d in args.delays.split(",")]:
+            for servers in [int(n) for n in args.servers.split(",")]:
+                spans = spans_for(servers, layers)
+                tag = f"d{delay_ms:g}_s{servers}_b{downlink:g}_l{args.link_bandwidth:g}"
+                row: dict = {"delay_ms": delay_ms, "servers": servers, "spans": spans, "hidden": args.hidden,
+                             "client_downlink_bytes_per_s": downlink,
+                             "link_bandwidth_bytes_per_s": args.link_bandwidth,
+                             "compression": args.compression or "auto", "tokens": args.tokens,
+                             "repeats": args.repeats}
+                if args.petals:
+                    row["petals"] = run_petals_wan(model_dir, delay_ms / 1000, spans, args.workdir,
+                                                   os.path.join(args.workdir, f"logs-petals-{tag}"))
+                row.update(run_swarm(model_dir, delay_ms / 1000, spans, args.tokens, args.repeats,
+                                     os.path.join(args.workdir, f"logs-{tag}{suffix}"), downlink, configs,
+                                     args.compression, args.link_bandwidth))
+                report["runs"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    _finish(report, args.out)
 
 
-def legs_per_token(runs: list[dict]) -> list[dict]:
-    """Where a token's time goes: (ms per token at delay d - ms per token at 0) / d, the one-way link
-    crossings on a token's critical path, per configuration (needs delay 0 in the same run)."""
-    out = []
-    for run in runs:
-        base = next((r for r in runs if r["servers"] == run["servers"] and r["delay_ms"] == 0), None)
-        if base is None or run["delay_ms"] == 0:
-            continue
-        names = [name for name in ("petals", *CONFIGS) if name in run and name in base]
-        out.append({"delay_ms": run["delay_ms"], "servers": run["servers"], **{
-            name: round((run[name]["ms_per_token"] - base[name]["ms_per_token"]) / run["delay_ms"], 2)
-            for name in names}})
-    return out
+RATIOS = (("push", "defaults"), ("push", "no_push"), ("push", "push_echo"), ("push_spec", "push"),
+          ("push_spec", "defaults"), ("defaults", "petals"), ("push", "petals"), ("push_spec", "petals"),
+          ("push_auto", "push_none"), ("push_int8", "push_none"))
+
+
+def _finish(report: dict, out: str | None) -> None:
+    """Ratios of configurations measured in the same run, floors, legs; prints the report (and writes ``out``)."""
+    from wan_floor import add_floors
+
+    for row in report["runs"]:
+        row["ratios"] = {f"{a}_over_{b}": round(row[a]["tokens_per_s"] / row[b]["tokens_per_s"], 2)
+                         for a, b in RATIOS if a in row and b in row}
+    report["legs_fit"] = add_floors(report["runs"])
+    text = json.dumps(report, indent=1)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
