@@ -2,13 +2,15 @@
 
     python benchmarks/bench_wan.py                             # 2 and 4 servers at 0, 10, 25, 50 ms one way
     python benchmarks/bench_wan.py --petals --workdir /tmp/pb  # and Petals 2.2 behind the same proxies
-    python benchmarks/bench_wan.py --delays 25 --servers 4 --petals
+    python benchmarks/bench_wan.py --delays 25 --servers 4 --petals --out d25s4.json
+    python benchmarks/bench_wan.py --combine d0.json d25s4.json    # floors and legs across separate runs
 
 Links: every server listens behind a delaying proxy (swarm/wan.py) that it announces, so every link to
 it, from the client and from other servers, costs ``delay`` one way (2 * delay a round trip). Petals'
 servers get the same proxies (``--announce_maddrs``, through petals_baseline.sh's SERVER_ARGS_FOR).
 ``--client-downlink B`` puts every server behind one proxy process whose answers to their dialers share
-one link of B bytes/s: the client's downlink (the servers of a chain dial the next one to push).
+one link of B bytes/s: the client's downlink (the servers of a chain dial the next one to push); several
+widths, comma-separated, run one after another.
 
 Model: tiny Llama (hidden 64, or ``--hidden``) with 8 layers whose last 6 add little (swarm.tiny
 ``quiet_after=2``), so that its first 2 layers (the draft: same embeddings, norm and head) predict most of

@@ -9,7 +9,7 @@ With a chain of N servers, every link ``delay`` seconds one way:
 - ``push_spec``: a verifying step costs N + 1 legs and yields ``tokens_per_round`` tokens.
 
 A token's floor is its legs times the delay plus its compute (the same configuration's ms per token at
-0 ms, measured in a run with the same servers and hidden size, where there is one), plus what the bytes
+0 ms, the fastest of the runs with the same servers and hidden size, where there is one), plus what the bytes
 cost where links are narrow (payload only: ``hidden`` values per token and message, 4 bytes each in
 float32 or fewer when compressed; framing not counted):
 
@@ -80,21 +80,27 @@ def _key(run: dict) -> tuple:
     return run["servers"], run.get("hidden", 64)
 
 
+def _names(run: dict) -> list[str]:
+    return [k for k in run if isinstance(run[k], dict) and "ms_per_token" in run[k]]
+
+
 def _plain(run: dict) -> bool:
     return not run.get("client_downlink_bytes_per_s") and not run.get("link_bandwidth_bytes_per_s")
 
 
 def add_floors(runs: list[dict], policy: str = "none") -> list[dict]:
-    """Adds ``floor`` (per configuration) to every run, with the compute of a 0 ms run of the same servers and
-    hidden size when there is one; returns ``legs_fit`` rows (the slope of ms per token against delay)."""
-    base = {_key(r): r for r in runs if r["delay_ms"] == 0 and _plain(r)}
+    """Adds ``floor`` (per configuration) to every run, with the compute of the fastest 0 ms run of the same
+    servers and hidden size when there is one; returns ``legs_fit`` rows (the slope of ms per token against delay)."""
+    compute: dict[tuple, float] = {}  # the fastest 0 ms run of a configuration: the least a token computes
+    for r in runs:
+        if r["delay_ms"] == 0 and _plain(r):
+            for name in _names(r):
+                key = (*_key(r), name)
+                compute[key] = min(compute.get(key, float("inf")), r[name]["ms_per_token"])
     for run in runs:
-        zero = base.get(_key(run))
-        names = [k for k in run if isinstance(run[k], dict) and "ms_per_token" in run[k]]
-        run["floor"] = {name: floor(name, run, run.get("hidden", 64),
-                                    zero[name]["ms_per_token"] if zero and name in zero else None,
+        run["floor"] = {name: floor(name, run, run.get("hidden", 64), compute.get((*_key(run), name)),
                                     run.get("compression", policy))
-                        for name in names}
+                        for name in _names(run)}
     fits = []
     for key in sorted({_key(r) for r in runs}):
         same = sorted((r for r in runs if _key(r) == key and _plain(r)), key=lambda r: r["delay_ms"])
