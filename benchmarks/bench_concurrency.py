@@ -18,6 +18,13 @@ Also, on the batching server: how many sessions holding ``--fit-length`` real to
 at open: ``cache_tokens // max_length`` fit), and how long decode steps stall while another session
 prefills ``--stall-prefill`` tokens (chunks of ``--max-batch-tokens``).
 
+Beside the swarm's ratios, the local floor (``concurrency_floor``): the same blocks in this process,
+same dtype and ``--server-threads``, stepping N rows at once against one row with caches of the
+sessions' lengths, over transformers' ``DynamicCache`` (``local_floor_latency``: what batching on
+this hardware can reach at best) and through the server's paged batched step
+(``local_paged_latency``); the gap from the floor to the swarm's ratio is the network, the client
+and the servers' per-step work.
+
 The client sends concurrent steps to a server in one frame (``client.step_frames``; each result
 says how many timed steps a frame carried on average), unless ``--no-step-frames``: then every step is a
 message of its own on its session's stream.
@@ -203,6 +210,32 @@ def with_lora(sequence, shape: str, blocks: int, rank: int) -> None:
     sequence.session_fields = fields
 
 
+def local_floor(model_dir: str, hidden: torch.Tensor, args, lora_fields=None) -> dict:
+    """The same steps in this process (``concurrency_floor``), on the servers' thread count and dtype."""
+    from concurrency_floor import measure_floor
+
+    local = measure_floor(model_dir, args.blocks, args.sessions, hidden, args.prefill, args.warmup, args.steps,
+                          args.server_threads, getattr(torch, args.dtype), torch.device(args.device), lora_fields)
+    print(f"local: {local}", file=sys.stderr, flush=True)
+    return local
+
+
+def vs_one(runs: dict, local: dict, args) -> dict:
+    """Per server and level: aggregate tokens/s and step latency against one session, beside the local
+    floor's and the in-process paged step's latency ratios on the batching server's rows (N rows against one,
+    same thread count and dtype)."""
+    one = args.sessions[0]
+    ratios: dict = {}
+    for name in runs:
+        ratios[name] = {n: {"aggregate_tokens_per_s": round(r["tokens_per_s"] / runs[name][one]["tokens_per_s"], 2),
+                            "step_latency": round(r["step_ms_median"] / runs[name][one]["step_ms_median"], 2)}
+                        for n, r in runs[name].items()}
+    for n, r in ratios["on"].items():  # what batching could reach here (the off server runs one row at a time)
+        r["local_floor_latency"] = local[f"floor_latency_vs_{one}"][n]
+        r["local_paged_latency"] = local[f"paged_latency_vs_{one}"][n]
+    return ratios
+
+
 def run_shape(shape: str, args, workdir: str) -> dict:
     from client.loop import run_sync
     from client.remote_sequence import RemoteSequence
@@ -238,11 +271,8 @@ def run_shape(shape: str, args, workdir: str) -> dict:
                 for name in runs:
                     runs[name][n] = both[name]
             result["batching_on"], result["batching_off"] = runs["on"], runs["off"]
-            one = {name: runs[name][args.sessions[0]] for name in runs}
-            result["vs_one_session"] = {
-                name: {n: {"aggregate_tokens_per_s": round(r["tokens_per_s"] / one[name]["tokens_per_s"], 2),
-                           "step_latency": round(r["step_ms_median"] / one[name]["step_ms_median"], 2)}
-                       for n, r in runs[name].items()} for name in runs}
+            local = result["local"] = local_floor(model_dir, hidden, args)
+            result["vs_one_session"] = vs_one(runs, local, args)
             if args.lora_rank:
                 lora: dict = {"on": {}, "off": {}}
                 for name in ("on", "off"):
@@ -251,7 +281,9 @@ def run_shape(shape: str, args, workdir: str) -> dict:
                     both = measure_both(sequences, n, hidden, args, f"{shape} lora")
                     for name in lora:
                         lora[name][n] = both[name]
-                result["lora"] = {"rank": args.lora_rank, "batching_on": lora["on"], "batching_off": lora["off"]}
+                local = local_floor(model_dir, hidden, args, sequences["on"].session_fields)
+                result["lora"] = {"rank": args.lora_rank, "batching_on": lora["on"], "batching_off": lora["off"],
+                                  "local": local, "vs_one_session": vs_one(lora, local, args)}
                 for name in ("on", "off"):
                     del sequences[name].session_fields  # back to the class's (no adapter)
             if args.fit_length:
