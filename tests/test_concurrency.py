@@ -1,9 +1,9 @@
 """Concurrent sessions on one real server: batched steps equal each session alone; a full cache refuses
 one session and no other.
 
-Tolerance: float32 hidden states within 1e-5 of the same session run alone on the same server; bfloat16
-within 1e-2 of the largest output
-(batched rows run at another shape, so the matmuls may round differently; see test_batching.py).
+Tolerance: float32 hidden states within 1e-5 of the same session run alone on the same server, bfloat16
+within 1e-2 of the largest output (batched rows run at another shape, so the matmuls may round
+differently; see test_batching.py).
 """
 
 from __future__ import annotations
