@@ -128,7 +128,8 @@ class RemoteSequence:
         return self._peer
 
     async def step_frames(self, peer_id: str) -> StepFrames | None:
-        """Where steps of this client's sessions to ``peer_id`` go together (None: ``config.step_frames`` off)."""
+        """Where steps of this client's sessions to ``peer_id`` go together (None: ``config.step_frames`` off, or the
+        server takes no frames now: ``StepFrames.usable``)."""
         if not self.config.step_frames:
             return None
         frames = self._frames.get(peer_id)
@@ -136,7 +137,7 @@ class RemoteSequence:
             p2p = (await self.peer()).p2p
             frames = self._frames[peer_id] = StepFrames(
                 lambda: transport.Stream.open(p2p, peer_id, "steps", self.config.connect_timeout), peer_id)
-        return frames
+        return frames if await frames.usable() else None
 
     def frames_to(self, peer_id: str) -> StepFrames | None:
         """The frames to ``peer_id`` if steps went there in frames."""

@@ -20,13 +20,18 @@ Only plain steps go this way (no beam reorder, no padding, no push); the session
 opens it, replays it and carries every other step. Each step keeps its own timeout. If the frame
 cannot be sent or the stream breaks, every step waiting on it fails with that server's error, and
 each session routes around the server as it would after a failure of its own stream
-(:mod:`client.inference_session`).
+(:mod:`client.inference_session`). Two exceptions: a server that does not serve the ``steps``
+protocol (an older one), and a ``steps`` stream that cannot be opened just now, leave the step on
+its session's own stream (:meth:`StepFrames.usable`); and a frame sent on a stream that had been
+idle, which the server closes (it closes idle streams) before answering any of it, goes again once
+on a new stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -40,6 +45,7 @@ from swarm.wire import InferenceStep, InferenceSteps, StepOutput, StepOutputs
 logger = logging.getLogger(__name__)
 
 MAX_HOLD = 0.05  # seconds a step may wait for other sessions' steps to join its frame (at most one round trip)
+NOT_SERVED = "protocols not supported"  # what p2pd says when a server has no handler for a protocol
 
 
 class StepFrames:
@@ -50,16 +56,35 @@ class StepFrames:
     def __init__(self, open_stream: Callable[[], Awaitable[Stream]], peer_id: str):
         self.open_stream, self.peer_id = open_stream, peer_id
         self._stream: Stream | None = None
+        self._opening: asyncio.Future | None = None  # the stream being opened (one try for every step waiting)
         self._reader: asyncio.Task | None = None
         self._queue: list[tuple[InferenceStep, asyncio.Future]] = []  # to go out in the next frame
         self._waiting: dict[tuple[str, int], asyncio.Future] = {}  # sent: (session id, step id) -> answer
-        self._sent_at: dict[tuple[str, int], float] = {}  # when each step in flight went out
+        self._sent: dict[tuple[str, int], _Sent] = {}  # each step in flight: when and on which stream it went out
+        self._after_idle: set[tuple[str, int]] = set()  # the last frame, sent on an idle used stream, unanswered
+        self.served = True  # False once the server turned the steps protocol down: sessions step on their streams
         self._returning: set[str] = set()  # sessions answered by the last reply that have not stepped again
         self._round = 0.0  # the last frame's round trip (seconds)
         self._wake = asyncio.Event()  # a step came, an answer came, or a step was given up
         self._flushing: asyncio.Task | None = None
         self.frames_sent = 0  # frames and steps sent (for tests and benchmarks)
         self.steps_sent = 0
+
+    async def usable(self) -> bool:
+        """Whether the next step may go in a frame: the steps stream is open (or opens now). False if the server
+        does not serve the protocol (from now on), or if the stream cannot be opened just now (then the step goes
+        on its session's stream, which fails over as usual if the server is gone)."""
+        if not self.served:
+            return False
+        try:
+            await self._open()
+        except SwarmError as e:
+            if NOT_SERVED in str(e):
+                self.served = False
+                logger.info("Server %s does not serve step frames: its sessions step on their own streams",
+                            self.peer_id)
+            return False
+        return True
 
     def submit(self, step: InferenceStep) -> asyncio.Future:
         """Queues ``step`` (a plain step with a step id > 0) for the next frame; the future gets its
@@ -108,28 +133,63 @@ class StepFrames:
             if not batch:
                 return
             self._waiting = {key: f for key, f in self._waiting.items() if not f.done()}  # given up: not answered
-            self._sent_at = {key: t for key, t in self._sent_at.items() if key in self._waiting}
+            self._sent = {key: sent for key, sent in self._sent.items() if key in self._waiting}
             try:
-                stream = await self._open()
-                now = loop.time()
-                for step, future in batch:
-                    self._waiting[(step.session_id, step.step_id)] = future
-                    self._sent_at[(step.session_id, step.step_id)] = now
-                await stream.send(InferenceSteps(
-                    session_ids=tuple(s.session_id for s, _ in batch), hidden=tuple(s.hidden for s, _ in batch),
-                    start_positions=tuple(s.start_position for s, _ in batch),
-                    step_ids=tuple(s.step_id for s, _ in batch)))
+                await self._send(batch, loop.time())
             except SwarmError as e:
                 self._fail(e, [f for _, f in batch])
                 continue
             self.frames_sent += 1
             self.steps_sent += len(batch)
 
+    async def _send(self, batch: list[tuple[InferenceStep, asyncio.Future]], now: float) -> None:
+        """Sends one frame; on a used stream that had been idle, a failed send goes again once on a new stream."""
+        fresh = self._stream is None
+        stream = await self._open()
+        idle = not fresh and not any(not f.done() for f in self._waiting.values())
+        frame = InferenceSteps(
+            session_ids=tuple(s.session_id for s, _ in batch), hidden=tuple(s.hidden for s, _ in batch),
+            start_positions=tuple(s.start_position for s, _ in batch), step_ids=tuple(s.step_id for s, _ in batch))
+
+        def sending(on: Stream | None) -> None:  # the frame's steps are in flight on ``on`` (None: on none)
+            for step, future in batch:
+                key = (step.session_id, step.step_id)
+                if on is None:
+                    self._waiting.pop(key, None), self._sent.pop(key, None)
+                else:
+                    self._waiting[key], self._sent[key] = future, _Sent(step, on, now)
+
+        sending(stream)
+        try:
+            await stream.send(frame)
+        except ServerUnavailable:
+            if not idle:
+                raise
+            sending(None)  # the server closed it while idle (its reader must not fail them): a new stream, once
+            self._drop(stream)
+            stream = await self._open()
+            sending(stream)
+            await stream.send(frame)
+            return
+        self._after_idle = {(s.session_id, s.step_id) for s, _ in batch} if idle else set()
+
     async def _open(self) -> Stream:
-        if self._stream is None:
-            self._stream = await self.open_stream()
-            self._reader = asyncio.ensure_future(self._read(self._stream))
-        return self._stream
+        """The steps stream, opened if none is (one try at a time: every step waiting meanwhile shares it)."""
+        if self._stream is not None:
+            return self._stream
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.ensure_future(self._open_new())
+        return await asyncio.shield(self._opening)
+
+    async def _open_new(self) -> Stream:
+        stream = self._stream = await self.open_stream()
+        self._reader = asyncio.ensure_future(self._read(stream))
+        return stream
+
+    def _drop(self, stream: Stream) -> None:
+        if self._stream is stream:
+            self._stream = None
+        stream.close()
 
     async def _read(self, stream: Stream) -> None:
         """Hands each answer to its step until the stream breaks; then every step waiting fails."""
@@ -141,11 +201,12 @@ class StepFrames:
                         reply.error_codes) == len(reply.error_messages) == count:
                     raise ServerError(f"server {self.peer_id} sent StepOutputs with fields of different lengths")
                 now = asyncio.get_running_loop().time()
+                self._after_idle = set()  # the server reads this stream
                 for i, key in enumerate(zip(reply.session_ids, reply.step_ids)):
-                    future, sent_at = self._waiting.pop(key, None), self._sent_at.pop(key, now)
+                    future, sent = self._waiting.pop(key, None), self._sent.pop(key, None)
                     if future is None or future.done():
                         continue  # a step given up meanwhile
-                    self._round = now - sent_at
+                    self._round = now - (sent.at if sent is not None else now)
                     if reply.error_codes[i]:
                         future.set_exception(server_reply_error(reply.error_codes[i], reply.error_messages[i],
                                                                 self.peer_id))
@@ -154,10 +215,17 @@ class StepFrames:
                         future.set_result(StepOutput(hidden=reply.hidden[i], position=reply.positions[i],
                                                      step_id=key[1]))
         except SwarmError as e:
-            if self._stream is stream:
-                self._stream = None
-            stream.close()
-            self._fail(e, list(self._waiting.values()))
+            self._drop(stream)
+            mine = {key: f for key, f in self._waiting.items() if key in self._sent and self._sent[key].stream is stream}
+            again = [(self._sent[key].step, f) for key, f in mine.items() if key in self._after_idle and not f.done()]
+            self._after_idle = set()
+            if again:  # a frame sent on an idle stream that the server closed before reading it: once more
+                for key in {(s.session_id, s.step_id) for s, _ in again}:
+                    del self._waiting[key], self._sent[key]
+                self._queue[:0] = again
+                if self._flushing is None or self._flushing.done():
+                    self._flushing = asyncio.ensure_future(self._flush())
+            self._fail(e, [f for key, f in mine.items() if key in self._waiting])
         except asyncio.CancelledError:
             stream.close()
             raise
@@ -167,10 +235,10 @@ class StepFrames:
             if not future.done():
                 future.set_exception(error)
         self._waiting = {key: f for key, f in self._waiting.items() if not f.done()}
-        self._sent_at = {key: t for key, t in self._sent_at.items() if key in self._waiting}
+        self._sent = {key: sent for key, sent in self._sent.items() if key in self._waiting}
 
     async def close(self) -> None:
-        for task in (self._flushing, self._reader):
+        for task in (self._flushing, self._reader, self._opening):
             if task is not None and not task.done():
                 task.cancel()
         if self._stream is not None:
@@ -179,6 +247,15 @@ class StepFrames:
         self._fail(ServerUnavailable(f"the steps stream to server {self.peer_id} was closed"),
                    [f for _, f in self._queue] + list(self._waiting.values()))
         self._queue = []
+
+
+@dataclasses.dataclass
+class _Sent:
+    """A step in flight: sent on ``stream`` at ``at`` (loop time)."""
+
+    step: InferenceStep
+    stream: Stream
+    at: float
 
 
 def plain(step: InferenceStep) -> bool:

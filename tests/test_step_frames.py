@@ -9,6 +9,8 @@ test_batching.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 import uuid
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 from client.inference_session import InferenceSession
 from client.loop import run_sync
 from client.remote_sequence import RemoteSequence
+from swarm import transport
 from swarm.config import ClientConfig
 from swarm.dht import NetworkConfig, Peer, fetch_servers
 from swarm.errors import BadRequest
@@ -79,6 +82,30 @@ def test_sessions_stepping_together_share_frames_and_equal_each_alone(tiny_llama
         assert frames.frames_sent < frames.steps_sent / 2  # sessions answered together stepped again together
     finally:
         for s in (alone_sequence, framed_sequence):
+            run_sync(s.shutdown(), timeout=30)
+
+
+def test_a_server_without_the_steps_protocol_gets_steps_on_session_streams(tiny_llama, frames_server, monkeypatch):
+    # the client asks for a protocol the server does not serve, as it would of an older server
+    monkeypatch.setitem(transport.HANDLERS, "steps", transport.HANDLERS["steps"] + "-older-server")
+    config = ClientConfig(initial_peers=tuple(frames_server.initial_peers), dht_prefix=PREFIX, verify_rate=0.0)
+    framed, alone = RemoteSequence(config, PREFIX, 4, tiny_llama), RemoteSequence(
+        dataclasses.replace(config, step_frames=False), PREFIX, 4, tiny_llama)
+    try:
+        expected = [run_sync(_generate(alone, i)) for i in range(2)]
+
+        async def together():
+            return await asyncio.gather(*(_generate(framed, i) for i in range(2)))
+
+        got = run_sync(together(), timeout=60)
+        for i in range(2):
+            for a, b in zip(got[i], expected[i], strict=True):
+                assert (a - b).abs().max().item() <= TOL
+        (frames,) = framed._frames.values()
+        assert not frames.served and frames.steps_sent == 0  # turned down once, never sent
+        assert frames.peer_id not in framed.bans.banned(time.monotonic())  # not taken for a failure
+    finally:
+        for s in (framed, alone):
             run_sync(s.shutdown(), timeout=30)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client.step_frames import StepFrames, plain
-from swarm.errors import ServerRefused, ServerUnavailable
+from swarm.errors import ServerRefused, ServerUnavailable, ServerUnreachable
 from swarm.wire import InferenceStep, InferenceSteps, StepOutputs
 
 ROUND = 0.02  # the fake server's seconds per frame
@@ -23,13 +23,25 @@ class FakeServer:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.refuse: set[str] = set()
+        self.opens = 0
+        self.open_errors: list[Exception] = []  # raised by the next opens, in order
+        self.send_errors: list[Exception] = []  # raised by the next sends (the stream was closed)
+        self.unread = 0  # the next frames sent are never read (the server closed the stream meanwhile)
         self.task = asyncio.ensure_future(self._serve())
 
     async def open(self) -> "FakeServer":
+        self.opens += 1
+        if self.open_errors:
+            raise self.open_errors.pop(0)
         return self
 
     async def send(self, msg: InferenceSteps) -> None:
+        if self.send_errors:
+            raise self.send_errors.pop(0)
         self.frames.append(msg.session_ids)
+        if self.unread:
+            self.unread -= 1
+            return
         await self.inbox.put(msg)
 
     async def receive(self, timeout, expected):
@@ -103,7 +115,9 @@ def test_a_lone_session_is_not_held_and_errors_stay_per_step():
         with pytest.raises(ServerRefused, match="bad_request"):  # as on a session stream: the server's fault
             await frames.answer(bad, 5)
         # the stream breaks: every step waiting fails with the server's error, the next one opens a new stream
+        # (a frame sent on the idle stream goes once more on a new stream: this server, gone, accepts none)
         server.task.cancel()
+        server.open_errors.append(ServerUnavailable("server did not accept a steps stream"))
         waiting = frames.submit(_step("good", 1, 2))
         await asyncio.sleep(0.01)
         await server.outbox.put(ServerUnavailable("server closed the stream"))
@@ -127,3 +141,61 @@ def test_only_plain_steps_go_in_frames():
                                    attention_mask=torch.ones(2, 1, dtype=torch.int64)))
     assert not plain(InferenceStep(session_id="s", hidden=hidden, start_position=3, step_id=1,
                                    next_servers=(("p", "s2", b"t"),)))
+
+
+NOT_SERVED = ServerUnreachable("cannot reach server p: Connect failed. msg=failed to negotiate protocol: protocols not "
+                               "supported: [/swarm/steps/1.0.0]")  # what p2pd answers (an older server)
+
+
+def test_a_server_without_the_steps_protocol_or_unreachable_now_leaves_steps_on_session_streams():
+    async def scenario():
+        server = FakeServer()
+        frames = StepFrames(server.open, "server")
+        server.open_errors.append(ServerUnavailable("server did not accept a steps stream in 5s"))
+        # sessions asking at once share one try to open; it fails: their steps go on their own streams
+        assert await asyncio.gather(*(frames.usable() for _ in range(5))) == [False] * 5
+        assert server.opens == 1 and frames.served
+        assert await frames.usable() and server.opens == 2  # opens now: frames again
+        assert (await frames.answer(frames.submit(_step("s", 0, 1)), 5)).position == 1
+
+        older = FakeServer()
+        frames = StepFrames(older.open, "older")
+        older.open_errors.append(NOT_SERVED)
+        assert not await frames.usable() and not frames.served
+        assert not await frames.usable() and older.opens == 1  # not asked again
+        for fake in (server, older):
+            fake.task.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_a_frame_on_a_stream_the_server_closed_while_idle_goes_again_once():
+    async def scenario():
+        server = FakeServer()
+        frames = StepFrames(server.open, "server")
+        assert (await frames.answer(frames.submit(_step("s", 0, 1)), 5)).position == 1
+        # the server closed the idle stream: the send fails, the frame goes on a new stream
+        server.send_errors.append(ServerUnavailable("server closed the stream"))
+        assert (await frames.answer(frames.submit(_step("s", 1, 2)), 5)).position == 2
+        assert server.opens == 2
+        # it closed it as the frame went out: nothing answered, the stream breaks, the frame goes again
+        server.unread = 1
+        waiting = frames.submit(_step("s", 2, 3))
+        await asyncio.sleep(0.01)
+        await server.outbox.put(ServerUnavailable("server closed the stream"))
+        assert (await frames.answer(waiting, 5)).position == 3
+        assert server.opens == 3 and server.frames[-2:] == [("s",), ("s",)]
+        # only once: the new stream breaks too before answering, and the step fails (a new stream's break is no
+        # idle close)
+        server.unread = 2
+        waiting = frames.submit(_step("s", 3, 4))
+        for _ in range(2):
+            await asyncio.sleep(0.01)
+            await server.outbox.put(ServerUnavailable("server closed the stream"))
+        with pytest.raises(ServerUnavailable):
+            await frames.answer(waiting, 5)
+        assert server.opens == 4
+        server.task.cancel()
+        await frames.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
