@@ -327,9 +327,11 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     torch.set_num_threads(1)  # the client only moves tensors
-    report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}, "args": vars(args)}
+    report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                          "load_average_1min_at_start": round(os.getloadavg()[0], 2)}, "args": vars(args)}
     for shape in args.shape:
         report[shape] = run_shape(shape, args, args.workdir)
+    report["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)  # other work on the machine
     print(json.dumps(report, indent=1))
 
 
