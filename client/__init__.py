@@ -1,7 +1,8 @@
 """The client: a transformers model whose blocks run in the swarm. Imports ``swarm/`` only.
 
 - ``model``              ``AutoDistributedModelForCausalLM``: the model's own HF class around the remote blocks
-- ``remote_sequence``    finding servers, chains; forward and backward passes through them (retried by swarm.retry)
+- ``routing``            which servers: the DHT peer, lookups, chains, pings, bans (dead ones pinged back), reports
+- ``remote_sequence``    forward and backward passes through chains of servers (retried by swarm.retry, hedged)
 - ``inference_session``  server-side KV caches kept across steps, push, hedging, verification
 - ``failover``           routing a session around failed or wrong servers, rebuilding their caches by replay
 - ``step_frames``        concurrent steps of many sessions to one server sent (and answered) as one frame

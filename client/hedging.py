@@ -7,8 +7,8 @@ with generous room (:data:`HEDGE_FACTOR` times the advertised time, plus the rou
 :data:`HEDGE_SLACK` for scheduling noise). Past that, :func:`race` starts the same work on another
 server and takes whichever answer comes first; the loser is cancelled. The caller then avoids a
 server that lost a race (a ban for as long as it kept the caller waiting, and a routing penalty:
-:meth:`client.remote_sequence.RemoteSequence.slow`), and waits longer before hedging a server that
-won one (it was slow this once, not lying).
+:meth:`client.routing.Routing.slow`), and waits longer before hedging a server that won one (it was slow
+this once, not lying).
 """
 
 from __future__ import annotations

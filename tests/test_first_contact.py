@@ -344,7 +344,7 @@ def test_the_client_finds_the_model_in_a_folder_of_another_name(fc_swarm, chat_l
     try:
         model.generation_config.eos_token_id = None
         prompt = torch.tensor([[5, 6, 7, 8]])
-        with caplog.at_level(logging.WARNING, logger="client.remote_sequence"):
+        with caplog.at_level(logging.WARNING, logger="client.routing"):
             out = model.generate(prompt, max_new_tokens=5, do_sample=False)
         local = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32).eval()
         local.generation_config.eos_token_id = None

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import client.remote_sequence as remote_sequence
+import client.routing as routing
 from client.remote_sequence import RemoteSequence
 from swarm.config import ClientConfig
 from swarm.errors import MissingBlocksError, ServerUnreachable
@@ -48,8 +48,8 @@ def view(*peers: str) -> dict:
 
 @pytest.fixture
 def quick(monkeypatch):
-    monkeypatch.setattr(remote_sequence, "REVIVE_FIRST_INTERVAL", 0.05)
-    monkeypatch.setattr(remote_sequence, "REVIVE_MAX_INTERVAL", 0.1)
+    monkeypatch.setattr(routing, "REVIVE_FIRST_INTERVAL", 0.05)
+    monkeypatch.setattr(routing, "REVIVE_MAX_INTERVAL", 0.1)
 
 
 async def wait_for(condition, timeout: float = 5.0) -> None:
@@ -79,7 +79,7 @@ def test_a_dead_server_that_answers_again_is_used_though_its_record_is_the_same(
 
 
 def test_a_server_that_stays_dead_is_pinged_a_bounded_number_of_times(quick, monkeypatch):
-    monkeypatch.setattr(remote_sequence, "REVIVE_PINGS", 3)
+    monkeypatch.setattr(routing, "REVIVE_PINGS", 3)
 
     async def main():
         seq = Sequence(view("a", "b"), view("a", "b"), alive={"b"})

@@ -98,7 +98,7 @@ class _FakeP2P:
 @pytest.mark.parametrize("error", [ControlFailure("failed to dial"), P2PHandlerError("protocol not supported"),
                                    ConnectionResetError("daemon went away"), asyncio.IncompleteReadError(b"", 4)])
 def test_opening_a_stream_to_an_unreachable_server(error):
-    # dead until its record changes (client.remote_sequence bans it so)
+    # dead until its record changes (client.routing bans it so)
     with pytest.raises(ServerUnreachable, match=f"cannot reach server {PEER_ID}") as info:
         asyncio.run(Stream.open(_FakeP2P(error), PEER_ID, "forward", 1.0))
     assert is_retryable(info.value)
