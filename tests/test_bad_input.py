@@ -11,20 +11,20 @@ import pytest
 import torch
 
 from swarm.transport import Stream
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer
 from swarm.errors import BadRequest, SessionLengthExceeded, UnknownSession
 from swarm.wire import (
     BackwardRequest,
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
-    InfoRequest,
-    InfoResponse,
     OpenSession,
     SessionOpened,
     StepOutput,
     expect,
 )
+
+from peer_helpers import join, server_info, server_of
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -36,11 +36,8 @@ def run(coro):
 
 async def _client(swarm) -> tuple[Peer, str]:
     """A client peer and the id of the server holding blocks 1:3."""
-    peer = await Peer.start(NetworkConfig(initial_peers=tuple(swarm.initial_peers),
-                                          host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
-    servers = await fetch_servers(peer, "tiny-llama", [1])
-    (server_id,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
-    return peer, server_id
+    peer = await join(swarm.initial_peers)
+    return peer, await server_of(peer, "tiny-llama", 1, 3)
 
 
 async def _open(peer: Peer, server_id: str, max_length: int = 8, start: int = 1, end: int = 3,
@@ -151,10 +148,7 @@ def test_bad_requests_get_clear_errors_and_other_sessions_carry_on(llama_swarm):
             fresh.close()
 
             # and the server still answers info
-            stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
-            await stream.send(InfoRequest())
-            info = expect(await stream.receive(TIMEOUT), InfoResponse)
-            stream.close()
+            info = await server_info(peer, server_id, TIMEOUT)
             assert (info.start, info.end, info.hidden_size) == (1, 3, 64)
         finally:
             await peer.shutdown()
@@ -167,11 +161,7 @@ def test_closing_the_stream_frees_the_cache(llama_swarm):
         peer, server_id = await _client(llama_swarm)
         try:
             async def tokens_left() -> int:
-                stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
-                await stream.send(InfoRequest())
-                info = expect(await stream.receive(TIMEOUT), InfoResponse)
-                stream.close()
-                return info.cache_tokens_left
+                return (await server_info(peer, server_id, TIMEOUT)).cache_tokens_left
 
             before = await tokens_left()
             stream, session_id = await _open(peer, server_id, max_length=1000)

@@ -14,10 +14,12 @@ import uuid
 import pytest
 import torch
 
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer, fetch_servers
 from swarm.errors import ServerBusy
 from swarm.transport import Stream
-from swarm.wire import InferenceStep, InfoRequest, InfoResponse, OpenSession, SessionOpened, StepOutput, expect
+from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
+
+from peer_helpers import join, server_info
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -66,12 +68,7 @@ async def _run(peer: Peer, server_id: str, i: int, steps: int, start_after: asyn
 
 
 async def _tokens_left(peer: Peer, server_id: str) -> int:
-    stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
-    try:
-        await stream.send(InfoRequest())
-        return expect(await stream.receive(TIMEOUT), InfoResponse).cache_tokens_left
-    finally:
-        stream.close()
+    return (await server_info(peer, server_id, TIMEOUT)).cache_tokens_left
 
 
 def test_concurrent_sessions_equal_each_alone_and_a_full_cache_refuses_one(tiny_llama, llama_swarm):
@@ -80,8 +77,7 @@ def test_concurrent_sessions_equal_each_alone_and_a_full_cache_refuses_one(tiny_
                              "--peer-cache-share", "1")  # one peer fills the whole cache here
 
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         try:
             (server_id,) = (await fetch_servers(peer, PREFIX, [0]))[0]
             alone = []
@@ -131,8 +127,7 @@ def test_bfloat16_server_batches_concurrent_sessions_within_one_rounding_of_alon
                              "--dtype", "bfloat16")
 
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         try:
             (server_id,) = (await fetch_servers(peer, PREFIX + "-bf16", [0]))[0]
             alone = []

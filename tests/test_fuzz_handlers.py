@@ -21,7 +21,7 @@ import msgpack
 import pytest
 import torch
 
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer
 from swarm.errors import SwarmError
 from swarm.transport import Stream
 from swarm.wire import (
@@ -31,7 +31,6 @@ from swarm.wire import (
     InferenceStep,
     InferenceSteps,
     InfoRequest,
-    InfoResponse,
     OpenSession,
     SessionOpened,
     StepOutput,
@@ -39,6 +38,8 @@ from swarm.wire import (
     encode,
     expect,
 )
+
+from peer_helpers import join, server_info, server_of
 
 pytestmark = pytest.mark.integration
 PER_HANDLER = 240
@@ -171,17 +172,12 @@ def test_malformed_frames_on_every_handler_get_clear_errors(llama_swarm):
                     session.close()
 
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         try:
-            servers = await fetch_servers(peer, "tiny-llama", [1])
-            (server_id,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
+            server_id = await server_of(peer, "tiny-llama", 1, 3)
             lock = asyncio.Semaphore(16)
             await asyncio.gather(*(case(peer, server_id, *drawn, lock) for drawn in cases))
-            stream = await Stream.open(peer.p2p, server_id, "info", 10)  # still serving
-            await stream.send(InfoRequest())
-            expect(await stream.receive(10), InfoResponse)
-            stream.close()
+            await server_info(peer, server_id, 10)  # still serving
             opened = _valid("open", "")
             stream = await Stream.open(peer.p2p, server_id, "inference", 10)
             await stream.send(opened)

@@ -25,11 +25,13 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from swarm.command_config import HealthConfig
-from swarm.dht import NetworkConfig, Peer, declare_server, fetch_models, fetch_servers
+from swarm.dht import Peer, declare_server, fetch_models, fetch_servers
 from swarm.identity import Identity, identity_file, new_identity
 from swarm.records import MODEL_INDEX_KEY, ModelRecord, ServerRecord, ServerState, block_key, encode_record
 from swarm.signed_records import TAG, signed_payload
 from swarm.swarm_state import model_health
+
+from peer_helpers import fresh_generate, joined
 
 pytestmark = pytest.mark.integration
 PREFIX = "tiny-llama"
@@ -86,15 +88,6 @@ async def rogue_peer(initial_peers: list[str], honest: list[str]):
         await p2p.shutdown()
 
 
-@contextlib.asynccontextmanager
-async def honest_peer(initial_peers: list[str]):
-    peer = await Peer.start(NetworkConfig(initial_peers=tuple(initial_peers), host_maddrs=LOOPBACK, client_mode=True))
-    try:
-        yield peer
-    finally:
-        await peer.shutdown()
-
-
 async def servers_by_span(peer: Peer) -> dict[tuple[int, int], str]:
     found = await fetch_servers(peer, PREFIX, range(4))
     return {(r.start, r.end): p for records in found.values() for p, r in records.items()
@@ -111,14 +104,7 @@ def run(coro, timeout: float = 180):
 
 def generate(model_path: str, swarm, ids: torch.Tensor) -> torch.Tensor:
     """A new client (no cached routing: it reads the records afresh) generates 6 tokens greedily."""
-    from swarm import AutoDistributedModelForCausalLM
-
-    model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=swarm.initial_peers)
-    model.generation_config.eos_token_id = None
-    try:
-        return model.generate(ids, max_new_tokens=6, do_sample=False)
-    finally:
-        model.shutdown()
+    return fresh_generate(model_path, swarm.initial_peers, ids, 6)
 
 
 IDS = torch.randint(3, 1000, (1, 5), generator=torch.Generator().manual_seed(5))
@@ -126,7 +112,7 @@ IDS = torch.randint(3, 1000, (1, 5), generator=torch.Generator().manual_seed(5))
 
 def test_records_forged_under_a_victim_s_id_are_refused(tiny_llama, llama_swarm, local_llama):
     async def attack() -> None:
-        async with honest_peer(llama_swarm.initial_peers) as reader:
+        async with joined(llama_swarm.initial_peers) as reader:
             spans = await servers_by_span(reader)
             assert set(spans) == {(0, 1), (1, 3), (3, 4)}
             async with rogue_peer(llama_swarm.initial_peers, honest_ids(llama_swarm, spans)) as rogue:
@@ -167,7 +153,7 @@ def test_records_forged_under_a_victim_s_id_are_refused(tiny_llama, llama_swarm,
 
 def test_a_plain_store_with_a_late_expiration_neither_erases_nor_blocks(tiny_llama, llama_swarm, local_llama):
     async def attack() -> None:
-        async with honest_peer(llama_swarm.initial_peers) as reader:
+        async with joined(llama_swarm.initial_peers) as reader:
             spans = await servers_by_span(reader)
             honest = honest_ids(llama_swarm, spans)
             # a server of a scratch prefix has announced; the rogue then tries to shadow its key
@@ -218,7 +204,7 @@ def test_the_model_index_cannot_be_wiped_or_poisoned(llama_swarm):
             return await crawler.crawl_once(), time.monotonic() - started
 
     async def attack() -> None:
-        async with honest_peer(llama_swarm.initial_peers) as reader:
+        async with joined(llama_swarm.initial_peers) as reader:
             spans = await servers_by_span(reader)
             fault_free, _ = await crawl()
             async with rogue_peer(llama_swarm.initial_peers, honest_ids(llama_swarm, spans)) as rogue:

@@ -21,6 +21,8 @@ import torch
 from swarm.errors import SwarmError
 from swarm.local_swarm import LocalSwarm
 
+from peer_helpers import joined
+
 pytestmark = pytest.mark.integration
 
 PREFIX = "hostile-llama"
@@ -229,7 +231,7 @@ def test_swarm_verify_reports_servers_that_compute_wrong(tiny_llama, hostile_swa
     import subprocess
     import sys
 
-    from swarm.dht import NetworkConfig, Peer, fetch_reports
+    from swarm.dht import fetch_reports
 
     from client.loop import run_sync
 
@@ -248,12 +250,8 @@ def test_swarm_verify_reports_servers_that_compute_wrong(tiny_llama, hostile_swa
     assert "2 server(s) found wrong" in done.stdout or "3 server(s) found wrong" in done.stdout  # the rogue: 10%
 
     async def reports():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
-        try:
+        async with joined(swarm.initial_peers) as peer:
             return await fetch_reports(peer, PREFIX)
-        finally:
-            await peer.shutdown()
 
     found = run_sync(reports())
     assert {ids["nan"], ids["garbage"]} <= set(found)

@@ -9,11 +9,13 @@ import uuid
 import pytest
 import torch
 
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import fetch_servers
 from swarm.local_swarm import LocalSwarm
 from swarm.records import ServerState
 from swarm.transport import Stream
-from swarm.wire import InferenceStep, InfoRequest, InfoResponse, OpenSession, SessionOpened, StepOutput, expect
+from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
+
+from peer_helpers import join, server_info, server_of
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -37,18 +39,12 @@ def test_idle_session_times_out_and_stopping_announces_offline(tiny_llama, llama
                                     "--num-threads", "1", "--update-period", "30")
 
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         try:
-            servers = await fetch_servers(peer, "lifecycle-llama", [0])
-            (server_id,) = servers[0]
+            server_id = await server_of(peer, "lifecycle-llama", 0, 4)
 
             async def tokens_left() -> int:
-                stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
-                await stream.send(InfoRequest())
-                info = expect(await stream.receive(TIMEOUT), InfoResponse)
-                stream.close()
-                return info.cache_tokens_left
+                return (await server_info(peer, server_id, TIMEOUT)).cache_tokens_left
 
             before = await tokens_left()
             stream = await Stream.open(peer.p2p, server_id, "inference", TIMEOUT)

@@ -12,11 +12,13 @@ import pytest
 from server import pings as next_pings
 from server.pings import NextPings, next_candidates
 from swarm import aio
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer, fetch_servers
 from swarm.errors import ServerUnavailable
 from swarm.local_swarm import LocalSwarm, Proc
 from swarm.records import ServerRecord, ServerState
 from swarm.swarm_state import merge_servers
+
+from peer_helpers import join
 
 
 def rec(start: int, end: int, throughput: float = 1.0, state: ServerState = ServerState.ONLINE) -> ServerRecord:
@@ -75,8 +77,7 @@ def test_a_server_publishes_its_round_trip_to_the_next_server(tiny_llama, tmp_pa
         first_id, last_id = _peer_id(first), _peer_id(last)
 
         async def scenario() -> None:
-            peer = await Peer.start(NetworkConfig(initial_peers=tuple(swarm.initial_peers),
-                                                  host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+            peer = await join(swarm.initial_peers)
             try:
                 servers = await _wait_until(peer, lambda s: last_id in s.get(first_id, _NONE).next_pings and
                                             s.get(last_id, _NONE).state == ServerState.ONLINE,

@@ -42,6 +42,8 @@ from swarm.wire import (
     expect,
 )
 
+from peer_helpers import joined
+
 pytestmark = pytest.mark.integration
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 TIMEOUT = 30
@@ -79,12 +81,8 @@ def run(coro, timeout: float = 120):
 
 
 async def member_view(private_swarm: PrivateSwarm) -> dict[int, dict[str, ServerRecord]]:
-    peer = await Peer.start(NetworkConfig(initial_peers=private_swarm.initial_peers, host_maddrs=LOOPBACK,
-                                          client_mode=True, swarm_key=private_swarm.key))
-    try:
+    async with joined(private_swarm.initial_peers, swarm_key=private_swarm.key) as peer:
         return await fetch_servers(peer, private_swarm.prefix, range(4))
-    finally:
-        await peer.shutdown()
 
 
 # ---------------------------------------------------------------- members

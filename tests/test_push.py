@@ -8,11 +8,13 @@ import uuid
 import pytest
 import torch
 
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer
 from swarm.errors import BadRequest
 from swarm.push_tokens import push_token
 from swarm.transport import Stream
 from swarm.wire import FetchOutputs, InferenceStep, OpenSession, SessionOpened, SessionOutputs, StepOutput, expect
+
+from peer_helpers import join, server_of
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -32,16 +34,12 @@ async def _open(peer: Peer, server_id: str, start: int, end: int, echo: bool = T
 
 async def _middle_and_last(peer: Peer) -> tuple[str, str]:
     """The peer ids of the servers of blocks 1:3 and 3:4."""
-    servers = await fetch_servers(peer, "tiny-llama", [1, 3])
-    (middle,) = [p for p, r in servers[1].items() if (r.start, r.end) == (1, 3)]
-    (last,) = [p for p, r in servers[3].items() if (r.start, r.end) == (3, 4)]
-    return middle, last
+    return await server_of(peer, "tiny-llama", 1, 3), await server_of(peer, "tiny-llama", 3, 4)
 
 
 def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         try:
             middle, last = await _middle_and_last(peer)
             hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
@@ -90,8 +88,7 @@ def test_push_reaches_the_next_server_and_a_failed_push_falls_back(llama_swarm):
 
 def test_push_without_echo_acknowledges_and_keeps_the_outputs_for_a_replay(llama_swarm):
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         try:
             middle, last = await _middle_and_last(peer)
             hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(1))
@@ -160,8 +157,7 @@ def test_outputs_kept_without_echo_are_charged_to_the_cache(llama_swarm):
     """A session without echo keeps its outputs for replays: they take pages of --cache-tokens like its keys and
     values (tiny Llama, blocks 1:3: 12 tokens of keys and values fill one page, their 12 outputs one more)."""
     async def scenario():
-        peer = await Peer.start(NetworkConfig(initial_peers=tuple(llama_swarm.initial_peers),
-                                              host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+        peer = await join(llama_swarm.initial_peers)
         streams = []
         try:
             middle, _ = await _middle_and_last(peer)

@@ -14,19 +14,20 @@ import uuid
 import pytest
 import torch
 
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer, fetch_servers
 from swarm.errors import SwarmError
 from swarm.push_tokens import new_push_key, push_token
 from swarm.transport import Stream
 from swarm.wire import InferenceStep, OpenSession, SessionOpened, StepOutput, expect
+
+from peer_helpers import join
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
 
 
 async def _peer(swarm) -> Peer:
-    return await Peer.start(NetworkConfig(initial_peers=tuple(swarm.initial_peers),
-                                          host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
+    return await join(swarm.initial_peers)
 
 
 async def _nothing_arrives(stream: Stream, seconds: float = 1.0) -> None:

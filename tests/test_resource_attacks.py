@@ -17,7 +17,7 @@ import uuid
 import pytest
 import torch
 
-from swarm.dht import NetworkConfig, Peer, fetch_servers
+from swarm.dht import Peer
 from swarm.errors import ServerBusy, SwarmError
 from swarm.local_swarm import LocalSwarm
 from swarm.transport import Stream
@@ -25,13 +25,13 @@ from swarm.wire import (
     ForwardRequest,
     ForwardResponse,
     InferenceStep,
-    InfoRequest,
-    InfoResponse,
     OpenSession,
     SessionOpened,
     StepOutput,
     expect,
 )
+
+from peer_helpers import fresh_generate, join, server_info, server_of
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 30
@@ -56,31 +56,12 @@ def expected(local_llama):
 
 
 def _generate(tiny_llama, swarm) -> torch.Tensor:
-    from swarm import AutoDistributedModelForCausalLM
-
-    model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama, initial_peers=swarm.initial_peers)
-    model.generation_config.eos_token_id = None
-    try:
-        return model.generate(IDS, max_new_tokens=8, do_sample=False)
-    finally:
-        model.shutdown()
+    return fresh_generate(tiny_llama, swarm.initial_peers, IDS, 8)
 
 
 async def _attacker(swarm) -> tuple[Peer, str]:
-    peer = await Peer.start(NetworkConfig(initial_peers=tuple(swarm.initial_peers),
-                                          host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True))
-    servers = await fetch_servers(peer, "tiny-llama", [0])
-    (server_id,) = servers[0]
-    return peer, server_id
-
-
-async def _info(peer: Peer, server_id: str) -> InfoResponse:
-    stream = await Stream.open(peer.p2p, server_id, "info", TIMEOUT)
-    try:
-        await stream.send(InfoRequest())
-        return expect(await stream.receive(TIMEOUT), InfoResponse)
-    finally:
-        stream.close()
+    peer = await join(swarm.initial_peers)
+    return peer, await server_of(peer, "tiny-llama", 0, 2)
 
 
 async def _session(peer: Peer, server_id: str, tokens: int, **fields) -> Stream:
@@ -130,6 +111,7 @@ def test_idle_and_flooding_streams_cannot_starve_honest_clients(tiny_llama, smal
                 opened = await asyncio.gather(*(Stream.open(peer.p2p, server_id, "push", TIMEOUT)
                                                 for _ in range(100)), return_exceptions=True)
                 streams += [s for s in opened if isinstance(s, Stream)]
+
             refused = 0
             for stream in streams:
                 try:
@@ -145,7 +127,7 @@ def test_idle_and_flooding_streams_cannot_starve_honest_clients(tiny_llama, smal
             assert _open_fds(proc) - fds_before < 100
             other, _ = await _attacker(swarm)
             try:
-                assert (await _info(other, server_id)).end == 2  # any other peer is served
+                assert (await server_info(other, server_id)).end == 2  # any other peer is served
                 assert torch.equal(await asyncio.to_thread(_generate, tiny_llama, swarm), expected)
                 # a stream that brings nothing is closed after --idle-timeout
                 stream = await Stream.open(other.p2p, server_id, "push", TIMEOUT)
@@ -178,9 +160,9 @@ def test_sessions_that_trickle_tokens_give_their_cache_to_busy_ones(tiny_llama, 
                 with pytest.raises(ServerBusy, match="peer .* may hold 16|cache is full"):  # the 2nd fills it
                     await _session(peer, server_id, 16)  # one more page: past this peer's share
             peer, server_id = attackers[0]
-            assert (await _info(peer, server_id)).cache_tokens_left == 0
+            assert (await server_info(peer, server_id)).cache_tokens_left == 0
             await asyncio.sleep(5.5)  # the attackers' sessions are now idle
-            assert (await _info(peer, server_id)).cache_tokens_left == 512  # room a new session can get
+            assert (await server_info(peer, server_id)).cache_tokens_left == 512  # room a new session can get
             assert torch.equal(await asyncio.to_thread(_generate, tiny_llama, swarm), expected)
             with pytest.raises(ServerBusy, match="closed to make room"):  # the idlest session made room
                 expect(await streams[0].receive(TIMEOUT), StepOutput)
@@ -199,10 +181,10 @@ def test_deep_prompts_and_lora_weights_sent_at_open_count_against_the_budget(sma
     async def scenario():
         peer, server_id = await _attacker(swarm)
         try:
-            before = (await _info(peer, server_id)).cache_tokens_left
+            before = (await server_info(peer, server_id)).cache_tokens_left
             # 2 blocks x 16 prompt tokens x 64 floats: 8 KiB, one page of the cache (16 tokens x 2 blocks x 256 B)
             stream = await _session(peer, server_id, 0, prompts=torch.randn(2, 1, 16, 64))
-            assert (await _info(peer, server_id)).cache_tokens_left == before - 16
+            assert (await server_info(peer, server_id)).cache_tokens_left == before - 16
             with pytest.raises(ServerBusy, match="deep prompts and LoRA weights: peer .* need 19 more"):
                 await _session(peer, server_id, 0, prompts=torch.randn(2, 1, 300, 64))  # 150 KiB
             with pytest.raises(ServerBusy, match="deep prompts and LoRA weights"):
@@ -211,10 +193,10 @@ def test_deep_prompts_and_lora_weights_sent_at_open_count_against_the_budget(sma
                                lora_b=tuple(torch.randn(128, 128) for _ in range(2)))
             stream.close()
             for _ in range(100):
-                if (await _info(peer, server_id)).cache_tokens_left == before:
+                if (await server_info(peer, server_id)).cache_tokens_left == before:
                     break
                 await asyncio.sleep(0.05)
-            assert (await _info(peer, server_id)).cache_tokens_left == before
+            assert (await server_info(peer, server_id)).cache_tokens_left == before
         finally:
             await peer.shutdown()
 
