@@ -112,18 +112,25 @@ def test_idle_and_flooding_streams_cannot_starve_honest_clients(tiny_llama, smal
                                                 for _ in range(100)), return_exceptions=True)
                 streams += [s for s in opened if isinstance(s, Stream)]
 
-            refused = 0
-            for stream in streams:
+            async def refused(stream: Stream) -> bool:
+                """Told so (at once); else it was let in and is closed once idle for 3 s (or never answers)."""
                 try:
-                    expect(await stream.receive(0.05), StepOutput)
+                    expect(await stream.receive(TIMEOUT), StepOutput)
                 except ServerBusy as e:
                     assert "--max-streams-per-peer 16" in str(e)
-                    refused += 1
+                    return True
                 except SwarmError:
                     pass  # let in: no answer
-            # 16 at a time are let in; those idle 3 s are closed, and later ones take their places
+                return False
+
+            # by what each stream was told, not by how soon: a loaded machine may answer a refusal late
+            refusals = sum(await asyncio.gather(*(refused(stream) for stream in streams)))
+            # 16 at a time are let in; those idle 3 s are closed, and later ones take their places. The last one
+            # let in was closed 3 s after it came, before the answers ended: 16 * flooding / 3 at most let in
+            # (plus 16 of room)
             flooding = time.monotonic() - began
-            assert len(streams) == 1200 and 1200 - refused <= 16 * (flooding / 3 + 2), (refused, flooding)
+            print(f"flood: {1200 - refusals} of {len(streams)} streams let in over {flooding:.1f}s")
+            assert len(streams) == 1200 and 1200 - refusals <= 16 * (flooding / 3 + 1), (refusals, flooding)
             assert _open_fds(proc) - fds_before < 100
             other, _ = await _attacker(swarm)
             try:
