@@ -175,8 +175,8 @@ def test_sigstop_is_recovered_well_within_twice_the_request_timeout(tiny_llama, 
 @pytest.mark.parametrize("use_push", [True, False])
 def test_a_server_hung_during_beam_search_is_hedged_and_the_beams_match_local(tiny_llama, local_llama, servers,
                                                                              monkeypatch, use_push):
-    """The first span's server freezes (SIGSTOP) just before the first step that reorders the beams: it is
-    hedged, and the span after it (``c``, whose server never got the step pushed) must still reorder its cache
+    """The first span's server freezes (SIGSTOP) just before the first step that moves a beam among beams that
+    differ (the second reorder; the first only copies the prompt's row): it is hedged, and the span after it (``c``, whose server never got the step pushed) must still reorder its cache
     for that step. Output equals local beam search with the same beams."""
     from client.inference_session import InferenceSession
 
@@ -194,7 +194,7 @@ def test_a_server_hung_during_beam_search_is_hedged_and_the_beams_match_local(ti
             if not stopped and len(reorders) > 1 and ids.tolist() != list(range(len(ids))):
                 proc = servers.procs[_first_server(servers, session)]
                 os.killpg(proc.popen.pid, signal.SIGSTOP)
-                stopped.append(proc)
+                stopped.append((proc, len(reorders)))
         return await astep(session, hidden, *args, **kwargs)
 
     monkeypatch.setattr(InferenceSession, "astep", freezing_astep)
@@ -204,13 +204,13 @@ def test_a_server_hung_during_beam_search_is_hedged_and_the_beams_match_local(ti
             out = model.generate(prompt, session=session, **BEAMS)
         local = local_llama.generate(prompt, **BEAMS)
         assert stopped, f"no step reordered the beams: {reorders}"
-        assert session.hedges == 1 and session.failovers == 0
+        assert session.hedges >= 1 and session.failovers == 0  # (a loaded machine may hedge another step too)
         worst = (out.sequences_scores - local.sequences_scores).abs().max().item()
-        print(f"beam search hedged at reorder {len(reorders)} of {reorders}; scores within {worst:.1e} of local")
+        print(f"beam search hedged at reorder {stopped[0][1]} of {reorders}; scores within {worst:.1e} of local")
         assert out.sequences.tolist() == local.sequences.tolist()
         assert torch.allclose(out.sequences_scores, local.sequences_scores, atol=BEAM_ATOL, rtol=0)
     finally:
-        for proc in stopped:
+        for proc, _ in stopped:
             os.killpg(proc.popen.pid, signal.SIGCONT)
         model.shutdown()
 
