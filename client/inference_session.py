@@ -6,7 +6,7 @@ must have free). Each step sends ``[batch, new_tokens, hidden]`` through every s
 
 Without echo (with push, when the client does not verify servers, or ``push_echo=False``) a pushed
 step is only acknowledged: the client never sees a pushed span's inputs, the server before it keeps
-them as its outputs.
+them as its outputs. The last span always echoes: its outputs are the chain's, which the client gets anyway.
 
 Failover (:mod:`client.failover`): the session keeps every span's inputs it saw (its *history*). When a server fails (its
 stream closes, it stops answering, it lost the session, it raised an unexpected error), the session
@@ -144,7 +144,10 @@ class InferenceSession(Failover):
         try:
             await stream.send(OpenSession(session_id=session_id, start=link.start, end=link.end,
                                           max_length=self.max_length, batch_size=self.batch_size, push_key=push_key,
-                                          echo=self._echo, **self.sequence.session_fields(link.start, link.end)))
+                                          # the last span's outputs come back to the client anyway: kept, they
+                                          # would only take the server's cache budget
+                                          echo=self._echo or link.end == self.sequence.num_blocks,
+                                          **self.sequence.session_fields(link.start, link.end)))
             await stream.receive(config.request_timeout, SessionOpened)
         except BaseException:
             stream.close()

@@ -16,7 +16,7 @@ measured, and :data:`MAX_HOLD`): then sessions that were apart step together fro
 on. A lone session never waits; a session that closed, failed or is busy elsewhere is waited for
 at most that long, once.
 
-Only plain steps go this way (no beam reorder, no padding, no push); the session's stream still
+Only plain one-token steps go this way (no prefill, beam reorder, padding or push); the session's stream still
 opens it, replays it and carries every other step. Each step keeps its own timeout. If the frame
 cannot be sent or the stream breaks, every step waiting on it fails with that server's error, and
 each session routes around the server as it would after a failure of its own stream
@@ -259,8 +259,9 @@ class _Sent:
 
 
 def plain(step: InferenceStep) -> bool:
-    """A step that may travel in a frame: no beam reorder, padding, push or compressed answer, and an id to answer
-    it by."""
+    """A step that may travel in a frame: one new token per row (a frame is answered once all its steps ran, so a
+    prefill in it would hold the decode steps beside it for its whole forward, not one chunk), no beam reorder,
+    padding, push or compressed answer, and an id to answer it by."""
     return (step.step_id > 0 and step.hypo_ids is None and step.attention_mask is None and step.position_ids is None
             and not step.next_servers and all(scheme == "none" for scheme in step.compression)
-            and isinstance(step.hidden, torch.Tensor))
+            and isinstance(step.hidden, torch.Tensor) and step.hidden.ndim == 3 and step.hidden.shape[1] == 1)

@@ -15,6 +15,7 @@ from swarm.errors import ConfigError
 import client.inference_session
 from client.inference_session import InferenceSession
 
+import fake_swarm
 from fake_swarm import FAKE_PEER, FakeNet, record, toy_blocks
 
 CHAIN = {"a": record(0, 1, {"b": 0.001}), "b": record(1, 2, {"c": 0.001}), "c": record(2, 3, {"d": 0.001}),
@@ -72,6 +73,23 @@ def test_pushed_steps_are_acknowledged_without_their_outputs(monkeypatch):
     assert all(answer.hidden is not None for answer in net.servers["d"].answers)
     assert sum(s.fetches for s in net.servers.values()) == 0  # nothing fetched while nothing fails
     assert sum(s.refused_pushes for s in net.servers.values()) == 0  # each hop had its push token
+
+
+def test_the_last_server_keeps_no_outputs(monkeypatch):
+    """Its outputs are the chain's, sent to the client with every step: kept too, they would only take its cache."""
+    net = _net(monkeypatch, spares=False)
+    kept: dict[str, list[bool]] = {}
+    step = fake_swarm.FakeServer.step
+
+    def recording_step(server, session, msg):
+        step(server, session, msg)
+        kept.setdefault(server.peer_id, []).append(session.outputs is not None)
+
+    monkeypatch.setattr(fake_swarm.FakeServer, "step", recording_step)
+    _generate(net, 2)
+    assert all(all(kept[peer_id]) for peer_id in "abc") and len(kept["a"]) == 3  # they push on: outputs kept
+    assert kept["d"] == [False] * 3
+    assert all(answer.hidden is not None for answer in net.servers["d"].answers)
 
 
 @pytest.mark.parametrize("config", [dict(push_echo=True), dict(verify_rate=0.05)])

@@ -141,6 +141,8 @@ def test_only_plain_steps_go_in_frames():
                                    attention_mask=torch.ones(2, 1, dtype=torch.int64)))
     assert not plain(InferenceStep(session_id="s", hidden=hidden, start_position=3, step_id=1,
                                    next_servers=(("p", "s2", b"t"),)))
+    # a prefill leaves the frames: a frame is answered whole, so it would hold the decode steps beside it
+    assert not plain(InferenceStep(session_id="s", hidden=torch.zeros(2, 5, 4), start_position=3, step_id=1))
 
 
 NOT_SERVED = ServerUnreachable("cannot reach server p: Connect failed. msg=failed to negotiate protocol: protocols not "
