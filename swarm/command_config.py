@@ -28,6 +28,14 @@ def _check_swarm_peers(command: str, initial_peers: tuple[str, ...]) -> None:
     check_maddrs("--initial-peers", initial_peers)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """The address an HTTP role (health page, API) listens on."""
+    if not host:
+        raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+    if not 0 <= port < 65536:
+        raise ConfigError(f"--port {port} is not a TCP port (0..65535; 0 picks a free one)")
+
+
 @dataclasses.dataclass(frozen=True)
 class HealthConfig:
     """``swarm health``: a DHT client that crawls the swarm and serves its state over HTTP."""
@@ -53,10 +61,7 @@ class HealthConfig:
     def __post_init__(self) -> None:
         _check_swarm_peers("swarm health", self.initial_peers)
         check_swarm_key(self.swarm_key)
-        if not self.host:
-            raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"--port {self.port} is not a TCP port (0..65535; 0 picks a free one)")
+        _check_listen(self.host, self.port)
         for name in ("refresh_period", "probe_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -209,10 +214,7 @@ class ApiConfig:
     def __post_init__(self) -> None:
         _check_swarm_peers("swarm api", self.initial_peers)
         check_swarm_key(self.swarm_key)
-        if not self.host:
-            raise ConfigError("--host must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"--port {self.port} is not a TCP port (0..65535; 0 picks a free one)")
+        _check_listen(self.host, self.port)
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key must not be empty; leave it out to serve without a key")
         for name in ("max_concurrent", "default_max_tokens"):
